@@ -1,0 +1,80 @@
+"""Turn :class:`config.Settings` into amqtt's broker configuration.
+
+Plugins are listed in :func:`plugin_config`; adding one is a line there.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ServeError
+from config import BrokerSettings, Settings
+
+
+@dataclass(frozen=True)
+class Listener:
+    """One socket the broker listens on."""
+
+    name: str
+    scheme: str  # mqtt, mqtts or ws
+    host: str
+    port: int
+
+    @property
+    def bind(self) -> str:
+        """amqtt's ``host:port`` notation (IPv6 literals in brackets)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def listeners(settings: BrokerSettings) -> list[Listener]:
+    """The listeners the settings ask for; the plain TCP one is always first."""
+    found = [Listener("default", "mqtt", settings.host, settings.port)]
+    if settings.tls_port is not None:
+        found.append(Listener("tls", "mqtts", settings.host, settings.tls_port))
+    if settings.ws_port is not None:
+        found.append(Listener("ws", "ws", settings.host, settings.ws_port))
+    return found
+
+
+def plugin_config(settings: Settings) -> dict[str, dict[str, Any]]:
+    """amqtt plugins by dotted path with their config.
+
+    With no auth plugin amqtt refuses every CONNECT (CONNACK 5): the secure default until the
+    provisioning and login plugins are listed here.
+    """
+    del settings
+    return {}
+
+
+def check_tls_files(settings: BrokerSettings) -> None:
+    """Fail with one line if the TLS certificate or key cannot be loaded."""
+    if settings.tls_port is None or settings.tls_cert is None or settings.tls_key is None:
+        return
+    for key, path in (("broker.tls_cert", settings.tls_cert), ("broker.tls_key", settings.tls_key)):
+        if not Path(path).is_file():
+            raise ServeError(f"{key}: {path}: no such file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise ServeError(f"broker.tls_cert/tls_key: cannot load certificate and key: {exc}") from exc
+
+
+def amqtt_config(settings: Settings) -> dict[str, Any]:
+    """The configuration dictionary handed to :class:`amqtt.broker.Broker`."""
+    check_tls_files(settings.broker)
+    listener_configs: dict[str, dict[str, Any]] = {}
+    for listener in listeners(settings.broker):
+        entry: dict[str, Any] = {"bind": listener.bind, "type": "ws" if listener.scheme == "ws" else "tcp"}
+        if listener.scheme == "mqtts":
+            entry |= {
+                "ssl": True,
+                "certfile": str(settings.broker.tls_cert),
+                "keyfile": str(settings.broker.tls_key),
+            }
+        listener_configs[listener.name] = entry
+    return {"listeners": listener_configs, "plugins": plugin_config(settings)}

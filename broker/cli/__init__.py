@@ -1,0 +1,66 @@
+"""The ``mqttprov`` command line: parse, call a service, render. No SQL and no logic here."""
+
+from __future__ import annotations
+
+import logging
+from importlib.metadata import PackageNotFoundError, version
+from typing import Annotated
+
+import typer
+
+from broker.cli import config_cmd, db, devices
+from broker.cli.common import ConfigOption, run, settings_from, state
+from broker.server import serve as serve_forever
+
+app = typer.Typer(
+    name="mqttprov",
+    help="MQTT-native device provisioning broker and auth service.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(devices.app, name="devices")
+app.add_typer(db.app, name="db")
+app.add_typer(config_cmd.app, name="config")
+
+
+def _version() -> str:
+    try:
+        return version("mqttprov")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        return "unknown"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"mqttprov {_version()}")
+        raise typer.Exit
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Verbose logs and tracebacks for bug reports.")
+    ] = False,
+    _version_flag: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Operate an mqttprov broker and its device registry."""
+    state.debug = debug
+
+
+@app.command()
+def serve(config: ConfigOption = None) -> None:
+    """Run the broker until SIGINT or SIGTERM (migrates the database first)."""
+    settings = settings_from(config)
+    run(lambda: serve_forever(settings), log_level=logging.INFO)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,101 @@
+"""What every command shares: loading settings, running a coroutine, turning errors into one line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+from broker.errors import ServeError
+from broker.logs import configure_logging
+from config import ConfigError, Settings, load_settings
+from provisioning import ProvisioningError
+from provisioning.registry import DeviceRegistry, create_engine
+
+T = TypeVar("T")
+
+#: Exit codes: 1 the operation failed, 2 the command line or configuration is wrong.
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML configuration file (default: ./mqttprov.toml when present).",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+stdout = Console(highlight=False, soft_wrap=True)
+
+
+@dataclass
+class CliState:
+    """Global flags, set by the top-level callback."""
+
+    debug: bool = False
+
+
+state = CliState()
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    """Print one line on stderr and exit."""
+    typer.echo(message, err=True)
+    raise typer.Exit(code)
+
+
+def settings_from(path: Path | None) -> Settings:
+    """Load the configuration or exit with its one-line error."""
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def run(work: Callable[[], Awaitable[T]], *, log_level: int = logging.WARNING) -> T:
+    """Run one command's coroutine; known errors become one line and a non-zero exit."""
+    configure_logging(debug=state.debug, level=log_level)
+    try:
+        return asyncio.run(_awaited(work))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    except (ProvisioningError, ServeError) as exc:
+        fail(f"error: {exc}")
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+    except Exception as exc:
+        if state.debug:
+            raise
+        fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+
+
+async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
+    return await work()
+
+
+@asynccontextmanager
+async def open_registry(settings: Settings) -> AsyncIterator[DeviceRegistry]:
+    """A registry on the configured database, disposed on exit."""
+    registry = DeviceRegistry(create_engine(settings.database.url, pool_size=settings.database.pool_size))
+    try:
+        yield registry
+    finally:
+        await registry.close()
+
+
+def print_json(data: Any) -> None:
+    """Machine-readable output: one JSON document on stdout."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")

@@ -1,0 +1,32 @@
+"""Process-wide logging set-up for ``mqttprov`` commands."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# Chatty third-party loggers: amqtt logs every connection at INFO and reports its own start-up
+# failures with a traceback, which we turn into one line ourselves.
+_QUIET = ("amqtt", "transitions", "alembic", "websockets", "aiosqlite", "asyncio")
+
+
+class _DropAmqttStartupTraceback(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "amqtt.broker" and record.getMessage() == "Broker startup failed")
+
+
+def configure_logging(*, debug: bool = False, level: int = logging.INFO) -> None:
+    """Log to stderr: ``level`` and up for mqttprov, WARNING and up for libraries; DEBUG everything."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    if not debug:
+        handler.addFilter(_DropAmqttStartupTraceback())
+    root = logging.getLogger()
+    for existing in list(root.handlers):
+        root.removeHandler(existing)
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else level)
+    for name in _QUIET:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)

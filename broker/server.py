@@ -1,0 +1,139 @@
+"""Run the embedded amqtt broker with the registry behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+from typing import Self
+
+from amqtt.broker import Broker
+from amqtt.errors import BrokerError
+
+from broker.assembly import Listener, amqtt_config, listeners
+from broker.errors import ServeError
+from config import Settings
+from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.migrate import upgrade
+
+logger = logging.getLogger(__name__)
+
+
+class BrokerServer:
+    """The running service: registry (migrated on start) plus amqtt listeners.
+
+    Use as an async context manager; on entry every listener accepts connections.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._registry: DeviceRegistry | None = None
+        self._broker: Broker | None = None
+        self.listeners: list[Listener] = []
+
+    @property
+    def registry(self) -> DeviceRegistry:
+        """The registry this server uses (valid while started)."""
+        if self._registry is None:
+            raise ServeError("the broker is not started")
+        return self._registry
+
+    @property
+    def broker(self) -> Broker:
+        """The amqtt broker (valid while started)."""
+        if self._broker is None:
+            raise ServeError("the broker is not started")
+        return self._broker
+
+    async def start(self) -> None:
+        """Migrate the registry and open every listener; :class:`ServeError` on failure."""
+        for warning in self.settings.warnings():
+            logger.warning("%s", warning)
+        config = amqtt_config(self.settings)
+        engine = create_engine(self.settings.database.url, pool_size=self.settings.database.pool_size)
+        registry = DeviceRegistry(engine)
+        try:
+            await upgrade(engine)
+            broker = Broker(config)
+            try:
+                await broker.start()
+            except BrokerError as exc:
+                await _close_listeners(broker)
+                raise ServeError(f"cannot start the broker: {_root_cause(exc)}") from exc
+        except BaseException:
+            await registry.close()
+            raise
+        self._registry, self._broker = registry, broker
+        self.listeners = listeners(self.settings.broker)
+        for listener in self.listeners:
+            logger.info("listening for %s on %s", listener.scheme, listener.bind)
+        logger.info(
+            "broker started; devices are told to connect to %s:%d",
+            self.settings.broker.effective_advertised_host,
+            self.settings.broker.effective_advertised_port,
+        )
+
+    async def stop(self) -> None:
+        """Close every connection and listener, then dispose the registry's engine."""
+        broker, registry = self._broker, self._registry
+        self._broker = self._registry = None
+        try:
+            if broker is not None:
+                await broker.shutdown()
+        finally:
+            if registry is not None:
+                await registry.close()
+        logger.info("broker stopped")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Run until SIGINT/SIGTERM (or until ``stop`` is set), then shut down cleanly."""
+    stop_event = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, _request_stop, stop_event, sig)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
+            pass
+    try:
+        async with BrokerServer(settings):
+            await stop_event.wait()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    logger.info("received %s, shutting down", sig.name)
+    stop.set()
+
+
+async def _close_listeners(broker: Broker) -> None:
+    """Close the listeners a failed ``Broker.start`` opened before the one that failed.
+
+    amqtt 0.12.1 leaves them bound and its ``shutdown`` refuses to run from the failed state.
+    """
+    for server in broker._servers.values():
+        await server.close_instance()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost cause's message: amqtt wraps an OSError in two BrokerErrors."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return str(exc)

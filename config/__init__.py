@@ -1,0 +1,25 @@
+"""Typed configuration for mqttprov: one TOML file overlaid by ``MQTTPROV_*`` environment variables."""
+
+from config.errors import ConfigError
+from config.loader import DEFAULT_CONFIG_FILE, ENV_PREFIX, load_settings
+from config.models import (
+    AclSettings,
+    AuthSettings,
+    BrokerSettings,
+    DatabaseSettings,
+    ProvisioningSettings,
+    Settings,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "ENV_PREFIX",
+    "AclSettings",
+    "AuthSettings",
+    "BrokerSettings",
+    "ConfigError",
+    "DatabaseSettings",
+    "ProvisioningSettings",
+    "Settings",
+    "load_settings",
+]

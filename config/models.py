@@ -1,0 +1,107 @@
+"""Pydantic models of every configuration section; unknown keys are errors everywhere."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+_WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})  # noqa: S104 - these are the values we detect
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSettings(_Section):
+    """``[broker]``: listeners of the embedded broker and what devices are told to connect to."""
+
+    host: str = "0.0.0.0"  # noqa: S104 - a broker listens on every interface unless told otherwise
+    port: Port = 1883
+    advertised_host: str | None = None
+    advertised_port: Port | None = None
+    tls_port: Port | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    ws_port: Port | None = None
+
+    @model_validator(mode="after")
+    def _tls_needs_cert_and_key(self) -> BrokerSettings:
+        if self.tls_port is not None and (self.tls_cert is None or self.tls_key is None):
+            raise ValueError("tls_port needs both tls_cert and tls_key")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+    @property
+    def host_is_wildcard(self) -> bool:
+        """True when ``host`` listens on every interface (no address a device could dial)."""
+        if self.host in _WILDCARD_HOSTS:
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_unspecified
+        except ValueError:
+            return False
+
+    @property
+    def effective_advertised_host(self) -> str:
+        """The host name devices are told to connect to."""
+        return self.advertised_host or self.host
+
+    @property
+    def effective_advertised_port(self) -> int:
+        """The port devices are told to connect to."""
+        return self.advertised_port or self.port
+
+
+class DatabaseSettings(_Section):
+    """``[database]``: where the device registry lives."""
+
+    url: str = "sqlite+aiosqlite:///mqttprov.db"
+    pool_size: Annotated[int, Field(ge=1, le=100)] = 5
+
+    @model_validator(mode="after")
+    def _supported_driver(self) -> DatabaseSettings:
+        if not self.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                "url must start with sqlite+aiosqlite:// or postgresql+asyncpg:// (async drivers only)"
+            )
+        return self
+
+
+class AuthSettings(_Section):
+    """``[auth]``: how device and account passwords are hashed and checked."""
+
+    bcrypt_cost: Annotated[int, Field(ge=4, le=15)] = 12
+
+
+class ProvisioningSettings(_Section):
+    """``[provisioning]``: how devices enrol (keys arrive with the provisioning feature)."""
+
+
+class AclSettings(_Section):
+    """``[acl]``: what a logged-in device may touch (keys arrive with the login feature)."""
+
+
+class Settings(_Section):
+    """The whole effective configuration."""
+
+    broker: BrokerSettings = BrokerSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    auth: AuthSettings = AuthSettings()
+    provisioning: ProvisioningSettings = ProvisioningSettings()
+    acl: AclSettings = AclSettings()
+
+    def warnings(self) -> list[str]:
+        """Operator-facing warnings about settings that work but are probably not meant."""
+        found: list[str] = []
+        if self.broker.advertised_host is None and self.broker.host_is_wildcard:
+            found.append(
+                f"broker.host is the wildcard {self.broker.host!r} and broker.advertised_host is not set: "
+                "devices will be told to connect to an address they cannot dial"
+            )
+        return found

@@ -1,0 +1,22 @@
+"""Device provisioning: MAC parsing, the device registry and (soon) the MQTT provisioning handler."""
+
+from provisioning.errors import (
+    DeviceExistsError,
+    DeviceNotFoundError,
+    InvalidMacError,
+    InvalidTransitionError,
+    ProvisioningError,
+    RegistryUnavailableError,
+)
+from provisioning.mac import is_mac, parse_mac
+
+__all__ = [
+    "DeviceExistsError",
+    "DeviceNotFoundError",
+    "InvalidMacError",
+    "InvalidTransitionError",
+    "ProvisioningError",
+    "RegistryUnavailableError",
+    "is_mac",
+    "parse_mac",
+]

@@ -1,0 +1,104 @@
+"""SQLAlchemy models of the device registry: ``devices`` and the append-only ``device_events``."""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, CheckConstraint, DateTime, Index, Integer, MetaData, String, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Stable constraint names so that Alembic migrations agree on every backend.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class DeviceStatus(enum.StrEnum):
+    """Life cycle of a device, as stored in ``devices.status``."""
+
+    PENDING = "pending"  # waiting for an operator (approval mode)
+    APPROVED = "approved"  # an operator said yes; credentials on the next request
+    REGISTERED = "registered"  # credentials issued, never logged in since
+    ONLINE = "online"
+    OFFLINE = "offline"
+    DECOMMISSIONED = "decommissioned"  # credentials dead for good
+
+
+ACTIVE_STATUSES = frozenset({DeviceStatus.REGISTERED, DeviceStatus.ONLINE, DeviceStatus.OFFLINE})
+
+
+class Actor(enum.StrEnum):
+    """Who caused an event."""
+
+    DEVICE = "device"
+    OPERATOR = "operator"
+    SYSTEM = "system"
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the registry uses."""
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: DateTime(timezone=True), dict[str, Any]: JSON}
+
+
+_STATUS_VALUES = ", ".join(f"'{s.value}'" for s in DeviceStatus)
+
+
+class Device(Base):
+    """One physical device, known by its MAC."""
+
+    __tablename__ = "devices"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status_valid"),
+        Index("ix_devices_status", "status"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    mqtt_username: Mapped[str] = mapped_column(String(64), unique=True)
+    # bcrypt only; NULL until credentials are issued. The plaintext is never stored.
+    password_hash: Mapped[str | None] = mapped_column(String(60), default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    firmware_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    sensor_types: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
+    activated_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeviceEvent(Base):
+    """Append-only audit record. Never holds a secret.
+
+    ``device_id`` is deliberately not a foreign key: the audit trail outlives a deleted device.
+    Repeated identical events that are foldable (refusals) share a row keyed by ``fold_key``;
+    ``count`` and ``last_at`` say how often and until when they happened.
+    """
+
+    __tablename__ = "device_events"
+    __table_args__ = (
+        Index("ix_device_events_device_id_id", "device_id", "id"),
+        Index("ix_device_events_fold_key", "fold_key"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    device_id: Mapped[uuid.UUID | None] = mapped_column(Uuid, default=None)
+    mac: Mapped[str | None] = mapped_column(String(17), default=None)
+    kind: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(16))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_at: Mapped[datetime] = mapped_column(default=utcnow)
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    fold_key: Mapped[str | None] = mapped_column(String(64), default=None)

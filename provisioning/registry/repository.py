@@ -1,0 +1,314 @@
+"""The device registry: the one place that reads and writes ``devices`` and ``device_events``.
+
+The CLI, the provisioning handler and the auth plugin all go through :class:`DeviceRegistry`;
+nothing else issues SQL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from provisioning.errors import (
+    DeviceExistsError,
+    DeviceNotFoundError,
+    InvalidTransitionError,
+    ProvisioningError,
+    RegistryUnavailableError,
+)
+from provisioning.mac import parse_mac
+from provisioning.registry.engine import WRITE_OPTION
+from provisioning.registry.models import Actor, Device, DeviceEvent, DeviceStatus, utcnow
+from provisioning.registry.schemas import DeviceEventInfo, DeviceInfo, DevicePage
+
+logger = logging.getLogger(__name__)
+
+#: Identical foldable events within this window share one row.
+FOLD_WINDOW = timedelta(hours=1)
+MAX_PAGE = 1000
+
+
+def username_for(device_id: uuid.UUID) -> str:
+    """The MQTT username of a device: ``device_`` and the first 12 hex digits of its id."""
+    return f"device_{device_id.hex[:12]}"
+
+
+class DeviceRegistry:
+    """Repository and service layer over the registry tables.
+
+    The engine is owned by the caller (one per process); :meth:`close` disposes it.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this registry uses."""
+        return self._engine
+
+    async def close(self) -> None:
+        """Dispose the engine's connection pool."""
+        await self._engine.dispose()
+
+    # -- transactions -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, _translated_errors():
+            yield session
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, _translated_errors(), session.begin():
+            # Procured with the option before BEGIN is emitted (see engine._on_begin).
+            await session.connection(execution_options={WRITE_OPTION: True})
+            yield session
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, device_id: uuid.UUID) -> DeviceInfo:
+        """The device with this id, or :class:`DeviceNotFoundError`."""
+        async with self._read() as session:
+            row = await session.get(Device, device_id)
+            if row is None:
+                raise DeviceNotFoundError(f"no device with id {device_id}")
+            return DeviceInfo.from_row(row)
+
+    async def find_by_mac(self, mac: str) -> DeviceInfo | None:
+        """The device with this MAC (any accepted notation), or None."""
+        canonical = parse_mac(mac)
+        async with self._read() as session:
+            row = await session.scalar(select(Device).where(Device.mac == canonical))
+            return DeviceInfo.from_row(row) if row is not None else None
+
+    async def find_by_username(self, username: str) -> DeviceInfo | None:
+        """The device with this MQTT username, or None."""
+        async with self._read() as session:
+            row = await session.scalar(select(Device).where(Device.mqtt_username == username))
+            return DeviceInfo.from_row(row) if row is not None else None
+
+    async def resolve(self, id_or_mac: str) -> DeviceInfo:
+        """Find a device by id, MAC (any notation) or MQTT username, as operators type them."""
+        text = id_or_mac.strip()
+        try:
+            device_id = uuid.UUID(text)
+        except ValueError:
+            device_id = None
+        if device_id is not None:
+            return await self.get(device_id)
+        if text.startswith("device_"):
+            found = await self.find_by_username(text)
+        else:
+            found = await self.find_by_mac(text)
+        if found is None:
+            raise DeviceNotFoundError(f"no device matches {text!r}")
+        return found
+
+    async def list_devices(
+        self, *, status: DeviceStatus | None = None, limit: int = 50, offset: int = 0
+    ) -> DevicePage:
+        """One page of devices, oldest first, optionally filtered by status."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise ProvisioningError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
+        if offset < 0:
+            raise ProvisioningError(f"offset must not be negative, not {offset}")
+        query = select(Device)
+        counter = select(func.count()).select_from(Device)
+        if status is not None:
+            query = query.where(Device.status == status.value)
+            counter = counter.where(Device.status == status.value)
+        query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
+        async with self._read() as session:
+            rows = (await session.scalars(query)).all()
+            total = await session.scalar(counter) or 0
+        return DevicePage(devices=[DeviceInfo.from_row(r) for r in rows], total=total)
+
+    async def events(self, device_id: uuid.UUID, *, limit: int = 20) -> list[DeviceEventInfo]:
+        """The device's most recent audit events, newest first."""
+        query = (
+            select(DeviceEvent)
+            .where(DeviceEvent.device_id == device_id)
+            .order_by(DeviceEvent.id.desc())
+            .limit(limit)
+        )
+        async with self._read() as session:
+            return [DeviceEventInfo.from_row(r) for r in (await session.scalars(query)).all()]
+
+    # -- writes -------------------------------------------------------------------------------
+
+    async def create_device(
+        self,
+        mac: str,
+        *,
+        status: DeviceStatus = DeviceStatus.PENDING,
+        firmware_version: str | None = None,
+        sensor_types: Iterable[str] = (),
+        password_hash: str | None = None,
+        actor: Actor = Actor.SYSTEM,
+        event_kind: str = "created",
+        detail: dict[str, Any] | None = None,
+    ) -> DeviceInfo:
+        """Insert a device; :class:`DeviceExistsError` when its MAC is already registered.
+
+        Uniqueness is the database's: concurrent creators of one MAC get one row.
+        """
+        canonical = parse_mac(mac)
+        device_id = uuid.uuid4()
+        row = Device(
+            id=device_id,
+            mac=canonical,
+            mqtt_username=username_for(device_id),
+            password_hash=password_hash,
+            status=status.value,
+            firmware_version=firmware_version,
+            sensor_types=list(sensor_types),
+        )
+        try:
+            async with self._write() as session:
+                session.add(row)
+                await session.flush()
+                session.add(_event(device_id, canonical, event_kind, actor, detail))
+        except IntegrityError as exc:
+            raise DeviceExistsError(f"a device with MAC {canonical} already exists") from exc
+        logger.info("device created id=%s mac=%s status=%s", device_id, canonical, status.value)
+        return DeviceInfo.from_row(row)
+
+    async def decommission(self, device_id: uuid.UUID, *, actor: Actor = Actor.OPERATOR) -> DeviceInfo:
+        """Mark a device decommissioned and destroy its credentials (idempotent)."""
+        async with self._write() as session:
+            row = await _locked(session, device_id)
+            if row.status != DeviceStatus.DECOMMISSIONED:
+                row.status = DeviceStatus.DECOMMISSIONED.value
+                row.password_hash = None
+                session.add(_event(row.id, row.mac, "decommissioned", actor, None))
+            info = DeviceInfo.from_row(row)
+        logger.info("device decommissioned id=%s mac=%s", info.id, info.mac)
+        return info
+
+    async def delete(self, device_id: uuid.UUID, *, actor: Actor = Actor.OPERATOR) -> DeviceInfo:
+        """Remove a device row; its audit trail stays, closed by a ``deleted`` event."""
+        async with self._write() as session:
+            row = await _locked(session, device_id)
+            info = DeviceInfo.from_row(row)
+            await session.execute(delete(Device).where(Device.id == device_id))
+            session.add(_event(info.id, info.mac, "deleted", actor, {"status": info.status.value}))
+        logger.info("device deleted id=%s mac=%s", info.id, info.mac)
+        return info
+
+    async def set_status(
+        self,
+        device_id: uuid.UUID,
+        status: DeviceStatus,
+        *,
+        allowed_from: Iterable[DeviceStatus] | None = None,
+    ) -> DeviceInfo:
+        """Change a device's status, refusing when it is not in ``allowed_from``."""
+        async with self._write() as session:
+            row = await _locked(session, device_id)
+            if allowed_from is not None and row.status not in {s.value for s in allowed_from}:
+                raise InvalidTransitionError(
+                    f"device {row.id} is {row.status}; cannot change it to {status.value}"
+                )
+            row.status = status.value
+            return DeviceInfo.from_row(row)
+
+    async def record_event(
+        self,
+        device_id: uuid.UUID | None,
+        kind: str,
+        *,
+        actor: Actor,
+        detail: dict[str, Any] | None = None,
+        mac: str | None = None,
+        fold: bool = False,
+    ) -> None:
+        """Append an audit event; with ``fold`` an identical recent event is counted instead."""
+        async with self._write() as session:
+            if fold:
+                key = _fold_key(device_id, mac, kind, actor, detail)
+                folded = await session.scalar(
+                    select(DeviceEvent)
+                    .where(DeviceEvent.fold_key == key, DeviceEvent.last_at >= utcnow() - FOLD_WINDOW)
+                    .order_by(DeviceEvent.id.desc())
+                    .limit(1)
+                )
+                if folded is not None:
+                    folded.count += 1
+                    folded.last_at = utcnow()
+                    return
+                session.add(_event(device_id, mac, kind, actor, detail, fold_key=key))
+            else:
+                session.add(_event(device_id, mac, kind, actor, detail))
+
+
+def _event(
+    device_id: uuid.UUID | None,
+    mac: str | None,
+    kind: str,
+    actor: Actor,
+    detail: dict[str, Any] | None,
+    *,
+    fold_key: str | None = None,
+) -> DeviceEvent:
+    now = utcnow()
+    return DeviceEvent(
+        device_id=device_id,
+        mac=mac,
+        kind=kind,
+        actor=actor.value,
+        detail=detail or {},
+        created_at=now,
+        last_at=now,
+        count=1,
+        fold_key=fold_key,
+    )
+
+
+def _fold_key(
+    device_id: uuid.UUID | None, mac: str | None, kind: str, actor: Actor, detail: dict[str, Any] | None
+) -> str:
+    material = json.dumps(
+        [str(device_id) if device_id else None, mac, kind, actor.value, detail or {}],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
+
+
+async def _locked(session: AsyncSession, device_id: uuid.UUID) -> Device:
+    row = await session.scalar(select(Device).where(Device.id == device_id).with_for_update())
+    if row is None:
+        raise DeviceNotFoundError(f"no device with id {device_id}")
+    return row
+
+
+@asynccontextmanager
+async def _translated_errors() -> AsyncIterator[None]:
+    """Turn driver failures into :class:`RegistryUnavailableError` with one readable line."""
+    try:
+        yield
+    except ProvisioningError:
+        raise
+    except IntegrityError:
+        raise
+    except DBAPIError as exc:
+        text = str(exc.orig) if exc.orig is not None else str(exc)
+        if "no such table" in text or ("does not exist" in text and "relation" in text):
+            raise RegistryUnavailableError(
+                "database is not initialised: run `mqttprov db upgrade`"
+            ) from exc
+        raise RegistryUnavailableError(f"database error: {text.splitlines()[0]}") from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise RegistryUnavailableError(f"database unavailable: {exc}") from exc

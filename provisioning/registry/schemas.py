@@ -1,0 +1,87 @@
+"""Typed, ORM-free views of registry rows: what the rest of the code passes around."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from provisioning.registry.models import Device, DeviceEvent, DeviceStatus
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class _View(BaseModel):
+    model_config = ConfigDict(frozen=True, from_attributes=True)
+
+
+class DeviceInfo(_View):
+    """A device as the CLI and services see it: every column except the password hash."""
+
+    id: uuid.UUID
+    mac: str
+    mqtt_username: str
+    status: DeviceStatus
+    firmware_version: str | None
+    sensor_types: list[str]
+    created_at: datetime
+    updated_at: datetime
+    last_seen_at: datetime | None
+    activated_at: datetime | None
+    has_credentials: bool
+
+    _aware_times = field_validator(
+        "created_at", "updated_at", "last_seen_at", "activated_at", mode="after"
+    )(_aware)
+
+    @classmethod
+    def from_row(cls, row: Device) -> DeviceInfo:
+        """Build the view from an ORM row (the hash itself is never copied)."""
+        return cls(
+            id=row.id,
+            mac=row.mac,
+            mqtt_username=row.mqtt_username,
+            status=DeviceStatus(row.status),
+            firmware_version=row.firmware_version,
+            sensor_types=list(row.sensor_types or []),
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            last_seen_at=row.last_seen_at,
+            activated_at=row.activated_at,
+            has_credentials=row.password_hash is not None,
+        )
+
+
+class DeviceEventInfo(_View):
+    """One audit record (folded repeats carry ``count`` and ``last_at``)."""
+
+    id: int
+    device_id: uuid.UUID | None
+    mac: str | None
+    kind: str
+    actor: str
+    detail: dict[str, Any]
+    created_at: datetime
+    last_at: datetime
+    count: int
+
+    _aware_times = field_validator("created_at", "last_at", mode="after")(_aware)
+
+    @classmethod
+    def from_row(cls, row: DeviceEvent) -> DeviceEventInfo:
+        """Build the view from an ORM row."""
+        return cls.model_validate(row)
+
+
+class DevicePage(_View):
+    """One page of a device listing and the total matching the filter."""
+
+    devices: list[DeviceInfo]
+    total: int
