@@ -1,6 +1,5 @@
-"""Device and service-account authentication: bcrypt off the loop, and (soon) the amqtt plugins."""
+"""Device, provisioning-session and service-account authentication and the topic ACL for amqtt."""
 
-from auth_plugin.errors import AuthError, UnusablePasswordError
-from auth_plugin.hashing import PasswordHasher, generate_password
+from auth_plugin.errors import AuthError
 
-__all__ = ["AuthError", "PasswordHasher", "UnusablePasswordError", "generate_password"]
+__all__ = ["AuthError"]

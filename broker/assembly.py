@@ -1,4 +1,4 @@
-"""Turn :class:`config.Settings` into amqtt's broker configuration.
+"""Turn :class:`config.Settings` into amqtt's broker configuration and our plugins' services.
 
 Plugins are listed in :func:`plugin_config`; adding one is a line there.
 """
@@ -10,8 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from auth_plugin.authenticator import Authenticator
 from broker.errors import ServeError
 from config import BrokerSettings, Settings
+from provisioning.ports import SessionControl
+from provisioning.service import ProvisioningService
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,15 @@ class Listener:
         return f"{host}:{self.port}"
 
 
+@dataclass(frozen=True)
+class Services:
+    """The plain service objects the amqtt plugins adapt."""
+
+    authenticator: Authenticator
+    provisioning: ProvisioningService
+    sessions: SessionControl
+
+
 def listeners(settings: BrokerSettings) -> list[Listener]:
     """The listeners the settings ask for; the plain TCP one is always first."""
     found = [Listener("default", "mqtt", settings.host, settings.port)]
@@ -40,14 +52,16 @@ def listeners(settings: BrokerSettings) -> list[Listener]:
     return found
 
 
-def plugin_config(settings: Settings) -> dict[str, dict[str, Any]]:
-    """amqtt plugins by dotted path with their config.
-
-    With no auth plugin amqtt refuses every CONNECT (CONNACK 5): the secure default until the
-    provisioning and login plugins are listed here.
-    """
-    del settings
-    return {}
+def plugin_config(services: Services) -> dict[str, dict[str, Any]]:
+    """amqtt plugins by dotted path, each with the service it adapts."""
+    return {
+        "auth_plugin.plugin.MqttprovAuthPlugin": {"authenticator": services.authenticator},
+        "auth_plugin.plugin.MqttprovTopicPlugin": {},
+        "provisioning.plugin.ProvisioningPlugin": {
+            "service": services.provisioning,
+            "sessions": services.sessions,
+        },
+    }
 
 
 def check_tls_files(settings: BrokerSettings) -> None:
@@ -64,7 +78,7 @@ def check_tls_files(settings: BrokerSettings) -> None:
         raise ServeError(f"broker.tls_cert/tls_key: cannot load certificate and key: {exc}") from exc
 
 
-def amqtt_config(settings: Settings) -> dict[str, Any]:
+def amqtt_config(settings: Settings, services: Services) -> dict[str, Any]:
     """The configuration dictionary handed to :class:`amqtt.broker.Broker`."""
     check_tls_files(settings.broker)
     listener_configs: dict[str, dict[str, Any]] = {}
@@ -77,4 +91,4 @@ def amqtt_config(settings: Settings) -> dict[str, Any]:
                 "keyfile": str(settings.broker.tls_key),
             }
         listener_configs[listener.name] = entry
-    return {"listeners": listener_configs, "plugins": plugin_config(settings)}
+    return {"listeners": listener_configs, "plugins": plugin_config(services)}

@@ -17,12 +17,26 @@ class _DropAmqttStartupTraceback(logging.Filter):
         return not (record.name == "amqtt.broker" and record.getMessage() == "Broker startup failed")
 
 
+class _DropClientResetTraceback(logging.Filter):
+    # A client that drops its TLS connection while amqtt closes it (e.g. right after a refused
+    # CONNACK) surfaces as asyncio's "Unhandled exception in client_connected_cb" with a
+    # ConnectionResetError traceback: routine for devices, not a bug, so not worth a traceback.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.name == "asyncio"
+            and record.exc_info is not None
+            and isinstance(record.exc_info[1], ConnectionError)
+            and record.getMessage().startswith("Unhandled exception in client_connected_cb")
+        )
+
+
 def configure_logging(*, debug: bool = False, level: int = logging.INFO) -> None:
     """Log to stderr: ``level`` and up for mqttprov, WARNING and up for libraries; DEBUG everything."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(_FORMAT))
     if not debug:
         handler.addFilter(_DropAmqttStartupTraceback())
+        handler.addFilter(_DropClientResetTraceback())
     root = logging.getLogger()
     for existing in list(root.handlers):
         root.removeHandler(existing)

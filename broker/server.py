@@ -8,14 +8,17 @@ import signal
 from types import TracebackType
 from typing import Self
 
-from amqtt.broker import Broker
 from amqtt.errors import BrokerError
 
-from broker.assembly import Listener, amqtt_config, listeners
+from auth_plugin.authenticator import Authenticator
+from broker.amqtt_broker import BrokerLink, MqttprovBroker
+from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
 from broker.errors import ServeError
 from config import Settings
+from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.migrate import upgrade
+from provisioning.service import ProvisioningService
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +32,8 @@ class BrokerServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._registry: DeviceRegistry | None = None
-        self._broker: Broker | None = None
+        self._broker: MqttprovBroker | None = None
+        self._hasher: PasswordHasher | None = None
         self.listeners: list[Listener] = []
 
     @property
@@ -40,7 +44,7 @@ class BrokerServer:
         return self._registry
 
     @property
-    def broker(self) -> Broker:
+    def broker(self) -> MqttprovBroker:
         """The amqtt broker (valid while started)."""
         if self._broker is None:
             raise ServeError("the broker is not started")
@@ -50,21 +54,30 @@ class BrokerServer:
         """Migrate the registry and open every listener; :class:`ServeError` on failure."""
         for warning in self.settings.warnings():
             logger.warning("%s", warning)
-        config = amqtt_config(self.settings)
+        check_tls_files(self.settings.broker)
         engine = create_engine(self.settings.database.url, pool_size=self.settings.database.pool_size)
         registry = DeviceRegistry(engine)
+        hasher = PasswordHasher(self.settings.auth.bcrypt_cost)
+        link = BrokerLink()
+        services = Services(
+            authenticator=Authenticator(registry, hasher, self.settings),
+            provisioning=ProvisioningService(registry, hasher, self.settings, sessions=link),
+            sessions=link,
+        )
         try:
             await upgrade(engine)
-            broker = Broker(config)
+            broker = MqttprovBroker(amqtt_config(self.settings, services))
+            link.broker = broker
             try:
                 await broker.start()
             except BrokerError as exc:
-                await _close_listeners(broker)
+                await broker.close_listeners()
                 raise ServeError(f"cannot start the broker: {_root_cause(exc)}") from exc
         except BaseException:
+            hasher.close()
             await registry.close()
             raise
-        self._registry, self._broker = registry, broker
+        self._registry, self._broker, self._hasher = registry, broker, hasher
         self.listeners = listeners(self.settings.broker)
         for listener in self.listeners:
             logger.info("listening for %s on %s", listener.scheme, listener.bind)
@@ -76,12 +89,14 @@ class BrokerServer:
 
     async def stop(self) -> None:
         """Close every connection and listener, then dispose the registry's engine."""
-        broker, registry = self._broker, self._registry
-        self._broker = self._registry = None
+        broker, registry, hasher = self._broker, self._registry, self._hasher
+        self._broker = self._registry = self._hasher = None
         try:
             if broker is not None:
                 await broker.shutdown()
         finally:
+            if hasher is not None:
+                hasher.close()
             if registry is not None:
                 await registry.close()
         logger.info("broker stopped")
@@ -121,15 +136,6 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> Non
 def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
     logger.info("received %s, shutting down", sig.name)
     stop.set()
-
-
-async def _close_listeners(broker: Broker) -> None:
-    """Close the listeners a failed ``Broker.start`` opened before the one that failed.
-
-    amqtt 0.12.1 leaves them bound and its ``shutdown`` refuses to run from the failed state.
-    """
-    for server in broker._servers.values():
-        await server.close_instance()
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -80,7 +80,35 @@ class AuthSettings(_Section):
 
 
 class ProvisioningSettings(_Section):
-    """``[provisioning]``: how devices enrol (keys arrive with the provisioning feature)."""
+    """``[provisioning]``: who may enrol, with what proof, and how fast."""
+
+    mode: Literal["open", "allowlist", "approval"] = "open"
+    auth: Literal["none", "fleet_secret", "device_key"] = "none"
+    fleet_secret: SecretStr | None = None
+    device_key_secret: SecretStr | None = None
+    reprovision: Literal["reject", "reissue"] = "reject"
+    max_payload_bytes: Annotated[int, Field(ge=64, le=65536)] = 4096
+    pending_retry_after: Annotated[int, Field(ge=1, le=86400)] = 30
+    # A device that asks again within this many seconds of its last issue is told to wait:
+    # concurrent requests for one MAC then yield exactly one valid password.
+    reissue_cooldown: Annotated[float, Field(ge=0, le=3600)] = 5.0
+    mac_requests_per_minute: Annotated[int, Field(ge=1)] = 6
+    mac_burst: Annotated[int, Field(ge=1)] = 3
+    address_requests_per_minute: Annotated[int, Field(ge=1)] = 1000
+    address_burst: Annotated[int, Field(ge=1)] = 100
+    max_concurrent: Annotated[int, Field(ge=1, le=10000)] = 256
+
+    @model_validator(mode="after")
+    def _proof_needs_its_secret(self) -> ProvisioningSettings:
+        if self.auth == "fleet_secret" and not _secret(self.fleet_secret):
+            raise ValueError("auth = 'fleet_secret' needs fleet_secret")
+        if self.auth == "device_key" and not _secret(self.device_key_secret):
+            raise ValueError("auth = 'device_key' needs device_key_secret")
+        return self
+
+
+def _secret(value: SecretStr | None) -> bool:
+    return value is not None and bool(value.get_secret_value())
 
 
 class AclSettings(_Section):
@@ -103,5 +131,12 @@ class Settings(_Section):
             found.append(
                 f"broker.host is the wildcard {self.broker.host!r} and broker.advertised_host is not set: "
                 "devices will be told to connect to an address they cannot dial"
+            )
+        if self.provisioning.mode == "open":
+            found.append("provisioning.mode is 'open': any device that can reach the broker gets credentials")
+        if self.provisioning.auth == "none":
+            found.append(
+                "provisioning.auth is 'none': anyone who knows a MAC address can enrol it "
+                "(use fleet_secret or device_key in production)"
             )
         return found

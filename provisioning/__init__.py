@@ -1,6 +1,7 @@
 """Device provisioning: MAC parsing, the device registry and (soon) the MQTT provisioning handler."""
 
 from provisioning.errors import (
+    ConcurrentChangeError,
     DeviceExistsError,
     DeviceNotFoundError,
     InvalidMacError,
@@ -11,6 +12,7 @@ from provisioning.errors import (
 from provisioning.mac import is_mac, parse_mac
 
 __all__ = [
+    "ConcurrentChangeError",
     "DeviceExistsError",
     "DeviceNotFoundError",
     "InvalidMacError",

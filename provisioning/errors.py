@@ -37,3 +37,15 @@ class RegistryUnavailableError(ProvisioningError):
     """The registry's database cannot be reached or used."""
 
     error_code = "INTERNAL"
+
+
+class ConcurrentChangeError(ProvisioningError):
+    """Somebody else changed the device first (another session, process or broker)."""
+
+    error_code = "RATE_LIMITED"
+
+
+class UnusablePasswordError(ProvisioningError, ValueError):
+    """bcrypt cannot take this password (over 72 bytes or containing NUL): refuse it cleanly."""
+
+    error_code = "BAD_PASSWORD"

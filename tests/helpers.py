@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import ipaddress
+import json
+import os
+import shutil
 import socket
+import ssl
 import struct
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from config import Settings
 
@@ -27,8 +41,14 @@ def broker_settings(database_url: str, **broker: Any) -> Settings:
     )
 
 
-def connect_packet(client_id: str, *, username: str | None = None, password: str | None = None,
-                   keep_alive: int = 30, clean_session: bool = True) -> bytes:
+def connect_packet(
+    client_id: str,
+    *,
+    username: str | None = None,
+    password: str | None = None,
+    keep_alive: int = 30,
+    clean_session: bool = True,
+) -> bytes:
     """A raw MQTT 3.1.1 CONNECT packet."""
 
     def text(value: str) -> bytes:
@@ -75,3 +95,99 @@ def _recv_exactly(sock: socket.socket, count: int) -> bytes:
             raise ConnectionError(f"connection closed after {len(buf)} of {count} bytes")
         buf += chunk
     return buf
+
+
+def mqttprov_executable() -> str:
+    """The installed ``mqttprov`` console script next to this interpreter."""
+    found = shutil.which("mqttprov", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError(f"mqttprov is not installed next to {sys.executable}")
+    return found
+
+
+def run_mqttprov(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``mqttprov ARGS`` as a real process (wide terminal so tables are not cut)."""
+    return subprocess.run(
+        [mqttprov_executable(), *args],
+        cwd=cwd,
+        env={**os.environ, "COLUMNS": "200", **(env or {})},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def write_config(path: Path, sections: dict[str, dict[str, str | int | Path]]) -> Path:
+    """Write a TOML configuration file made of these sections; returns ``path``."""
+    lines: list[str] = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            # A JSON string literal is a valid TOML basic string.
+            lines.append(f"{key} = {value if isinstance(value, int) else json.dumps(str(value))}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost``/127.0.0.1 and its key, as PEM files (cert, key)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def tls_connack_code(
+    host: str, port: int, cafile: Path, *, server_hostname: str = "localhost", timeout: float = 5.0
+) -> int:
+    """Like :func:`connack_code` over TLS, verifying the server against ``cafile``."""
+    context = ssl.create_default_context(cafile=str(cafile))
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=server_hostname) as sock,
+    ):
+        sock.sendall(connect_packet("tls-probe"))
+        data = _recv_exactly(sock, 4)
+    if data[0] != 0x20 or data[1] != 2:
+        raise AssertionError(f"not a CONNACK: {data!r}")
+    return data[3]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (one listener each)."""
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports

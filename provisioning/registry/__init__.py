@@ -3,13 +3,14 @@
 from provisioning.registry.engine import create_engine
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Base, Device, DeviceEvent, DeviceStatus
 from provisioning.registry.repository import DeviceRegistry, username_for
-from provisioning.registry.schemas import DeviceEventInfo, DeviceInfo, DevicePage
+from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
 
 __all__ = [
     "ACTIVE_STATUSES",
     "Actor",
     "Base",
     "Device",
+    "DeviceCredentials",
     "DeviceEvent",
     "DeviceEventInfo",
     "DeviceInfo",

@@ -24,7 +24,8 @@ class DeviceStatus(enum.StrEnum):
     """Life cycle of a device, as stored in ``devices.status``."""
 
     PENDING = "pending"  # waiting for an operator (approval mode)
-    APPROVED = "approved"  # an operator said yes; credentials on the next request
+    APPROVED = "approved"  # allowed to enrol (approved or allow-listed); credentials on the next request
+    REJECTED = "rejected"  # an operator said no; requests get NOT_ALLOWED
     REGISTERED = "registered"  # credentials issued, never logged in since
     ONLINE = "online"
     OFFLINE = "offline"
@@ -76,6 +77,9 @@ class Device(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     last_seen_at: Mapped[datetime | None] = mapped_column(default=None)
     activated_at: Mapped[datetime | None] = mapped_column(default=None)
+    # When the current credentials were issued (drives the reissue cool-down).
+    credentials_issued_at: Mapped[datetime | None] = mapped_column(default=None)
+    note: Mapped[str | None] = mapped_column(String(256), default=None)
 
 
 class DeviceEvent(Base):

@@ -15,11 +15,12 @@ from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from provisioning.errors import (
+    ConcurrentChangeError,
     DeviceExistsError,
     DeviceNotFoundError,
     InvalidTransitionError,
@@ -29,7 +30,7 @@ from provisioning.errors import (
 from provisioning.mac import parse_mac
 from provisioning.registry.engine import WRITE_OPTION
 from provisioning.registry.models import Actor, Device, DeviceEvent, DeviceStatus, utcnow
-from provisioning.registry.schemas import DeviceEventInfo, DeviceInfo, DevicePage
+from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ class DeviceRegistry:
         actor: Actor = Actor.SYSTEM,
         event_kind: str = "created",
         detail: dict[str, Any] | None = None,
+        note: str | None = None,
     ) -> DeviceInfo:
         """Insert a device; :class:`DeviceExistsError` when its MAC is already registered.
 
@@ -171,6 +173,8 @@ class DeviceRegistry:
             mac=canonical,
             mqtt_username=username_for(device_id),
             password_hash=password_hash,
+            credentials_issued_at=utcnow() if password_hash is not None else None,
+            note=note,
             status=status.value,
             firmware_version=firmware_version,
             sensor_types=list(sensor_types),
@@ -185,6 +189,131 @@ class DeviceRegistry:
         logger.info("device created id=%s mac=%s status=%s", device_id, canonical, status.value)
         return DeviceInfo.from_row(row)
 
+    async def find_credentials_by_mac(self, mac: str) -> DeviceCredentials | None:
+        """The device with this MAC and its password hash (for the provisioning service)."""
+        canonical = parse_mac(mac)
+        async with self._read() as session:
+            row = await session.scalar(select(Device).where(Device.mac == canonical))
+            return DeviceCredentials.from_row(row) if row is not None else None
+
+    async def find_credentials_by_username(self, username: str) -> DeviceCredentials | None:
+        """The device with this MQTT username and its password hash (for the auth service)."""
+        async with self._read() as session:
+            row = await session.scalar(select(Device).where(Device.mqtt_username == username))
+            return DeviceCredentials.from_row(row) if row is not None else None
+
+    async def add_allowed(
+        self, mac: str, *, firmware_version: str | None = None, note: str | None = None
+    ) -> DeviceInfo:
+        """Pre-register a MAC that may enrol (allowlist mode): status ``approved``."""
+        return await self.create_device(
+            mac,
+            status=DeviceStatus.APPROVED,
+            firmware_version=firmware_version,
+            note=note,
+            actor=Actor.OPERATOR,
+            event_kind="added",
+        )
+
+    async def approve(self, device_id: uuid.UUID) -> DeviceInfo:
+        """Let a pending (or rejected) device enrol on its next request."""
+        return await self._transition(
+            device_id, DeviceStatus.APPROVED, {DeviceStatus.PENDING, DeviceStatus.REJECTED}, "approved"
+        )
+
+    async def reject(self, device_id: uuid.UUID) -> DeviceInfo:
+        """Refuse a pending (or approved, not yet enrolled) device: its requests get NOT_ALLOWED."""
+        return await self._transition(
+            device_id, DeviceStatus.REJECTED, {DeviceStatus.PENDING, DeviceStatus.APPROVED}, "rejected"
+        )
+
+    async def reset(self, device_id: uuid.UUID) -> DeviceInfo:
+        """Kill the device's credentials and allow exactly one new enrolment (status ``registered``)."""
+        allowed = set(DeviceStatus) - {DeviceStatus.DECOMMISSIONED}
+        return await self._transition(
+            device_id, DeviceStatus.REGISTERED, allowed, "reset", clear_credentials=True
+        )
+
+    async def _transition(
+        self,
+        device_id: uuid.UUID,
+        to: DeviceStatus,
+        allowed_from: set[DeviceStatus],
+        kind: str,
+        *,
+        clear_credentials: bool = False,
+    ) -> DeviceInfo:
+        async with self._write() as session:
+            row = await _locked(session, device_id)
+            if row.status not in {s.value for s in allowed_from}:
+                raise InvalidTransitionError(f"device {row.id} is {row.status}; it cannot be {kind}")
+            row.status = to.value
+            if clear_credentials:
+                row.password_hash = None
+                row.credentials_issued_at = None
+                row.activated_at = None
+            session.add(_event(row.id, row.mac, kind, Actor.OPERATOR, {"status": to.value}))
+            info = DeviceInfo.from_row(row)
+        logger.info("device %s id=%s mac=%s", kind, info.id, info.mac)
+        return info
+
+    async def issue_credentials(
+        self,
+        device_id: uuid.UUID,
+        password_hash: str,
+        *,
+        expected_hash: str | None,
+        allowed_from: set[DeviceStatus],
+        firmware_version: str | None = None,
+        sensor_types: Iterable[str] | None = None,
+        kind: str = "provisioned",
+    ) -> DeviceInfo:
+        """Store new credentials, if nobody changed them since ``expected_hash`` was read.
+
+        The compare-and-set makes concurrent issuers (other sessions, other brokers) agree on
+        one winner; the others get :class:`ConcurrentChangeError` and must not reply ``ok``.
+        """
+        same_hash = (
+            Device.password_hash.is_(None) if expected_hash is None else Device.password_hash == expected_hash
+        )
+        values: dict[str, Any] = {
+            "password_hash": password_hash,
+            "status": DeviceStatus.REGISTERED.value,
+            "credentials_issued_at": utcnow(),
+            "updated_at": utcnow(),
+        }
+        if firmware_version is not None:
+            values["firmware_version"] = firmware_version
+        if sensor_types is not None:
+            values["sensor_types"] = list(sensor_types)
+        statement = (
+            update(Device)
+            .where(Device.id == device_id, same_hash, Device.status.in_([s.value for s in allowed_from]))
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        async with self._write() as session:
+            result = await session.execute(statement)
+            if getattr(result, "rowcount", 0) != 1:
+                raise ConcurrentChangeError(f"device {device_id} changed while credentials were issued")
+            row = await session.get(Device, device_id, populate_existing=True)
+            if row is None:  # pragma: no cover - the update above just matched it
+                raise DeviceNotFoundError(f"no device with id {device_id}")
+            detail = {"firmware_version": row.firmware_version}
+            session.add(_event(row.id, row.mac, kind, Actor.DEVICE, detail))
+            return DeviceInfo.from_row(row)
+
+    async def mark_activated(self, device_id: uuid.UUID) -> None:
+        """Record the device's first successful login (no-op afterwards)."""
+        statement = (
+            update(Device)
+            .where(Device.id == device_id, Device.activated_at.is_(None))
+            .values(activated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        async with self._write() as session:
+            await session.execute(statement)
+
     async def decommission(self, device_id: uuid.UUID, *, actor: Actor = Actor.OPERATOR) -> DeviceInfo:
         """Mark a device decommissioned and destroy its credentials (idempotent)."""
         async with self._write() as session:
@@ -193,6 +322,7 @@ class DeviceRegistry:
                 row.status = DeviceStatus.DECOMMISSIONED.value
                 row.password_hash = None
                 session.add(_event(row.id, row.mac, "decommissioned", actor, None))
+                await session.flush()  # runs onupdate: the view must show the new updated_at
             info = DeviceInfo.from_row(row)
         logger.info("device decommissioned id=%s mac=%s", info.id, info.mac)
         return info
@@ -222,6 +352,7 @@ class DeviceRegistry:
                     f"device {row.id} is {row.status}; cannot change it to {status.value}"
                 )
             row.status = status.value
+            await session.flush()  # runs onupdate: the view must show the new updated_at
             return DeviceInfo.from_row(row)
 
     async def record_event(
@@ -238,15 +369,21 @@ class DeviceRegistry:
         async with self._write() as session:
             if fold:
                 key = _fold_key(device_id, mac, kind, actor, detail)
-                folded = await session.scalar(
-                    select(DeviceEvent)
+                if session.get_bind().dialect.name == "postgresql":
+                    # Serialise folders of one key (SQLite writers are serialised by BEGIN IMMEDIATE).
+                    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+                folded_id = await session.scalar(
+                    select(DeviceEvent.id)
                     .where(DeviceEvent.fold_key == key, DeviceEvent.last_at >= utcnow() - FOLD_WINDOW)
                     .order_by(DeviceEvent.id.desc())
                     .limit(1)
                 )
-                if folded is not None:
-                    folded.count += 1
-                    folded.last_at = utcnow()
+                if folded_id is not None:
+                    await session.execute(
+                        update(DeviceEvent)
+                        .where(DeviceEvent.id == folded_id)
+                        .values(count=DeviceEvent.count + 1, last_at=utcnow())
+                    )
                     return
                 session.add(_event(device_id, mac, kind, actor, detail, fold_key=key))
             else:
@@ -306,9 +443,7 @@ async def _translated_errors() -> AsyncIterator[None]:
     except DBAPIError as exc:
         text = str(exc.orig) if exc.orig is not None else str(exc)
         if "no such table" in text or ("does not exist" in text and "relation" in text):
-            raise RegistryUnavailableError(
-                "database is not initialised: run `mqttprov db upgrade`"
-            ) from exc
+            raise RegistryUnavailableError("database is not initialised: run `mqttprov db upgrade`") from exc
         raise RegistryUnavailableError(f"database error: {text.splitlines()[0]}") from exc
     except (SQLAlchemyError, OSError) as exc:
         raise RegistryUnavailableError(f"database unavailable: {exc}") from exc

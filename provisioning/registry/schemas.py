@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from provisioning.registry.models import Device, DeviceEvent, DeviceStatus
 
@@ -35,10 +35,12 @@ class DeviceInfo(_View):
     updated_at: datetime
     last_seen_at: datetime | None
     activated_at: datetime | None
+    credentials_issued_at: datetime | None
+    note: str | None
     has_credentials: bool
 
     _aware_times = field_validator(
-        "created_at", "updated_at", "last_seen_at", "activated_at", mode="after"
+        "created_at", "updated_at", "last_seen_at", "activated_at", "credentials_issued_at", mode="after"
     )(_aware)
 
     @classmethod
@@ -55,6 +57,8 @@ class DeviceInfo(_View):
             updated_at=row.updated_at,
             last_seen_at=row.last_seen_at,
             activated_at=row.activated_at,
+            credentials_issued_at=row.credentials_issued_at,
+            note=row.note,
             has_credentials=row.password_hash is not None,
         )
 
@@ -85,3 +89,15 @@ class DevicePage(_View):
 
     devices: list[DeviceInfo]
     total: int
+
+
+class DeviceCredentials(_View):
+    """A device with its password hash: for the provisioning and auth services only, never rendered."""
+
+    device: DeviceInfo
+    password_hash: str | None = Field(repr=False)
+
+    @classmethod
+    def from_row(cls, row: Device) -> DeviceCredentials:
+        """Build the view from an ORM row."""
+        return cls(device=DeviceInfo.from_row(row), password_hash=row.password_hash)

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import bcrypt
 import pytest
 
-from auth_plugin import PasswordHasher, UnusablePasswordError, generate_password
-from auth_plugin.hashing import password_bytes
+from provisioning.errors import UnusablePasswordError
+from provisioning.passwords import PasswordHasher, generate_password, password_bytes
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""bcrypt off the event loop, in a bounded pool of worker threads.
+"""Credentials: generated passwords, and bcrypt off the event loop, in a bounded pool of worker threads.
 
 bcrypt releases the GIL while it works, so threads give real parallelism; the pool is sized to
 leave one core to the event loop so the broker keeps serving while a burst of hashes runs.
@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 
-from auth_plugin.errors import UnusablePasswordError
+from provisioning.errors import UnusablePasswordError
 
 #: bcrypt only looks at the first 72 bytes; bcrypt 5 raises on longer input.
 MAX_PASSWORD_BYTES = 72

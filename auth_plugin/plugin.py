@@ -1,0 +1,74 @@
+"""Thin amqtt adapters: the auth plugin and the topic plugin over :mod:`auth_plugin`'s services."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.session import Session
+
+from auth_plugin.acl import Action, allows
+from auth_plugin.authenticator import Authenticator, ConnectAttempt
+from auth_plugin.principals import bind_principal, principal_of
+
+logger = logging.getLogger(__name__)
+
+
+class MqttprovAuthPlugin(BaseAuthPlugin):
+    """CONNECT: bind a principal to the session, or refuse. Always an explicit True/False."""
+
+    @dataclass
+    class Config:
+        """The service doing the work (passed in by ``broker.assembly``)."""
+
+        authenticator: Any = None
+
+    async def authenticate(self, *, session: Session) -> bool:
+        """amqtt hook: True to accept the CONNECT, False to refuse it."""
+        authenticator: Authenticator = self.config.authenticator
+        attempt = ConnectAttempt(
+            client_id=session.client_id,
+            username=session.username,
+            password=session.password,
+            will_flag=bool(session.will_flag),
+            address=session.remote_address,
+        )
+        try:
+            decision = await authenticator.authenticate(attempt)
+        except Exception:
+            # amqtt would only log this at DEBUG; a failing check must be loud and must refuse.
+            logger.exception("authentication failed for client %r", session.client_id)
+            bind_principal(session, None)
+            return False
+        bind_principal(session, decision.principal)
+        if not decision.accepted:
+            logger.info(
+                "connect refused client=%r username=%r address=%s: %s",
+                session.client_id,
+                session.username,
+                session.remote_address,
+                decision.reason,
+            )
+            return False
+        return True
+
+
+class MqttprovTopicPlugin(BaseTopicPlugin):
+    """SUBSCRIBE, PUBLISH and RECEIVE checks. Always an explicit True/False."""
+
+    @dataclass
+    class Config:
+        """No options: the rules come from the principal bound at CONNECT."""
+
+    async def topic_filtering(
+        self, *, session: Session | None = None, topic: str | None = None, action: Any = None
+    ) -> bool:
+        """amqtt hook: True when the session may perform ``action`` on ``topic``."""
+        if session is None or topic is None or action is None:
+            return False
+        try:
+            return allows(principal_of(session), topic, Action(str(action)))
+        except ValueError:
+            return False

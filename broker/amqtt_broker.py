@@ -1,0 +1,135 @@
+"""Our narrow extensions of amqtt's :class:`~amqtt.broker.Broker` (pinned to amqtt 0.12.1).
+
+- deliver a message to one session directly (provisioning replies never pass subscriptions);
+- disconnect one session without its will (revocation, re-provisioning);
+- never retain what a provisioning session publishes or anything under ``provision/``;
+- send retained messages only where the topic ACL allows RECEIVE (amqtt skips that check).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from amqtt.broker import Broker
+from amqtt.contexts import Action
+from amqtt.session import Session
+
+from auth_plugin.principals import ProvisioningPrincipal, principal_of
+
+logger = logging.getLogger(__name__)
+
+AMQTT_VERSION = "0.12.1"
+#: Reply publish waits at most this long for the device's PUBACK.
+DELIVERY_TIMEOUT = 10.0
+_PROVISION_ROOT = "provision/"
+
+
+class MqttprovBroker(Broker):
+    """amqtt's broker with the session controls and retained-message rules mqttprov relies on."""
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes) -> bool:
+        """Publish to the one connected session ``client_id`` (QoS 1), bypassing subscriptions."""
+        session, handler = self._sessions.get(client_id, (None, None))
+        if session is None or handler is None or session.transitions.state != "connected":
+            return False
+        try:
+            await handler.mqtt_publish(topic, payload, 1, retain=False, ack_timeout=DELIVERY_TIMEOUT)
+        except TimeoutError:
+            logger.warning("client %r did not acknowledge a direct delivery in time", client_id)
+            return False
+        except Exception:
+            logger.warning("could not deliver to client %r", client_id, exc_info=True)
+            return False
+        return True
+
+    async def kick(self, client_id: str, reason: str) -> bool:
+        """End the live session of ``client_id`` without publishing its will."""
+        session, handler = self._sessions.get(client_id, (None, None))
+        if session is None or handler is None or session.transitions.state != "connected":
+            return False
+        session.will_flag = False
+        session.will_message = None
+        logger.info("disconnecting client %r: %s", client_id, reason)
+        await handler.handle_connection_closed()
+        return True
+
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """Broadcast a broker-originated message (subscribers' RECEIVE checks still apply)."""
+        await self.internal_message_broadcast(topic, payload, 0)
+
+    async def close_listeners(self) -> None:
+        """Close the listeners a failed :meth:`start` opened before the one that failed.
+
+        amqtt 0.12.1 leaves them bound, and its ``shutdown`` refuses to run from the failed state.
+        """
+        for server in self._servers.values():
+            await server.close_instance()
+
+    async def retain_message(
+        self,
+        source_session: Session | None,
+        topic_name: str | None,
+        data: bytes | bytearray | None,
+        qos: int | None = None,
+    ) -> None:
+        """Refuse to retain provisioning traffic; otherwise as amqtt does."""
+        if topic_name is not None and (
+            topic_name.startswith(_PROVISION_ROOT)
+            or isinstance(principal_of(source_session), ProvisioningPrincipal)
+        ):
+            logger.info("not retaining a message on %r (provisioning traffic is never retained)", topic_name)
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
+    async def _publish_retained_messages_for_subscription(
+        self, subscription: tuple[str, int], session: Session
+    ) -> None:
+        # amqtt 0.12.1 sends every matching retained message without asking the topic plugins,
+        # and on every CONNECT it does so for *all* filters anyone subscribed to. Ask first.
+        topic_filter, qos = subscription
+        handler = self._get_handler(session)
+        subscribers = self._subscriptions.get(topic_filter, [])
+        if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
+            # On CONNECT amqtt walks every filter anyone holds; only the session's own count.
+            return
+        sends: list[asyncio.Task[Any]] = []
+        for topic, retained in list(self._retained_messages.items()):
+            if not self._matches(topic, topic_filter):
+                continue
+            if not await self._topic_filtering(session, topic, Action.RECEIVE):
+                continue
+            sends.append(
+                asyncio.create_task(
+                    handler.mqtt_publish(
+                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                    )
+                )
+            )
+        if sends:
+            await asyncio.wait(sends)
+
+
+class BrokerLink:
+    """:class:`provisioning.ports.SessionControl` for services built before the broker exists."""
+
+    def __init__(self) -> None:
+        self.broker: MqttprovBroker | None = None
+
+    def _target(self) -> MqttprovBroker:
+        if self.broker is None:
+            raise RuntimeError("the broker is not running")
+        return self.broker
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes) -> bool:
+        """See :meth:`MqttprovBroker.deliver`."""
+        return await self._target().deliver(client_id, topic, payload)
+
+    async def kick(self, client_id: str, reason: str) -> bool:
+        """See :meth:`MqttprovBroker.kick`."""
+        return await self._target().kick(client_id, reason)
+
+    async def announce(self, topic: str, payload: bytes) -> None:
+        """See :meth:`MqttprovBroker.announce`."""
+        await self._target().announce(topic, payload)

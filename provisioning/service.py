@@ -1,0 +1,295 @@
+"""The provisioning decision: who gets credentials, who waits, who is refused.
+
+Plain class, driven by the amqtt plugin in :mod:`provisioning.plugin` and directly by tests.
+The reply is produced only after the database commit that makes the credentials valid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from config import Settings
+from provisioning.contract import (
+    ClientIdentity,
+    ErrorCode,
+    ErrorReply,
+    OkReply,
+    PendingReply,
+    ProvisionRequest,
+    Reply,
+    RequestRefusedError,
+    decode_request,
+    reply_topic,
+)
+from provisioning.errors import ConcurrentChangeError, DeviceExistsError, InvalidMacError
+from provisioning.mac import parse_mac
+from provisioning.passwords import PasswordHasher, generate_password
+from provisioning.ratelimit import RateLimiter
+from provisioning.registry import Actor, DeviceCredentials, DeviceInfo, DeviceRegistry, DeviceStatus
+from provisioning.registry.models import utcnow
+
+if TYPE_CHECKING:
+    from provisioning.ports import SessionControl
+
+logger = logging.getLogger(__name__)
+
+_ACTIVE = {DeviceStatus.REGISTERED, DeviceStatus.ONLINE, DeviceStatus.OFFLINE}
+# Refusals about a known device worth an audit row (folded); floods of unknown MACs are only logged.
+_AUDITED = {ErrorCode.NOT_ALLOWED, ErrorCode.ALREADY_PROVISIONED, ErrorCode.DECOMMISSIONED}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What to publish, where, and which device changed (for the events topic)."""
+
+    topic: str
+    reply: Reply
+    changed: DeviceInfo | None = None
+
+
+class ProvisioningService:
+    """Turn one ``provision/request`` into exactly one reply."""
+
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        hasher: PasswordHasher,
+        settings: Settings,
+        *,
+        sessions: SessionControl | None = None,
+    ) -> None:
+        self._registry = registry
+        self._hasher = hasher
+        self._settings = settings
+        self._policy = settings.provisioning
+        self._sessions = sessions
+        self._by_mac = RateLimiter(self._policy.mac_requests_per_minute, self._policy.mac_burst)
+        self._by_address = RateLimiter(self._policy.address_requests_per_minute, self._policy.address_burst)
+        self._slots = asyncio.Semaphore(self._policy.max_concurrent)
+
+    def bind_sessions(self, sessions: SessionControl) -> None:
+        """Late binding: the broker exists only after the plugins that use this service."""
+        self._sessions = sessions
+
+    async def handle(self, identity: ClientIdentity, payload: bytes, address: str | None) -> Outcome:
+        """Decide, commit, and return the reply for one request. Never raises."""
+        own_topic = reply_topic(identity.written)
+        request_id: str | None = None
+        try:
+            request, mac = self._parse(identity, payload)
+            request_id = request.request_id
+            topic = reply_topic(request.mac)
+            limited = self._rate_limited(mac, address, request_id)
+            if limited is not None:
+                return Outcome(topic, limited)
+            if self._slots.locked():
+                return Outcome(topic, _refusal(ErrorCode.RATE_LIMITED, "broker busy", request_id, 1))
+            async with self._slots:
+                return await self._decide(mac, request, topic)
+        except RequestRefusedError as exc:
+            logger.info("provisioning refused client=%r code=%s", identity.written, exc.code.value)
+            return Outcome(own_topic, _refusal(exc.code, exc.detail, exc.request_id or request_id))
+        except Exception:
+            logger.exception("provisioning failed for client %r", identity.written)
+            return Outcome(
+                own_topic, _refusal(ErrorCode.INTERNAL, "internal error; try again later", request_id)
+            )
+
+    def _parse(self, identity: ClientIdentity, payload: bytes) -> tuple[ProvisionRequest, str]:
+        request = decode_request(payload, max_bytes=self._policy.max_payload_bytes)
+        try:
+            mac = parse_mac(request.mac)
+        except InvalidMacError as exc:
+            raise RequestRefusedError(ErrorCode.INVALID_MAC, str(exc), request.request_id) from exc
+        if mac != identity.mac:
+            raise RequestRefusedError(
+                ErrorCode.MAC_MISMATCH,
+                f"request names {mac} but this session's client id is {identity.mac}",
+                request.request_id,
+            )
+        return request, mac
+
+    def _rate_limited(self, mac: str, address: str | None, request_id: str | None) -> ErrorReply | None:
+        wait = self._by_address.acquire(address) if address else 0.0
+        if not wait:
+            wait = self._by_mac.acquire(mac)
+        if not wait:
+            return None
+        logger.debug("provisioning rate-limited mac=%s address=%s", mac, address)
+        return _refusal(
+            ErrorCode.RATE_LIMITED, "too many requests", request_id, RateLimiter.whole_seconds(wait)
+        )
+
+    async def _decide(
+        self, mac: str, request: ProvisionRequest, topic: str, *, retried: bool = False
+    ) -> Outcome:
+        record = await self._registry.find_credentials_by_mac(mac)
+        if record is None:
+            if self._policy.mode == "allowlist":
+                return self._refuse(
+                    topic, ErrorCode.NOT_ALLOWED, "this MAC is not on the allowlist", request, mac
+                )
+            try:
+                if self._policy.mode == "approval":
+                    created = await self._registry.create_device(
+                        mac,
+                        status=DeviceStatus.PENDING,
+                        firmware_version=request.firmware_version,
+                        sensor_types=request.sensor_types,
+                        actor=Actor.DEVICE,
+                        event_kind="requested",
+                    )
+                    logger.info("device waiting for approval id=%s mac=%s", created.id, mac)
+                    return Outcome(topic, self._pending(request), created)
+                return await self._enrol_new(mac, request, topic)
+            except DeviceExistsError:
+                if retried:
+                    raise
+                # Another session or broker created it first: decide again on what is there now.
+                return await self._decide(mac, request, topic, retried=True)
+        return await self._decide_known(record, request, topic)
+
+    async def _decide_known(
+        self, record: DeviceCredentials, request: ProvisionRequest, topic: str
+    ) -> Outcome:
+        device = record.device
+        match device.status:
+            case DeviceStatus.PENDING:
+                return Outcome(topic, self._pending(request))
+            case DeviceStatus.REJECTED:
+                return self._refuse(
+                    topic, ErrorCode.NOT_ALLOWED, "an operator rejected this device", request, device
+                )
+            case DeviceStatus.DECOMMISSIONED:
+                return self._refuse(
+                    topic, ErrorCode.DECOMMISSIONED, "this device is decommissioned", request, device
+                )
+            case DeviceStatus.APPROVED:
+                return await self._issue(record, request, topic, "provisioned")
+        if record.password_hash is None:  # reset by an operator: one new enrolment
+            return await self._issue(record, request, topic, "provisioned")
+        if device.activated_at is not None and self._policy.reprovision == "reject":
+            return self._refuse(
+                topic,
+                ErrorCode.ALREADY_PROVISIONED,
+                "this device has credentials and has used them",
+                request,
+                device,
+            )
+        wait = self._cooldown_left(device)
+        if wait > 0:
+            return Outcome(
+                topic,
+                _refusal(ErrorCode.RATE_LIMITED, "credentials were just issued", request.request_id, wait),
+            )
+        return await self._issue(record, request, topic, "reissued")
+
+    def _cooldown_left(self, device: DeviceInfo) -> int:
+        if device.credentials_issued_at is None:
+            return 0
+        elapsed = (utcnow() - device.credentials_issued_at).total_seconds()
+        left = self._policy.reissue_cooldown - elapsed
+        return max(1, math.ceil(left)) if left > 0 else 0
+
+    async def _enrol_new(self, mac: str, request: ProvisionRequest, topic: str) -> Outcome:
+        password = generate_password()
+        password_hash = await self._hasher.hash(password)
+        device = await self._registry.create_device(
+            mac,
+            status=DeviceStatus.REGISTERED,
+            firmware_version=request.firmware_version,
+            sensor_types=request.sensor_types,
+            password_hash=password_hash,
+            actor=Actor.DEVICE,
+            event_kind="provisioned",
+        )
+        logger.info("device provisioned id=%s mac=%s", device.id, mac)
+        return Outcome(topic, self._ok(device, password, request), device)
+
+    async def _issue(
+        self, record: DeviceCredentials, request: ProvisionRequest, topic: str, kind: str
+    ) -> Outcome:
+        device = record.device
+        password = generate_password()
+        password_hash = await self._hasher.hash(password)
+        try:
+            updated = await self._registry.issue_credentials(
+                device.id,
+                password_hash,
+                expected_hash=record.password_hash,
+                allowed_from={device.status},
+                firmware_version=request.firmware_version,
+                sensor_types=request.sensor_types or None,
+                kind=kind,
+            )
+        except ConcurrentChangeError:
+            wait = max(1, math.ceil(self._policy.reissue_cooldown))
+            return Outcome(
+                topic,
+                _refusal(ErrorCode.RATE_LIMITED, "device changed concurrently", request.request_id, wait),
+            )
+        logger.info("device %s id=%s mac=%s", kind, updated.id, updated.mac)
+        if device.status in _ACTIVE and self._sessions is not None:
+            # The old credentials are dead: end a session still using them (no will).
+            await self._sessions.kick(device.mqtt_username, f"credentials {kind}")
+        return Outcome(topic, self._ok(updated, password, request), updated)
+
+    def _ok(self, device: DeviceInfo, password: str, request: ProvisionRequest) -> OkReply:
+        broker = self._settings.broker
+        return OkReply(
+            device_id=device.id,
+            mqtt_username=device.mqtt_username,
+            mqtt_password=password,
+            mqtt_client_id=device.mqtt_username,
+            mqtt_host=broker.effective_advertised_host,
+            mqtt_port=broker.effective_advertised_port,
+            topic_prefix=f"devices/{device.id}/",
+            request_id=request.request_id,
+        )
+
+    def _pending(self, request: ProvisionRequest) -> PendingReply:
+        return PendingReply(retry_after=self._policy.pending_retry_after, request_id=request.request_id)
+
+    def _refuse(
+        self,
+        topic: str,
+        code: ErrorCode,
+        detail: str,
+        request: ProvisionRequest,
+        about: DeviceInfo | str,
+    ) -> Outcome:
+        mac = about if isinstance(about, str) else about.mac
+        logger.info("provisioning refused mac=%s code=%s", mac, code.value)
+        if code in _AUDITED and isinstance(about, DeviceInfo):
+            self._audit(about, code)
+        return Outcome(topic, _refusal(code, detail, request.request_id))
+
+    def _audit(self, device: DeviceInfo, code: ErrorCode) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._registry.record_event(
+                device.id, "provision_refused", actor=Actor.DEVICE, detail={"code": code.value}, fold=True
+            ),
+            name=f"audit-{device.id}",
+        )
+        _background.add(task)
+        task.add_done_callback(_finished)
+
+
+# Audit writes are best effort and must not delay the reply; keep a reference until done.
+_background: set[asyncio.Task[None]] = set()
+
+
+def _finished(task: asyncio.Task[None]) -> None:
+    _background.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("could not record an audit event: %s", task.exception())
+
+
+def _refusal(
+    code: ErrorCode, detail: str, request_id: str | None, retry_after: int | None = None
+) -> ErrorReply:
+    return ErrorReply(error_code=code, detail=detail, request_id=request_id, retry_after=retry_after)

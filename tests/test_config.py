@@ -1,0 +1,251 @@
+"""The config package: defaults, TOML file, environment overlay and one-line errors."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from config import (
+    DEFAULT_CONFIG_FILE,
+    BrokerSettings,
+    ConfigError,
+    DatabaseSettings,
+    Settings,
+    load_settings,
+)
+
+
+@pytest.fixture(autouse=True)
+def _empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run in an empty directory so that no stray ./mqttprov.toml is picked up."""
+    monkeypatch.chdir(tmp_path)
+
+
+def write_toml(tmp_path: Path, text: str, name: str = "custom.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path | None) -> str:
+    """The message of the ConfigError that loading ``path`` raises."""
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    return str(info.value)
+
+
+# -- defaults and sources -------------------------------------------------------------------------
+
+
+def test_defaults_without_file_or_env() -> None:
+    settings = load_settings()
+
+    assert settings == Settings()
+    assert settings.broker.host == "0.0.0.0"
+    assert settings.broker.port == 1883
+    assert settings.broker.advertised_host is None
+    assert settings.broker.tls_port is None
+    assert settings.broker.ws_port is None
+    assert settings.database.url == "sqlite+aiosqlite:///mqttprov.db"
+    assert settings.database.pool_size == 5
+    assert settings.auth.bcrypt_cost == 12
+
+
+def test_explicit_file_is_loaded(tmp_path: Path) -> None:
+    path = write_toml(
+        tmp_path,
+        '[broker]\nhost = "10.0.0.5"\nport = 1884\n\n[auth]\nbcrypt_cost = 4\n\n'
+        '[database]\nurl = "postgresql+asyncpg://u@db/mqttprov"\n',
+    )
+
+    settings = load_settings(path)
+
+    assert settings.broker.host == "10.0.0.5"
+    assert settings.broker.port == 1884
+    assert settings.auth.bcrypt_cost == 4
+    assert settings.database.url == "postgresql+asyncpg://u@db/mqttprov"
+    # Keys the file leaves out keep their defaults.
+    assert settings.database.pool_size == 5
+
+
+def test_default_file_in_working_directory_is_picked_up(tmp_path: Path) -> None:
+    write_toml(tmp_path, "[broker]\nport = 2883\n", name=str(DEFAULT_CONFIG_FILE))
+
+    assert load_settings().broker.port == 2883
+
+
+def test_explicit_file_wins_over_default_file(tmp_path: Path) -> None:
+    write_toml(tmp_path, "[broker]\nport = 2883\n", name=str(DEFAULT_CONFIG_FILE))
+    explicit = write_toml(tmp_path, "[broker]\nport = 3883\n")
+
+    assert load_settings(explicit).broker.port == 3883
+
+
+def test_env_overlay_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = write_toml(tmp_path, '[broker]\nhost = "10.0.0.5"\nport = 1884\n')
+    monkeypatch.setenv("MQTTPROV_BROKER__PORT", "1999")
+
+    settings = load_settings(path)
+
+    assert settings.broker.port == 1999
+    # The overlay is per key: the rest of the file's [broker] table survives.
+    assert settings.broker.host == "10.0.0.5"
+
+
+def test_env_overlay_without_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_AUTH__BCRYPT_COST", "5")
+    monkeypatch.setenv("MQTTPROV_BROKER__ADVERTISED_HOST", "mqtt.example.net")
+
+    settings = load_settings()
+
+    assert settings.auth.bcrypt_cost == 5
+    assert settings.broker.advertised_host == "mqtt.example.net"
+
+
+def test_loaded_settings_are_frozen() -> None:
+    settings = load_settings()
+
+    with pytest.raises(ValueError, match="frozen"):
+        settings.broker.port = 1  # type: ignore[misc]
+
+
+# -- errors: exactly one line each ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ('[broker]\nport = "abc"\n', "config error: broker.port: 'abc' is not an integer"),
+        ("[broker]\nport = 0\n", "config error: broker.port: 0 is too small (allowed: >= 1)"),
+        ("[broker]\nport = 65536\n", "config error: broker.port: 65536 is too large (allowed: <= 65535)"),
+        ("[auth]\nbcrypt_cost = 99\n", "config error: auth.bcrypt_cost: 99 is too large (allowed: <= 15)"),
+        ("[auth]\nbcrypt_cost = 3\n", "config error: auth.bcrypt_cost: 3 is too small (allowed: >= 4)"),
+        ("[broker]\nfoo = 1\n", "config error: broker.foo: unknown key"),
+        ("[nosuchsection]\nx = 1\n", "config error: nosuchsection: unknown key"),
+        ("broker = 5\n", "config error: broker: must be a table, not 5"),
+        ("[broker]\ntls_port = 8883\n", "config error: broker: tls_port needs both tls_cert and tls_key"),
+        ('[broker]\ntls_cert = "cert.pem"\n', "config error: broker: tls_cert and tls_key go together"),
+        (
+            '[database]\nurl = "mysql://root@localhost/mqttprov"\n',
+            (
+                "config error: database: url must start with sqlite+aiosqlite:// or "
+                "postgresql+asyncpg:// (async drivers only)"
+            ),
+        ),
+    ],
+    ids=[
+        "port-not-int",
+        "port-zero",
+        "port-too-large",
+        "cost-too-large",
+        "cost-too-small",
+        "unknown-key",
+        "unknown-section",
+        "section-not-table",
+        "tls-port-without-cert",
+        "cert-without-key",
+        "unsupported-database",
+    ],
+)
+def test_bad_file_value_is_one_line(tmp_path: Path, toml: str, message: str) -> None:
+    assert config_error(write_toml(tmp_path, toml)) == message
+
+
+def test_tls_port_with_cert_and_key_is_accepted(tmp_path: Path) -> None:
+    path = write_toml(tmp_path, '[broker]\ntls_port = 8883\ntls_cert = "c.pem"\ntls_key = "k.pem"\n')
+
+    broker = load_settings(path).broker
+
+    assert broker.tls_port == 8883
+    assert broker.tls_cert == Path("c.pem")
+    assert broker.tls_key == Path("k.pem")
+
+
+def test_invalid_toml_names_file_and_parser_reason(tmp_path: Path) -> None:
+    text = "[broker\nport = 1\n"
+    path = write_toml(tmp_path, text)
+    with pytest.raises(tomllib.TOMLDecodeError) as parser:
+        tomllib.loads(text)
+
+    assert config_error(path) == f"config error: {path}: invalid TOML: {parser.value}"
+
+
+def test_missing_explicit_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.toml"
+
+    assert config_error(path) == f"config error: {path}: no such file"
+
+
+def test_env_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_BROKER__PORT", "abc")
+
+    assert config_error(None) == "config error: broker.port: 'abc' is not an integer"
+
+
+def test_env_unknown_nested_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_BROKER__NOPE", "1")
+
+    assert config_error(None) == "config error: broker.nope: unknown key"
+
+
+def test_bad_default_file_is_reported(tmp_path: Path) -> None:
+    write_toml(tmp_path, "[auth]\nbcrypt_cost = 3\n", name=str(DEFAULT_CONFIG_FILE))
+
+    assert config_error(None) == "config error: auth.bcrypt_cost: 3 is too small (allowed: >= 4)"
+
+
+# -- warnings and derived values ------------------------------------------------------------------
+
+
+def host_warnings(settings: Settings) -> list[str]:
+    """The warnings about the broker's advertised address (other sections warn too)."""
+    return [w for w in settings.warnings() if w.startswith("broker.host")]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "*", "0:0::0"])
+def test_wildcard_host_without_advertised_host_warns(host: str) -> None:
+    [warning] = host_warnings(Settings(broker=BrokerSettings(host=host)))
+
+    assert "broker.advertised_host" in warning
+    assert repr(host) in warning
+
+
+def test_default_settings_warn_about_host() -> None:
+    assert len(host_warnings(Settings())) == 1
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        BrokerSettings(host="0.0.0.0", advertised_host="mqtt.example.net"),
+        BrokerSettings(host="192.0.2.10"),
+        BrokerSettings(host="::1"),
+        BrokerSettings(host="mqtt.example.net"),
+    ],
+    ids=["wildcard-advertised", "ipv4", "ipv6", "hostname"],
+)
+def test_dialable_host_does_not_warn(broker: BrokerSettings) -> None:
+    assert host_warnings(Settings(broker=broker)) == []
+
+
+def test_effective_advertised_defaults_to_listener() -> None:
+    broker = BrokerSettings(host="192.0.2.10", port=1884)
+
+    assert broker.effective_advertised_host == "192.0.2.10"
+    assert broker.effective_advertised_port == 1884
+
+
+def test_effective_advertised_prefers_advertised_values() -> None:
+    broker = BrokerSettings(
+        host="0.0.0.0", port=1884, advertised_host="mqtt.example.net", advertised_port=443
+    )
+
+    assert broker.effective_advertised_host == "mqtt.example.net"
+    assert broker.effective_advertised_port == 443
+
+
+def test_database_settings_accept_both_async_drivers() -> None:
+    assert DatabaseSettings(url="sqlite+aiosqlite:///x.db").url == "sqlite+aiosqlite:///x.db"
+    assert DatabaseSettings(url="postgresql+asyncpg://u@h/db").url == "postgresql+asyncpg://u@h/db"
