@@ -5,7 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from auth_plugin.principals import DevicePrincipal, Principal, ProvisioningPrincipal
+from auth_plugin.principals import (
+    BAD_USERNAME_OR_PASSWORD,
+    NOT_AUTHORIZED,
+    DevicePrincipal,
+    Principal,
+    ProvisioningPrincipal,
+)
 from config import Settings
 from provisioning.contract import PROVISION_USERNAME, identity_from_client_id
 from provisioning.keys import derive_device_key, secrets_match
@@ -34,6 +40,8 @@ class Decision:
 
     principal: Principal | None
     reason: str
+    #: CONNACK code for a refusal: 4 for wrong credentials, 5 for everything else.
+    code: int = NOT_AUTHORIZED
 
     @property
     def accepted(self) -> bool:
@@ -66,9 +74,9 @@ class Authenticator:
         if record is None or record.password_hash is None:
             # Same bcrypt cost as a real check: timing must not tell which usernames exist.
             await self._hasher.verify(password, await self._dummy())
-            return Decision(None, "unknown username or no credentials")
+            return Decision(None, "unknown username or no credentials", BAD_USERNAME_OR_PASSWORD)
         if not await self._hasher.verify(password, record.password_hash):
-            return Decision(None, "wrong password")
+            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
         device = record.device
         if device.status not in ACTIVE_STATUSES:
             return Decision(None, f"device is {device.status.value}")
@@ -98,7 +106,7 @@ class Authenticator:
         else:  # pragma: no cover - the settings validator guarantees a secret
             return Decision(None, "provisioning proof is not configured")
         if not secrets_match(attempt.password, expected):
-            return Decision(None, f"wrong {policy.auth}")
+            return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
 
     async def _dummy(self) -> str:

@@ -11,7 +11,7 @@ from amqtt.session import Session
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
-from auth_plugin.principals import bind_principal, principal_of
+from auth_plugin.principals import bind_principal, principal_of, set_refusal_code
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class MqttprovAuthPlugin(BaseAuthPlugin):
             return False
         bind_principal(session, decision.principal)
         if not decision.accepted:
+            set_refusal_code(session, decision.code)
             logger.info(
                 "connect refused client=%r username=%r address=%s: %s",
                 session.client_id,

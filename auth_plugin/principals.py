@@ -8,8 +8,13 @@ from typing import Any
 
 from provisioning.contract import ClientIdentity
 
-#: Key in ``amqtt.session.Session.attributes`` (namespaced, as amqtt asks).
+#: Keys in ``amqtt.session.Session.attributes`` (namespaced, as amqtt asks).
 PRINCIPAL_KEY = "mqttprov.principal"
+REFUSAL_KEY = "mqttprov.refusal_code"
+
+#: CONNACK return codes we answer refusals with (MQTT 3.1.1 §3.2.2.3).
+BAD_USERNAME_OR_PASSWORD = 0x04
+NOT_AUTHORIZED = 0x05
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,3 +55,17 @@ def bind_principal(session: Any, principal: Principal | None) -> None:
             attributes.pop(PRINCIPAL_KEY, None)
         else:
             attributes[PRINCIPAL_KEY] = principal
+
+
+def set_refusal_code(session: Any, code: int) -> None:
+    """Remember which CONNACK code a refused CONNECT gets."""
+    attributes = getattr(session, "attributes", None)
+    if isinstance(attributes, dict):
+        attributes[REFUSAL_KEY] = code
+
+
+def refusal_code(session: Any) -> int:
+    """The CONNACK code for a refused session (not authorized unless the plugin said otherwise)."""
+    attributes = getattr(session, "attributes", None)
+    code = attributes.get(REFUSAL_KEY) if isinstance(attributes, dict) else None
+    return code if code in (BAD_USERNAME_OR_PASSWORD, NOT_AUTHORIZED) else NOT_AUTHORIZED

@@ -1,5 +1,10 @@
 """Our narrow extensions of amqtt's :class:`~amqtt.broker.Broker` (pinned to amqtt 0.12.1).
 
+- authenticate a CONNECT *before* it may touch the session table (amqtt takes over, deletes or
+  rewrites a live session of the same client id first, whatever the credentials);
+- close a connection that sends no CONNECT within ``broker.connect_timeout``;
+- never keep a refused session, and answer a refusal with the right CONNACK code (4 or 5);
+- enforce keep-alive (see :mod:`broker.protocol`);
 - deliver a message to one session directly (provisioning replies never pass subscriptions);
 - disconnect one session without its will (revocation, re-provisioning);
 - never retain what a provisioning session publishes or anything under ``provision/``;
@@ -12,11 +17,17 @@ import asyncio
 import logging
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
 from amqtt.contexts import Action
+from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
+from amqtt.utils import gen_client_id
 
-from auth_plugin.principals import ProvisioningPrincipal, principal_of
+from auth_plugin.principals import ProvisioningPrincipal, principal_of, refusal_code
+from broker.protocol import KeepAliveHandler, grace
 
 logger = logging.getLogger(__name__)
 
@@ -24,10 +35,88 @@ AMQTT_VERSION = "0.12.1"
 #: Reply publish waits at most this long for the device's PUBACK.
 DELIVERY_TIMEOUT = 10.0
 _PROVISION_ROOT = "provision/"
+_PREAUTHENTICATED = "mqttprov.preauthenticated"
+#: Message of the exception that ends a refused or timed-out connection (amqtt logs it).
+REFUSED_MARKER = "mqttprov: connection refused"
 
 
 class MqttprovBroker(Broker):
     """amqtt's broker with the session controls and retained-message rules mqttprov relies on."""
+
+    def __init__(self, config: dict[str, Any], *, connect_timeout: float = 10.0) -> None:
+        super().__init__(config)
+        self.connect_timeout = connect_timeout
+
+    async def _initialize_client_session(
+        self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
+    ) -> tuple[BrokerProtocolHandler, Session]:
+        # Replaces amqtt 0.12.1's version: same session-table rules, but only after the CONNECT
+        # has been authenticated, and only for as long as the client takes to send it.
+        peer = f"{remote_address}:{remote_port}"
+        try:
+            handler, fresh = await asyncio.wait_for(
+                KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager),
+                self.connect_timeout,
+            )
+        except TimeoutError as exc:
+            logger.info("closing %s: no CONNECT within %ss", peer, self.connect_timeout)
+            await writer.close()
+            raise AMQTTError(REFUSED_MARKER) from exc
+        except MQTTError as exc:
+            await writer.close()
+            raise MQTTError(exc) from exc
+        except NoDataError as exc:
+            raise AMQTTError(exc) from exc
+        if fresh.clean_session and not fresh.client_id:
+            fresh.client_id = gen_client_id()
+        if not await super()._authenticate(fresh, None):
+            code = refusal_code(fresh)
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+            raise MQTTError(REFUSED_MARKER)
+        session = await self._adopt(fresh)
+        session.keep_alive = grace(fresh.keep_alive)
+        session.attributes[_PREAUTHENTICATED] = True
+        return handler, session
+
+    async def _adopt(self, fresh: Session) -> Session:
+        """amqtt's session-table rules for an authenticated CONNECT (MQTT 3.1.1 §3.1.2.4)."""
+        client_id = fresh.client_id or ""
+        existing = self._sessions.get(client_id)
+        if fresh.clean_session:
+            if existing is not None:
+                await self._end_live(existing)
+                await self._delete_session(client_id)
+            fresh.parent = 0
+            return fresh
+        if existing is None:
+            fresh.parent = 0
+            return fresh
+        session = existing[0]
+        for name in (
+            "will_flag",
+            "will_message",
+            "will_topic",
+            "will_qos",
+            "will_retain",
+            "username",
+            "password",
+        ):
+            setattr(session, name, getattr(fresh, name))
+        session.attributes.update(fresh.attributes)
+        session.parent = 1
+        return session
+
+    @staticmethod
+    async def _end_live(entry: tuple[Session, BrokerProtocolHandler]) -> None:
+        # amqtt would orphan the old socket here (its session deleted, its connection left open).
+        session, handler = entry
+        if session.transitions.state == "connected":
+            await handler.handle_connection_closed()
+
+    async def _authenticate(self, session: Session, _: Any) -> bool:
+        # Already decided in _initialize_client_session; amqtt asks again on the adopted session.
+        return session.attributes.pop(_PREAUTHENTICATED, False) is True
 
     async def deliver(self, client_id: str, topic: str, payload: bytes) -> bool:
         """Publish to the one connected session ``client_id`` (QoS 1), bypassing subscriptions."""

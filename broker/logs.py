@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from broker.amqtt_broker import REFUSED_MARKER
+
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 # Chatty third-party loggers: amqtt logs every connection at INFO and reports its own start-up
@@ -14,7 +16,11 @@ _QUIET = ("amqtt", "transitions", "alembic", "websockets", "aiosqlite", "asyncio
 
 class _DropAmqttStartupTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "amqtt.broker" and record.getMessage() == "Broker startup failed")
+        if record.name != "amqtt.broker":
+            return True
+        message = record.getMessage()
+        # We report start-up failures in one line, and refused connections once, ourselves.
+        return message != "Broker startup failed" and REFUSED_MARKER not in message
 
 
 class _DropClientResetTraceback(logging.Filter):

@@ -66,7 +66,9 @@ class BrokerServer:
         )
         try:
             await upgrade(engine)
-            broker = MqttprovBroker(amqtt_config(self.settings, services))
+            broker = MqttprovBroker(
+                amqtt_config(self.settings, services), connect_timeout=self.settings.broker.connect_timeout
+            )
             link.broker = broker
             try:
                 await broker.start()

@@ -28,6 +28,8 @@ class BrokerSettings(_Section):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     ws_port: Port | None = None
+    #: Seconds a new connection may take to send its CONNECT before it is closed.
+    connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
 
     @model_validator(mode="after")
     def _tls_needs_cert_and_key(self) -> BrokerSettings:
