@@ -1,15 +1,20 @@
 """The topic ACL: what each kind of principal may publish, subscribe to and receive.
 
-Decisions are plain string comparisons on data compiled at login; the broker awaits this check
-for every subscriber of every message, so it must stay cheap.
+Decisions are string comparisons on rules compiled at login; the broker awaits this check for
+every subscriber of every message, so it must stay cheap. Whatever a principal's rules say,
+nobody receives ``provision/...`` traffic through subscriptions (replies go to the requesting
+session directly) and only provisioning sessions publish there.
 """
 
 from __future__ import annotations
 
 import enum
 
-from auth_plugin.principals import DevicePrincipal, Principal, ProvisioningPrincipal
+from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal, ProvisioningPrincipal
 from provisioning.contract import REQUEST_TOPIC, mac_of_reply_filter
+from provisioning.topics import covers, matches
+
+PROVISION_ROOT = "provision/"
 
 
 class Action(enum.StrEnum):
@@ -26,7 +31,11 @@ def allows(principal: Principal | None, topic: str, action: Action) -> bool:
         return False
     if isinstance(principal, ProvisioningPrincipal):
         return _provisioning(principal, topic, action)
-    return _device(principal, topic, action)
+    if action is not Action.SUBSCRIBE and topic.startswith(PROVISION_ROOT):
+        return False
+    if isinstance(principal, DevicePrincipal):
+        return _device(principal, topic, action)
+    return _account(principal, topic, action)
 
 
 def _provisioning(principal: ProvisioningPrincipal, topic: str, action: Action) -> bool:
@@ -40,8 +49,14 @@ def _provisioning(principal: ProvisioningPrincipal, topic: str, action: Action) 
 
 
 def _device(principal: DevicePrincipal, topic: str, action: Action) -> bool:
-    namespace = principal.namespace
     if action is Action.SUBSCRIBE:
-        # ``devices/<id>/#`` also matches ``devices/<id>`` itself.
-        return topic.startswith(namespace) or topic == namespace[:-1] + "/#" or topic == namespace[:-1]
-    return topic.startswith(namespace) or topic == namespace[:-1]
+        return covers(principal.namespace, topic)
+    return matches(topic, principal.namespace)
+
+
+def _account(principal: AccountPrincipal, topic: str, action: Action) -> bool:
+    if action is Action.SUBSCRIBE:
+        return any(covers(rule, topic) for rule in principal.subscribe)
+    if action is Action.PUBLISH:
+        return any(matches(topic, rule) for rule in principal.publish)
+    return any(matches(topic, rule) for rule in principal.subscribe)

@@ -1,22 +1,31 @@
-"""The CONNECT decision: device login, provisioning session, or refusal."""
+"""The CONNECT decision: device login, service account, provisioning session, or refusal."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
+from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import (
     BAD_USERNAME_OR_PASSWORD,
     NOT_AUTHORIZED,
+    SERVER_UNAVAILABLE,
+    AccountPrincipal,
     DevicePrincipal,
     Principal,
     ProvisioningPrincipal,
+    credential_tag,
 )
+from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from config import Settings
 from provisioning.contract import PROVISION_USERNAME, identity_from_client_id
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
-from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
+from provisioning.registry import ACTIVE_STATUSES, Actor, DeviceInfo, DeviceRegistry
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.topics import validate_filter
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +49,7 @@ class Decision:
 
     principal: Principal | None
     reason: str
-    #: CONNACK code for a refusal: 4 for wrong credentials, 5 for everything else.
+    #: CONNACK code for a refusal: 4 wrong credentials, 3 overloaded, 5 everything else.
     code: int = NOT_AUTHORIZED
 
     @property
@@ -49,53 +58,168 @@ class Decision:
         return self.principal is not None
 
 
+_Check = Callable[[ConnectAttempt, str], Awaitable[Decision]]
+
+
+@dataclass
+class AuthStats:
+    """Counters for operators, tests and the benchmark."""
+
+    bcrypt_checks: int = 0
+    cache_hits: int = 0
+    overload_refusals: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+
+
+def device_namespace(template: str, device: DeviceInfo) -> str:
+    """The device's one topic filter: ``[acl] device_template`` with its own values filled in."""
+    # Ids, usernames and canonical MACs contain no '+', '#' or '/', so nothing can be injected.
+    return validate_filter(
+        template.format(device_id=device.id, username=device.mqtt_username, mac=device.mac)
+    )
+
+
 class Authenticator:
     """Decide who a CONNECT is. Plain class: the amqtt plugin is a thin adapter over it."""
 
-    def __init__(self, registry: DeviceRegistry, hasher: PasswordHasher, settings: Settings) -> None:
+    def __init__(
+        self,
+        registry: DeviceRegistry,
+        accounts: AccountRegistry,
+        hasher: PasswordHasher,
+        settings: Settings,
+    ) -> None:
         self._registry = registry
+        self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
+        self._template = settings.acl.device_template
+        self._connect_timeout = settings.broker.connect_timeout
+        self.cache = VerifiedCache()
+        auth = settings.auth
+        self.throttle = LoginThrottle(
+            ThrottlePolicy(
+                throttle_after=auth.throttle_after,
+                lockout_after=auth.lockout_after,
+                window=auth.throttle_window,
+                lockout_seconds=auth.lockout_seconds,
+                max_delay=auth.max_refusal_delay,
+            )
+        )
+        self.stats = AuthStats()
         self._dummy_hash: str | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, attempt: ConnectAttempt) -> Decision:
         """Return the decision for one CONNECT."""
         username = attempt.username
         if username is not None and username.startswith(DEVICE_USERNAME_PREFIX):
-            return await self._device_login(attempt, username)
-        identity = identity_from_client_id(attempt.client_id)
-        if identity is not None:
-            return self._provisioning_session(attempt, ProvisioningPrincipal(identity))
-        return Decision(None, "not a device login and the client id is not a MAC address")
+            decision = await self._password_login(attempt, username, self._device_login)
+        else:
+            identity = identity_from_client_id(attempt.client_id)
+            if identity is not None and username in (None, PROVISION_USERNAME):
+                decision = self._provisioning_session(attempt, ProvisioningPrincipal(identity))
+            elif username:
+                decision = await self._password_login(attempt, username, self._account_login)
+            else:
+                decision = Decision(None, "no username, and the client id is not a MAC address")
+        if not decision.accepted:
+            self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
+        return decision
+
+    async def _password_login(self, attempt: ConnectAttempt, username: str, check: _Check) -> Decision:
+        if self.throttle.locked(username, attempt.address):
+            return Decision(None, "locked out after repeated failures", NOT_AUTHORIZED)
+        decision = await check(attempt, username)
+        if decision.accepted:
+            self.throttle.succeeded(username, attempt.address)
+        elif decision.code == BAD_USERNAME_OR_PASSWORD:
+            delay = self.throttle.failed(username, attempt.address)
+            if delay > 0:
+                await asyncio.sleep(delay)  # hold the refusal back; the loop keeps serving
+        return decision
+
+    async def _checked(self, username: str, tag: str, password: str, stored_hash: str) -> bool | None:
+        """bcrypt (or the cache); None when the workers are too far behind to answer in time."""
+        if self.cache.verified(username, tag, password):
+            self.stats.cache_hits += 1
+            return True
+        if not await self._admit():
+            return None
+        self.stats.bcrypt_checks += 1
+        if not await self._hasher.verify(password, stored_hash):
+            return False
+        self.cache.remember(username, tag, password)
+        return True
+
+    async def _admit(self) -> bool:
+        # Bound the queue by waiting time: refuse only a login that could not be checked before
+        # its client gives up (the CONNECT timeout), never one that merely has to wait its turn.
+        if self._hasher.expected_wait() > self._connect_timeout:
+            self.stats.overload_refusals += 1
+            return False
+        return True
 
     async def _device_login(self, attempt: ConnectAttempt, username: str) -> Decision:
         record = await self._registry.find_credentials_by_username(username)
         password = attempt.password or ""
         if record is None or record.password_hash is None:
             # Same bcrypt cost as a real check: timing must not tell which usernames exist.
+            if not await self._admit():
+                return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
             await self._hasher.verify(password, await self._dummy())
             return Decision(None, "unknown username or no credentials", BAD_USERNAME_OR_PASSWORD)
-        if not await self._hasher.verify(password, record.password_hash):
-            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
         device = record.device
+        tag = credential_tag(record.password_hash)
+        verified = await self._checked(username, tag, password, record.password_hash)
+        if verified is None:
+            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
+        if not verified:
+            self._audit(device, "wrong password")
+            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
         if device.status not in ACTIVE_STATUSES:
             return Decision(None, f"device is {device.status.value}")
         if attempt.client_id != username:
+            self._audit(device, "client id differs from username")
             return Decision(None, "client id must equal the username")
         if device.activated_at is None:
             await self._registry.mark_activated(device.id)
-        return Decision(
-            DevicePrincipal(device.id, username, device.mac, f"devices/{device.id}/"),
-            "device credentials",
+        principal = DevicePrincipal(
+            device.id, username, device.mac, device_namespace(self._template, device), tag
         )
+        return Decision(principal, "device credentials")
+
+    async def _account_login(self, attempt: ConnectAttempt, username: str) -> Decision:
+        record = await self._accounts.find(username)
+        password = attempt.password or ""
+        if record is None:
+            if not await self._admit():
+                return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
+            await self._hasher.verify(password, await self._dummy())
+            return Decision(None, "unknown username", BAD_USERNAME_OR_PASSWORD)
+        tag = credential_tag(record.password_hash)
+        verified = await self._checked(username, tag, password, record.password_hash)
+        if verified is None:
+            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
+        if not verified:
+            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
+        client_id = attempt.client_id or ""
+        if client_id != username and not client_id.startswith(username + "-"):
+            return Decision(None, "client id must be the account name or NAME-<anything>")
+        rules = record.account.allow
+        principal = AccountPrincipal(
+            name=username,
+            subscribe=tuple(r.filter for r in rules if r.action == "subscribe"),
+            publish=tuple(r.filter for r in rules if r.action == "publish"),
+            tag=tag,
+        )
+        return Decision(principal, "service account")
 
     def _provisioning_session(self, attempt: ConnectAttempt, principal: ProvisioningPrincipal) -> Decision:
         if attempt.will_flag:
             return Decision(None, "provisioning sessions may not set a will")
         policy = self._settings.provisioning
         if policy.auth == "none":
-            if attempt.username not in (None, PROVISION_USERNAME):
-                return Decision(None, "unexpected username for a provisioning session")
             return Decision(principal, "provisioning session")
         if attempt.username != PROVISION_USERNAME:
             return Decision(None, f"provisioning needs username {PROVISION_USERNAME!r} and a proof")
@@ -108,6 +232,22 @@ class Authenticator:
         if not secrets_match(attempt.password, expected):
             return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
+
+    def _audit(self, device: DeviceInfo, reason: str) -> None:
+        """A folded ``login_refused`` event, written in the background (never delays the answer)."""
+        task = asyncio.get_running_loop().create_task(
+            self._registry.record_event(
+                device.id, "login_refused", actor=Actor.DEVICE, detail={"reason": reason}, fold=True
+            ),
+            name=f"audit-login-{device.id}",
+        )
+        self._background.add(task)
+        task.add_done_callback(self._audited)
+
+    def _audited(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("could not record a login_refused event: %s", task.exception())
 
     async def _dummy(self) -> str:
         if self._dummy_hash is None:

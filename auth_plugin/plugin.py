@@ -6,12 +6,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
-from auth_plugin.principals import bind_principal, principal_of, set_refusal_code
+from auth_plugin.presence import PresenceRecorder
+from auth_plugin.principals import DevicePrincipal, bind_principal, principal_of, set_refusal_code
 
 logger = logging.getLogger(__name__)
 
@@ -73,3 +74,27 @@ class MqttprovTopicPlugin(BaseTopicPlugin):
             return allows(principal_of(session), topic, Action(str(action)))
         except ValueError:
             return False
+
+
+class MqttprovPresencePlugin(BasePlugin[Any]):
+    """Feeds connects and disconnects of devices to the presence recorder (written behind)."""
+
+    @dataclass
+    class Config:
+        """The recorder doing the work."""
+
+        presence: Any = None
+
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:  # noqa: ARG002
+        """amqtt hook after a CONNACK 0."""
+        principal = principal_of(client_session)
+        if isinstance(principal, DevicePrincipal):
+            recorder: PresenceRecorder = self.config.presence
+            recorder.online(principal.device_id)
+
+    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:  # noqa: ARG002
+        """amqtt hook when a session's connection ended."""
+        principal = principal_of(client_session)
+        if isinstance(principal, DevicePrincipal):
+            recorder: PresenceRecorder = self.config.presence
+            recorder.offline(principal.device_id)

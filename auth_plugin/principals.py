@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -13,8 +14,14 @@ PRINCIPAL_KEY = "mqttprov.principal"
 REFUSAL_KEY = "mqttprov.refusal_code"
 
 #: CONNACK return codes we answer refusals with (MQTT 3.1.1 §3.2.2.3).
+SERVER_UNAVAILABLE = 0x03
 BAD_USERNAME_OR_PASSWORD = 0x04
 NOT_AUTHORIZED = 0x05
+
+
+def credential_tag(password_hash: str) -> str:
+    """A short fingerprint of a stored hash: it changes whenever the credential does."""
+    return hashlib.sha256(password_hash.encode()).hexdigest()[:32]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +38,23 @@ class DevicePrincipal:
     device_id: uuid.UUID
     username: str
     mac: str
-    #: Topic prefix the device owns, e.g. ``devices/<id>/`` (compiled at login).
+    #: The one filter the device may use (``[acl] device_template`` filled in at login).
     namespace: str
+    tag: str
 
 
-Principal = ProvisioningPrincipal | DevicePrincipal
+@dataclass(frozen=True, slots=True)
+class AccountPrincipal:
+    """A service account: exactly the rules an operator gave it."""
+
+    name: str
+    subscribe: tuple[str, ...]
+    publish: tuple[str, ...]
+    tag: str
+
+
+Principal = ProvisioningPrincipal | DevicePrincipal | AccountPrincipal
+_PRINCIPAL_TYPES = (ProvisioningPrincipal, DevicePrincipal, AccountPrincipal)
 
 
 def principal_of(session: Any) -> Principal | None:
@@ -44,7 +63,7 @@ def principal_of(session: Any) -> Principal | None:
     if not isinstance(attributes, dict):
         return None
     found = attributes.get(PRINCIPAL_KEY)
-    return found if isinstance(found, ProvisioningPrincipal | DevicePrincipal) else None
+    return found if isinstance(found, _PRINCIPAL_TYPES) else None
 
 
 def bind_principal(session: Any, principal: Principal | None) -> None:
@@ -68,4 +87,5 @@ def refusal_code(session: Any) -> int:
     """The CONNACK code for a refused session (not authorized unless the plugin said otherwise)."""
     attributes = getattr(session, "attributes", None)
     code = attributes.get(REFUSAL_KEY) if isinstance(attributes, dict) else None
-    return code if code in (BAD_USERNAME_OR_PASSWORD, NOT_AUTHORIZED) else NOT_AUTHORIZED
+    allowed = (SERVER_UNAVAILABLE, BAD_USERNAME_OR_PASSWORD, NOT_AUTHORIZED)
+    return code if code in allowed else NOT_AUTHORIZED

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -26,7 +27,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from auth_plugin.principals import ProvisioningPrincipal, principal_of, refusal_code
+from auth_plugin.principals import Principal, ProvisioningPrincipal, principal_of, refusal_code
 from broker.protocol import KeepAliveHandler, grace
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,13 @@ class MqttprovBroker(Broker):
         """Broadcast a broker-originated message (subscribers' RECEIVE checks still apply)."""
         await self.internal_message_broadcast(topic, payload, 0)
 
+    def live_principals(self) -> Iterator[tuple[str, Principal]]:
+        """``(client_id, principal)`` of every connected, authenticated session."""
+        for client_id, (session, _handler) in list(self._sessions.items()):
+            principal = principal_of(session)
+            if principal is not None and session.transitions.state == "connected":
+                yield client_id, principal
+
     async def close_listeners(self) -> None:
         """Close the listeners a failed :meth:`start` opened before the one that failed.
 
@@ -222,3 +230,7 @@ class BrokerLink:
     async def announce(self, topic: str, payload: bytes) -> None:
         """See :meth:`MqttprovBroker.announce`."""
         await self._target().announce(topic, payload)
+
+    def live_principals(self) -> Iterator[tuple[str, Principal]]:
+        """See :meth:`MqttprovBroker.live_principals`."""
+        return self._target().live_principals()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from auth_plugin.authenticator import Authenticator
+from auth_plugin.presence import PresenceRecorder
 from broker.errors import ServeError
 from config import BrokerSettings, Settings
 from provisioning.ports import SessionControl
@@ -40,6 +41,7 @@ class Services:
     authenticator: Authenticator
     provisioning: ProvisioningService
     sessions: SessionControl
+    presence: PresenceRecorder
 
 
 def listeners(settings: BrokerSettings) -> list[Listener]:
@@ -57,6 +59,7 @@ def plugin_config(services: Services) -> dict[str, dict[str, Any]]:
     return {
         "auth_plugin.plugin.MqttprovAuthPlugin": {"authenticator": services.authenticator},
         "auth_plugin.plugin.MqttprovTopicPlugin": {},
+        "auth_plugin.plugin.MqttprovPresencePlugin": {"presence": services.presence},
         "provisioning.plugin.ProvisioningPlugin": {
             "service": services.provisioning,
             "sessions": services.sessions,

@@ -5,81 +5,134 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
 from amqtt.errors import BrokerError
 
 from auth_plugin.authenticator import Authenticator
+from auth_plugin.presence import PresenceRecorder
+from auth_plugin.revocation import Revoker
 from broker.amqtt_broker import BrokerLink, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.migrate import upgrade
+from provisioning.registry.presence import PresenceStore
 from provisioning.service import ProvisioningService
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class _Running:
+    """Everything a started server owns, released in :meth:`BrokerServer.stop`."""
+
+    registry: DeviceRegistry
+    accounts: AccountRegistry
+    hasher: PasswordHasher
+    services: Services
+    revoker: Revoker
+    link: BrokerLink
+    broker: MqttprovBroker | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
 class BrokerServer:
-    """The running service: registry (migrated on start) plus amqtt listeners.
+    """The running service: registry (migrated on start), amqtt listeners and background tasks.
 
     Use as an async context manager; on entry every listener accepts connections.
     """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._registry: DeviceRegistry | None = None
-        self._broker: MqttprovBroker | None = None
-        self._hasher: PasswordHasher | None = None
+        self._running: _Running | None = None
         self.listeners: list[Listener] = []
+
+    def _state(self) -> _Running:
+        if self._running is None or self._running.broker is None:
+            raise ServeError("the broker is not started")
+        return self._running
 
     @property
     def registry(self) -> DeviceRegistry:
         """The registry this server uses (valid while started)."""
-        if self._registry is None:
-            raise ServeError("the broker is not started")
-        return self._registry
+        return self._state().registry
+
+    @property
+    def accounts(self) -> AccountRegistry:
+        """The service-account registry (valid while started)."""
+        return self._state().accounts
 
     @property
     def broker(self) -> MqttprovBroker:
         """The amqtt broker (valid while started)."""
-        if self._broker is None:
-            raise ServeError("the broker is not started")
-        return self._broker
+        broker = self._state().broker
+        assert broker is not None
+        return broker
+
+    @property
+    def services(self) -> Services:
+        """The services behind the plugins (valid while started)."""
+        return self._state().services
+
+    @property
+    def hasher(self) -> PasswordHasher:
+        """The bcrypt worker pool (valid while started)."""
+        return self._state().hasher
+
+    def _assemble(self) -> _Running:
+        settings = self.settings
+        engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
+        registry = DeviceRegistry(engine)
+        accounts = AccountRegistry(engine)
+        hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
+        link = BrokerLink()
+        authenticator = Authenticator(registry, accounts, hasher, settings)
+        services = Services(
+            authenticator=authenticator,
+            provisioning=ProvisioningService(registry, hasher, settings, sessions=link),
+            sessions=link,
+            presence=PresenceRecorder(PresenceStore(engine)),
+        )
+        revoker = Revoker(
+            registry, accounts, authenticator.cache, link, interval=settings.auth.revocation_poll_interval
+        )
+        return _Running(registry, accounts, hasher, services, revoker, link)
 
     async def start(self) -> None:
         """Migrate the registry and open every listener; :class:`ServeError` on failure."""
         for warning in self.settings.warnings():
             logger.warning("%s", warning)
         check_tls_files(self.settings.broker)
-        engine = create_engine(self.settings.database.url, pool_size=self.settings.database.pool_size)
-        registry = DeviceRegistry(engine)
-        hasher = PasswordHasher(self.settings.auth.bcrypt_cost)
-        link = BrokerLink()
-        services = Services(
-            authenticator=Authenticator(registry, hasher, self.settings),
-            provisioning=ProvisioningService(registry, hasher, self.settings, sessions=link),
-            sessions=link,
-        )
+        running = self._assemble()
         try:
-            await upgrade(engine)
+            await upgrade(running.registry.engine)
+            await running.services.presence.start_clean()
             broker = MqttprovBroker(
-                amqtt_config(self.settings, services), connect_timeout=self.settings.broker.connect_timeout
+                amqtt_config(self.settings, running.services),
+                connect_timeout=self.settings.broker.connect_timeout,
             )
-            link.broker = broker
+            running.link.broker = broker
             try:
                 await broker.start()
             except BrokerError as exc:
                 await broker.close_listeners()
                 raise ServeError(f"cannot start the broker: {_root_cause(exc)}") from exc
+            running.broker = broker
         except BaseException:
-            hasher.close()
-            await registry.close()
+            running.hasher.close()
+            await running.registry.close()
             raise
-        self._registry, self._broker, self._hasher = registry, broker, hasher
+        running.tasks = [
+            asyncio.create_task(running.revoker.run(), name="mqttprov-revocation"),
+            asyncio.create_task(running.services.presence.run(), name="mqttprov-presence"),
+        ]
+        self._running = running
         self.listeners = listeners(self.settings.broker)
         for listener in self.listeners:
             logger.info("listening for %s on %s", listener.scheme, listener.bind)
@@ -90,17 +143,22 @@ class BrokerServer:
         )
 
     async def stop(self) -> None:
-        """Close every connection and listener, then dispose the registry's engine."""
-        broker, registry, hasher = self._broker, self._registry, self._hasher
-        self._broker = self._registry = self._hasher = None
+        """Close every connection and listener, write pending presence, dispose the engine."""
+        running, self._running = self._running, None
+        if running is None:
+            return
         try:
-            if broker is not None:
-                await broker.shutdown()
+            if running.broker is not None:
+                await running.broker.shutdown()
         finally:
-            if hasher is not None:
-                hasher.close()
-            if registry is not None:
-                await registry.close()
+            for task in running.tasks:
+                task.cancel()
+            await asyncio.gather(*running.tasks, return_exceptions=True)
+            try:
+                await running.services.presence.flush()
+            finally:
+                running.hasher.close()
+                await running.registry.close()
         logger.info("broker stopped")
 
     async def __aenter__(self) -> Self:

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -79,6 +79,17 @@ class AuthSettings(_Section):
     """``[auth]``: how device and account passwords are hashed and checked."""
 
     bcrypt_cost: Annotated[int, Field(ge=4, le=15)] = 12
+    #: bcrypt worker threads; default: one less than the CPU count (at least one).
+    bcrypt_workers: Annotated[int, Field(ge=1, le=64)] | None = None
+    #: Failed logins (per username, per address) within ``throttle_window`` before refusals slow down.
+    throttle_after: Annotated[int, Field(ge=1)] = 5
+    #: Failed logins for one username from one address before that pair is locked out for a while.
+    lockout_after: Annotated[int, Field(ge=1)] = 10
+    throttle_window: Annotated[float, Field(gt=0)] = 60.0
+    lockout_seconds: Annotated[float, Field(gt=0)] = 60.0
+    max_refusal_delay: Annotated[float, Field(ge=0, le=30)] = 2.0
+    #: How often each broker polls the credential change feed (PostgreSQL also wakes it by NOTIFY).
+    revocation_poll_interval: Annotated[float, Field(gt=0, le=2)] = 0.5
 
 
 class ProvisioningSettings(_Section):
@@ -114,7 +125,26 @@ def _secret(value: SecretStr | None) -> bool:
 
 
 class AclSettings(_Section):
-    """``[acl]``: what a logged-in device may touch (keys arrive with the login feature)."""
+    """``[acl]``: what a logged-in device may touch."""
+
+    #: The one topic filter a device may publish, subscribe and receive within.
+    #: Placeholders: {device_id}, {username}, {mac}.
+    device_template: str = "devices/{device_id}/#"
+
+    @field_validator("device_template")
+    @classmethod
+    def _per_device(cls, value: str) -> str:
+        if not any(p in value for p in ("{device_id}", "{username}", "{mac}")):
+            raise ValueError("device_template must contain {device_id}, {username} or {mac}")
+        try:
+            sample = value.format(device_id="0" * 32, username="device_0", mac="00:00:00:00:00:00")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"device_template has an unknown placeholder: {exc}") from exc
+        if sample.startswith(("$", "provision/", "mqttprov/", "#", "+")):
+            raise ValueError(
+                "device_template must not reach $-topics, provision/, mqttprov/ or wildcards at the root"
+            )
+        return value
 
 
 class Settings(_Section):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import socket
@@ -11,6 +12,8 @@ import ssl
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -191,3 +194,22 @@ def free_ports(count: int) -> list[int]:
         if port not in ports:
             ports.append(port)
     return ports
+
+
+@contextmanager
+def preserved_logging() -> Iterator[None]:
+    """Undo what ``configure_logging`` does to the root and library loggers (process-wide state)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    names = ("amqtt", "transitions", "alembic", "websockets", "aiosqlite", "asyncio")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        yield
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        for name, old in levels.items():
+            logging.getLogger(name).setLevel(old)

@@ -106,3 +106,31 @@ class DeviceEvent(Base):
     last_at: Mapped[datetime] = mapped_column(default=utcnow)
     count: Mapped[int] = mapped_column(Integer, default=1)
     fold_key: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class CredentialChange(Base):
+    """A credential changed (issued, reset, decommissioned, deleted, rotated, removed).
+
+    Every broker process follows this table (polled by primary key, woken by NOTIFY on
+    PostgreSQL) to drop cached verifications and disconnect sessions whose login is dead.
+    """
+
+    __tablename__ = "credential_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServiceAccount(Base):
+    """A back end's login: a name, a bcrypt hash and explicit topic rules."""
+
+    __tablename__ = "service_accounts"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(60))
+    # [{"action": "subscribe" | "publish", "filter": "devices/+/telemetry"}, ...]
+    rules: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

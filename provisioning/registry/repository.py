@@ -6,18 +6,14 @@ nothing else issues SQL.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
-from datetime import timedelta
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from provisioning.errors import (
     ConcurrentChangeError,
@@ -25,17 +21,15 @@ from provisioning.errors import (
     DeviceNotFoundError,
     InvalidTransitionError,
     ProvisioningError,
-    RegistryUnavailableError,
 )
 from provisioning.mac import parse_mac
-from provisioning.registry.engine import WRITE_OPTION
+from provisioning.registry.events import fold_event, new_event
 from provisioning.registry.models import Actor, Device, DeviceEvent, DeviceStatus, utcnow
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
+from provisioning.registry.transactions import Repository, record_change
 
 logger = logging.getLogger(__name__)
 
-#: Identical foldable events within this window share one row.
-FOLD_WINDOW = timedelta(hours=1)
 MAX_PAGE = 1000
 
 
@@ -44,38 +38,8 @@ def username_for(device_id: uuid.UUID) -> str:
     return f"device_{device_id.hex[:12]}"
 
 
-class DeviceRegistry:
-    """Repository and service layer over the registry tables.
-
-    The engine is owned by the caller (one per process); :meth:`close` disposes it.
-    """
-
-    def __init__(self, engine: AsyncEngine) -> None:
-        self._engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
-
-    @property
-    def engine(self) -> AsyncEngine:
-        """The engine this registry uses."""
-        return self._engine
-
-    async def close(self) -> None:
-        """Dispose the engine's connection pool."""
-        await self._engine.dispose()
-
-    # -- transactions -------------------------------------------------------------------------
-
-    @asynccontextmanager
-    async def _read(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, _translated_errors():
-            yield session
-
-    @asynccontextmanager
-    async def _write(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, _translated_errors(), session.begin():
-            # Procured with the option before BEGIN is emitted (see engine._on_begin).
-            await session.connection(execution_options={WRITE_OPTION: True})
-            yield session
+class DeviceRegistry(Repository):
+    """Repository and service layer over ``devices`` and ``device_events``."""
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -183,7 +147,7 @@ class DeviceRegistry:
             async with self._write() as session:
                 session.add(row)
                 await session.flush()
-                session.add(_event(device_id, canonical, event_kind, actor, detail))
+                session.add(new_event(device_id, canonical, event_kind, actor, detail))
         except IntegrityError as exc:
             raise DeviceExistsError(f"a device with MAC {canonical} already exists") from exc
         logger.info("device created id=%s mac=%s status=%s", device_id, canonical, status.value)
@@ -252,7 +216,8 @@ class DeviceRegistry:
                 row.password_hash = None
                 row.credentials_issued_at = None
                 row.activated_at = None
-            session.add(_event(row.id, row.mac, kind, Actor.OPERATOR, {"status": to.value}))
+                await record_change(session, row.mqtt_username, kind)
+            session.add(new_event(row.id, row.mac, kind, Actor.OPERATOR, {"status": to.value}))
             info = DeviceInfo.from_row(row)
         logger.info("device %s id=%s mac=%s", kind, info.id, info.mac)
         return info
@@ -300,7 +265,8 @@ class DeviceRegistry:
             if row is None:  # pragma: no cover - the update above just matched it
                 raise DeviceNotFoundError(f"no device with id {device_id}")
             detail = {"firmware_version": row.firmware_version}
-            session.add(_event(row.id, row.mac, kind, Actor.DEVICE, detail))
+            session.add(new_event(row.id, row.mac, kind, Actor.DEVICE, detail))
+            await record_change(session, row.mqtt_username, kind)
             return DeviceInfo.from_row(row)
 
     async def mark_activated(self, device_id: uuid.UUID) -> None:
@@ -321,7 +287,8 @@ class DeviceRegistry:
             if row.status != DeviceStatus.DECOMMISSIONED:
                 row.status = DeviceStatus.DECOMMISSIONED.value
                 row.password_hash = None
-                session.add(_event(row.id, row.mac, "decommissioned", actor, None))
+                session.add(new_event(row.id, row.mac, "decommissioned", actor, None))
+                await record_change(session, row.mqtt_username, "decommissioned")
                 await session.flush()  # runs onupdate: the view must show the new updated_at
             info = DeviceInfo.from_row(row)
         logger.info("device decommissioned id=%s mac=%s", info.id, info.mac)
@@ -333,7 +300,8 @@ class DeviceRegistry:
             row = await _locked(session, device_id)
             info = DeviceInfo.from_row(row)
             await session.execute(delete(Device).where(Device.id == device_id))
-            session.add(_event(info.id, info.mac, "deleted", actor, {"status": info.status.value}))
+            await record_change(session, info.mqtt_username, "deleted")
+            session.add(new_event(info.id, info.mac, "deleted", actor, {"status": info.status.value}))
         logger.info("device deleted id=%s mac=%s", info.id, info.mac)
         return info
 
@@ -368,60 +336,9 @@ class DeviceRegistry:
         """Append an audit event; with ``fold`` an identical recent event is counted instead."""
         async with self._write() as session:
             if fold:
-                key = _fold_key(device_id, mac, kind, actor, detail)
-                if session.get_bind().dialect.name == "postgresql":
-                    # Serialise folders of one key (SQLite writers are serialised by BEGIN IMMEDIATE).
-                    await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
-                folded_id = await session.scalar(
-                    select(DeviceEvent.id)
-                    .where(DeviceEvent.fold_key == key, DeviceEvent.last_at >= utcnow() - FOLD_WINDOW)
-                    .order_by(DeviceEvent.id.desc())
-                    .limit(1)
-                )
-                if folded_id is not None:
-                    await session.execute(
-                        update(DeviceEvent)
-                        .where(DeviceEvent.id == folded_id)
-                        .values(count=DeviceEvent.count + 1, last_at=utcnow())
-                    )
-                    return
-                session.add(_event(device_id, mac, kind, actor, detail, fold_key=key))
+                await fold_event(session, device_id, kind, actor=actor, mac=mac, detail=detail)
             else:
-                session.add(_event(device_id, mac, kind, actor, detail))
-
-
-def _event(
-    device_id: uuid.UUID | None,
-    mac: str | None,
-    kind: str,
-    actor: Actor,
-    detail: dict[str, Any] | None,
-    *,
-    fold_key: str | None = None,
-) -> DeviceEvent:
-    now = utcnow()
-    return DeviceEvent(
-        device_id=device_id,
-        mac=mac,
-        kind=kind,
-        actor=actor.value,
-        detail=detail or {},
-        created_at=now,
-        last_at=now,
-        count=1,
-        fold_key=fold_key,
-    )
-
-
-def _fold_key(
-    device_id: uuid.UUID | None, mac: str | None, kind: str, actor: Actor, detail: dict[str, Any] | None
-) -> str:
-    material = json.dumps(
-        [str(device_id) if device_id else None, mac, kind, actor.value, detail or {}],
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(material.encode()).hexdigest()
+                session.add(new_event(device_id, mac, kind, actor, detail))
 
 
 async def _locked(session: AsyncSession, device_id: uuid.UUID) -> Device:
@@ -429,21 +346,3 @@ async def _locked(session: AsyncSession, device_id: uuid.UUID) -> Device:
     if row is None:
         raise DeviceNotFoundError(f"no device with id {device_id}")
     return row
-
-
-@asynccontextmanager
-async def _translated_errors() -> AsyncIterator[None]:
-    """Turn driver failures into :class:`RegistryUnavailableError` with one readable line."""
-    try:
-        yield
-    except ProvisioningError:
-        raise
-    except IntegrityError:
-        raise
-    except DBAPIError as exc:
-        text = str(exc.orig) if exc.orig is not None else str(exc)
-        if "no such table" in text or ("does not exist" in text and "relation" in text):
-            raise RegistryUnavailableError("database is not initialised: run `mqttprov db upgrade`") from exc
-        raise RegistryUnavailableError(f"database error: {text.splitlines()[0]}") from exc
-    except (SQLAlchemyError, OSError) as exc:
-        raise RegistryUnavailableError(f"database unavailable: {exc}") from exc

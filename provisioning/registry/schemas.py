@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from provisioning.registry.models import Device, DeviceEvent, DeviceStatus
 
 
-def _aware(value: datetime | None) -> datetime | None:
+def aware(value: datetime | None) -> datetime | None:
+    """``value`` as an aware UTC datetime."""
     # SQLite hands back naive datetimes; everything we store is UTC.
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
@@ -41,7 +42,7 @@ class DeviceInfo(_View):
 
     _aware_times = field_validator(
         "created_at", "updated_at", "last_seen_at", "activated_at", "credentials_issued_at", mode="after"
-    )(_aware)
+    )(aware)
 
     @classmethod
     def from_row(cls, row: Device) -> DeviceInfo:
@@ -76,7 +77,7 @@ class DeviceEventInfo(_View):
     last_at: datetime
     count: int
 
-    _aware_times = field_validator("created_at", "last_at", mode="after")(_aware)
+    _aware_times = field_validator("created_at", "last_at", mode="after")(aware)
 
     @classmethod
     def from_row(cls, row: DeviceEvent) -> DeviceEventInfo:

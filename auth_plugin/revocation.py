@@ -1,0 +1,144 @@
+"""Follow the credential change feed: drop cached verifications, disconnect dead logins.
+
+Every broker process runs one follower. It polls ``credential_changes`` by primary key every
+``interval`` seconds; on PostgreSQL a NOTIFY sent in the changing transaction wakes it at once.
+A session is disconnected when the credential it logged in with is no longer the current one
+(reissued, rotated, reset, decommissioned, deleted, removed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from auth_plugin.cache import VerifiedCache
+from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal, credential_tag
+from provisioning.errors import RegistryUnavailableError
+from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.transactions import CHANGES_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+
+class LiveSessions(Protocol):
+    """The broker's connected sessions and a way to end one."""
+
+    def live_principals(self) -> Iterable[tuple[str, Principal]]:
+        """``(client_id, principal)`` of every connected, authenticated session."""
+        ...
+
+    async def kick(self, client_id: str, reason: str) -> bool:
+        """Disconnect one session without its will."""
+        ...
+
+
+class Revoker:
+    """Applies credential changes to this process's cache and sessions."""
+
+    def __init__(
+        self,
+        devices: DeviceRegistry,
+        accounts: AccountRegistry,
+        cache: VerifiedCache,
+        sessions: LiveSessions,
+        *,
+        interval: float = 0.5,
+    ) -> None:
+        self._devices = devices
+        self._accounts = accounts
+        self._cache = cache
+        self._sessions = sessions
+        self._interval = interval
+        self._wake = asyncio.Event()
+        self.kicked = 0
+
+    async def run(self) -> None:
+        """Follow the feed until cancelled."""
+        last = await self._devices.last_change_id()
+        listener = await self._listen()
+        unavailable = False
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._interval)
+                self._wake.clear()
+                try:
+                    changes = await self._devices.changes_since(last)
+                except RegistryUnavailableError as exc:
+                    if not unavailable:
+                        logger.warning("credential change feed unavailable, retrying: %s", exc)
+                    unavailable = True
+                    continue
+                unavailable = False
+                if changes:
+                    last = changes[-1][0]
+                    await self.apply({username for _, username, _ in changes})
+        finally:
+            if listener is not None:
+                await listener.close()
+
+    async def apply(self, usernames: set[str]) -> None:
+        """Drop cache entries and end the sessions whose credential is no longer current."""
+        for username in usernames:
+            self._cache.drop(username)
+        for client_id, principal in list(self._sessions.live_principals()):
+            name = (
+                principal.username
+                if isinstance(principal, DevicePrincipal)
+                else getattr(principal, "name", None)
+            )
+            if name not in usernames or await self._still_valid(principal):
+                continue
+            if await self._sessions.kick(client_id, "credentials revoked"):
+                self.kicked += 1
+                logger.info("revoked session client=%r username=%s", client_id, name)
+
+    async def _still_valid(self, principal: Principal) -> bool:
+        if isinstance(principal, DevicePrincipal):
+            record = await self._devices.find_credentials_by_username(principal.username)
+            return (
+                record is not None
+                and record.password_hash is not None
+                and record.device.status in ACTIVE_STATUSES
+                and credential_tag(record.password_hash) == principal.tag
+            )
+        if isinstance(principal, AccountPrincipal):
+            account = await self._accounts.find(principal.name)
+            return account is not None and credential_tag(account.password_hash) == principal.tag
+        return True
+
+    async def _listen(self) -> _Listener | None:
+        """On PostgreSQL, LISTEN on the change channel so a NOTIFY wakes the follower at once."""
+        engine = self._devices.engine
+        if engine.dialect.name != "postgresql":
+            return None
+        try:
+            conn = await engine.connect()
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await driver.add_listener(CHANGES_CHANNEL, self._notified)
+        except Exception as exc:  # noqa: BLE001 - polling still works; say why LISTEN did not
+            logger.warning("LISTEN on %s failed, polling only: %s", CHANGES_CHANNEL, exc)
+            return None
+        return _Listener(conn, driver, self._notified)
+
+    def _notified(self, *_: object) -> None:
+        self._wake.set()
+
+
+class _Listener:
+    """The connection held open for LISTEN, released on stop."""
+
+    def __init__(self, conn: Any, driver: Any, callback: Any) -> None:
+        self._conn = conn
+        self._driver = driver
+        self._callback = callback
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._driver.remove_listener(CHANGES_CHANNEL, self._callback)
+        await self._conn.close()

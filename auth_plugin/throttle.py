@@ -1,0 +1,105 @@
+"""Failed-login throttling that slows attackers without locking out honest devices.
+
+- Failures are counted per username, per address and per (username, address) in a window.
+- Past ``throttle_after`` failures on any of them, *refusals* are answered more slowly
+  (exponential, capped). A correct password is never delayed or refused for this.
+- Past ``lockout_after`` failures of one username from one address, that pair is refused
+  without a check for ``lockout_seconds``. The same username from another address (the real
+  device behind another NAT) is not locked.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ThrottlePolicy:
+    """Thresholds, from ``[auth]``."""
+
+    throttle_after: int = 5
+    lockout_after: int = 10
+    window: float = 60.0
+    lockout_seconds: float = 60.0
+    max_delay: float = 2.0
+
+
+class LoginThrottle:
+    """Counts failures and tells how to answer the next attempt."""
+
+    def __init__(
+        self,
+        policy: ThrottlePolicy,
+        *,
+        max_keys: int = 100_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.policy = policy
+        self.max_keys = max_keys
+        self._clock = clock
+        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        self._locked_until: dict[str, float] = {}
+        self.refused_locked = 0
+
+    def locked(self, username: str, address: str | None) -> bool:
+        """True when this username is locked out from this address right now."""
+        key = _pair(username, address)
+        until = self._locked_until.get(key)
+        if until is None:
+            return False
+        if self._clock() >= until:
+            del self._locked_until[key]
+            return False
+        self.refused_locked += 1
+        return True
+
+    def failed(self, username: str, address: str | None) -> float:
+        """Record a failure; return how long to hold the refusal back (seconds)."""
+        now = self._clock()
+        counts = [
+            self._count(key, now) for key in (f"u:{username}", f"a:{address}", _pair(username, address))
+        ]
+        pair_count = counts[2]
+        if pair_count >= self.policy.lockout_after and _pair(username, address) not in self._locked_until:
+            self._locked_until[_pair(username, address)] = now + self.policy.lockout_seconds
+            logger.warning(
+                "login lockout username=%r address=%s for %.0fs after %d failures",
+                username,
+                address,
+                self.policy.lockout_seconds,
+                pair_count,
+            )
+        worst = max(counts)
+        over = worst - self.policy.throttle_after
+        if over <= 0:
+            return 0.0
+        if over == 1:
+            # Once per burst: the first failure past the threshold.
+            logger.warning("login failures username=%r address=%s: throttling refusals", username, address)
+        return float(min(self.policy.max_delay, 0.05 * 2 ** (over - 1)))
+
+    def succeeded(self, username: str, address: str | None) -> None:
+        """A correct login clears the pair's record (the per-address record stays)."""
+        self._failures.pop(_pair(username, address), None)
+        self._failures.pop(f"u:{username}", None)
+
+    def _count(self, key: str, now: float) -> int:
+        stamps = self._failures.pop(key, None) or deque()
+        horizon = now - self.policy.window
+        while stamps and stamps[0] < horizon:
+            stamps.popleft()
+        stamps.append(now)
+        self._failures[key] = stamps
+        while len(self._failures) > self.max_keys:
+            self._failures.popitem(last=False)
+        return len(stamps)
+
+
+def _pair(username: str, address: str | None) -> str:
+    return f"p:{username}\x00{address}"

@@ -1,0 +1,136 @@
+"""Service accounts: back ends that log in with a name, a password and explicit topic rules."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from provisioning.errors import ProvisioningError
+from provisioning.mac import is_mac
+from provisioning.registry.models import ServiceAccount, utcnow
+from provisioning.registry.schemas import aware
+from provisioning.registry.transactions import Repository, record_change
+from provisioning.topics import TopicRule
+
+logger = logging.getLogger(__name__)
+
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,63}")
+_RESERVED_PREFIXES = ("device_", "provision")
+
+
+class AccountError(ProvisioningError):
+    """A service account operation was refused."""
+
+    error_code = "ACCOUNT"
+
+
+class AccountNotFoundError(AccountError, LookupError):
+    """No service account has this name."""
+
+
+class AccountExistsError(AccountError):
+    """A service account with this name already exists."""
+
+
+class AccountInfo(BaseModel):
+    """A service account as operators see it (never the hash)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    allow: list[TopicRule]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: ServiceAccount) -> AccountInfo:
+        """Build the view from an ORM row."""
+        return cls(
+            name=row.name,
+            allow=[TopicRule.model_validate(r) for r in row.rules],
+            created_at=aware(row.created_at) or utcnow(),
+            updated_at=aware(row.updated_at) or utcnow(),
+        )
+
+
+class AccountCredentials(BaseModel):
+    """An account with its hash, for the auth service only."""
+
+    model_config = ConfigDict(frozen=True)
+
+    account: AccountInfo
+    password_hash: str = Field(repr=False)
+
+
+def validate_account_name(name: str) -> str:
+    """A name usable as MQTT username and client id prefix, distinct from devices and MACs."""
+    if not _NAME.fullmatch(name) or name.lower().startswith(_RESERVED_PREFIXES) or is_mac(name):
+        raise AccountError(
+            f"invalid account name {name!r}: 1-64 letters, digits, '_' or '.', starting with a letter, "
+            "not a MAC address and not starting with 'device_' or 'provision'"
+        )
+    return name
+
+
+class AccountRegistry(Repository):
+    """Create, read, rotate and remove service accounts."""
+
+    async def add(self, name: str, password_hash: str, rules: Sequence[TopicRule]) -> AccountInfo:
+        """Create an account; :class:`AccountExistsError` if the name is taken."""
+        validate_account_name(name)
+        row = ServiceAccount(
+            name=name,
+            password_hash=password_hash,
+            rules=[r.model_dump() for r in rules],
+            created_at=utcnow(),
+            updated_at=utcnow(),
+        )
+        try:
+            async with self._write() as session:
+                session.add(row)
+        except IntegrityError as exc:
+            raise AccountExistsError(f"a service account named {name!r} already exists") from exc
+        logger.info("service account added name=%s rules=%d", name, len(rules))
+        return AccountInfo.from_row(row)
+
+    async def find(self, name: str) -> AccountCredentials | None:
+        """The account and its hash, or None."""
+        async with self._read() as session:
+            row = await session.get(ServiceAccount, name)
+            if row is None:
+                return None
+            return AccountCredentials(account=AccountInfo.from_row(row), password_hash=row.password_hash)
+
+    async def list_accounts(self) -> list[AccountInfo]:
+        """Every account, by name."""
+        async with self._read() as session:
+            rows = (await session.scalars(select(ServiceAccount).order_by(ServiceAccount.name))).all()
+            return [AccountInfo.from_row(r) for r in rows]
+
+    async def rotate(self, name: str, password_hash: str) -> AccountInfo:
+        """Replace the password; live sessions using the old one are disconnected."""
+        async with self._write() as session:
+            row = await session.get(ServiceAccount, name, with_for_update=True)
+            if row is None:
+                raise AccountNotFoundError(f"no service account named {name!r}")
+            row.password_hash = password_hash
+            row.updated_at = utcnow()
+            await record_change(session, name, "rotated")
+            info = AccountInfo.from_row(row)
+        logger.info("service account rotated name=%s", name)
+        return info
+
+    async def remove(self, name: str) -> None:
+        """Delete the account; live sessions are disconnected."""
+        async with self._write() as session:
+            result = await session.execute(delete(ServiceAccount).where(ServiceAccount.name == name))
+            if getattr(result, "rowcount", 0) != 1:
+                raise AccountNotFoundError(f"no service account named {name!r}")
+            await record_change(session, name, "removed")
+        logger.info("service account removed name=%s", name)

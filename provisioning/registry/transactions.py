@@ -1,0 +1,89 @@
+"""Read and write transactions shared by the registry's repositories, and the change feed."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from provisioning.errors import ProvisioningError, RegistryUnavailableError
+from provisioning.registry.engine import WRITE_OPTION
+from provisioning.registry.models import CredentialChange
+
+#: PostgreSQL NOTIFY channel that wakes every broker's change follower at once.
+CHANGES_CHANNEL = "mqttprov_credential_changes"
+
+
+class Repository:
+    """Base of the registry's repositories: one engine, short transactions, readable errors.
+
+    The engine is owned by the caller (one per process); :meth:`close` disposes it.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine this repository uses."""
+        return self._engine
+
+    async def close(self) -> None:
+        """Dispose the engine's connection pool."""
+        await self._engine.dispose()
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, translated_errors():
+            yield session
+
+    @asynccontextmanager
+    async def _write(self) -> AsyncIterator[AsyncSession]:
+        async with self._sessions() as session, translated_errors(), session.begin():
+            # Procured with the option before BEGIN is emitted (see engine._on_begin).
+            await session.connection(execution_options={WRITE_OPTION: True})
+            yield session
+
+    async def changes_since(self, last_id: int, *, limit: int = 1000) -> list[tuple[int, str, str]]:
+        """Credential changes after ``last_id``, oldest first: ``(id, username, kind)``."""
+        query = (
+            select(CredentialChange.id, CredentialChange.username, CredentialChange.kind)
+            .where(CredentialChange.id > last_id)
+            .order_by(CredentialChange.id)
+            .limit(limit)
+        )
+        async with self._read() as session:
+            return [(row.id, row.username, row.kind) for row in (await session.execute(query)).all()]
+
+    async def last_change_id(self) -> int:
+        """The newest change's id (0 when there is none)."""
+        async with self._read() as session:
+            return int(await session.scalar(select(func.coalesce(func.max(CredentialChange.id), 0))) or 0)
+
+
+async def record_change(session: AsyncSession, username: str, kind: str) -> None:
+    """Add a change-feed row in the caller's transaction (and wake followers on PostgreSQL)."""
+    session.add(CredentialChange(username=username, kind=kind))
+    if session.get_bind().dialect.name == "postgresql":
+        # Delivered at commit, and only if the transaction commits.
+        await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
+
+
+@asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Turn driver failures into :class:`RegistryUnavailableError` with one readable line."""
+    try:
+        yield
+    except (ProvisioningError, IntegrityError):
+        raise
+    except DBAPIError as exc:
+        message = str(exc.orig) if exc.orig is not None else str(exc)
+        if "no such table" in message or ("does not exist" in message and "relation" in message):
+            raise RegistryUnavailableError("database is not initialised: run `mqttprov db upgrade`") from exc
+        raise RegistryUnavailableError(f"database error: {message.splitlines()[0]}") from exc
+    except (SQLAlchemyError, OSError) as exc:
+        raise RegistryUnavailableError(f"database unavailable: {exc}") from exc
