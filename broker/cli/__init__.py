@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from broker.cli import config_cmd, db, devices
+from broker.cli import accounts, config_cmd, db, devices, keys, provision
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.server import serve as serve_forever
 
@@ -22,6 +22,9 @@ app = typer.Typer(
 app.add_typer(devices.app, name="devices")
 app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
+app.add_typer(keys.app, name="keys")
+app.add_typer(accounts.app, name="accounts")
+app.command("provision-device")(provision.provision_device)
 
 
 def _version() -> str:

@@ -1,14 +1,21 @@
-"""``mqttprov devices``: list, inspect, decommission and delete devices."""
+"""``mqttprov devices``: enrol, list, inspect, approve, reset, decommission and delete devices."""
 
 from __future__ import annotations
 
+import csv
 import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from broker.cli.common import (
+    EXIT_FAILED,
     EXIT_USAGE,
     ConfigOption,
     JsonOption,
@@ -19,9 +26,17 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
-from provisioning.registry import DeviceEventInfo, DeviceInfo, DevicePage, DeviceStatus
+from provisioning import DeviceExistsError, InvalidMacError, parse_mac
+from provisioning.registry import DeviceEventInfo, DeviceInfo, DevicePage, DeviceRegistry, DeviceStatus
 
-app = typer.Typer(help="List, inspect, decommission and delete devices.", no_args_is_help=True)
+app = typer.Typer(
+    help="Enrol, list, inspect, approve, reset, decommission and delete devices.", no_args_is_help=True
+)
+
+# The registry's column widths: checked here so an over-long value is a clear refusal on every
+# database (SQLite would store it, PostgreSQL would fail the insert).
+FIRMWARE_MAX = 64
+NOTE_MAX = 256
 
 DeviceArg = Annotated[
     str, typer.Argument(metavar="ID_OR_MAC", help="Device id, MAC (any notation) or username.")
@@ -144,3 +159,195 @@ def delete(
         print_json(device_json(gone))
     else:
         stdout.print(f"deleted {gone.id} ({gone.mac})")
+
+
+# -- enrolment ---------------------------------------------------------------------------------
+
+
+def _too_long(firmware: str | None, note: str | None) -> str | None:
+    if firmware is not None and len(firmware) > FIRMWARE_MAX:
+        return f"firmware is longer than {FIRMWARE_MAX} characters"
+    if note is not None and len(note) > NOTE_MAX:
+        return f"note is longer than {NOTE_MAX} characters"
+    return None
+
+
+@app.command("add")
+def add(
+    mac: Annotated[str, typer.Argument(metavar="MAC", help="The device's MAC address (any notation).")],
+    firmware: Annotated[str | None, typer.Option("--firmware", help="Expected firmware version.")] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Free text for operators.")] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Allow one MAC to enrol (status approved; what allowlist mode checks)."""
+    problem = _too_long(firmware, note)
+    if problem is not None:
+        fail(f"error: {problem}", EXIT_USAGE)
+    settings = settings_from(config)
+
+    async def work() -> DeviceInfo:
+        async with open_registry(settings) as registry:
+            return await registry.add_allowed(mac, firmware_version=firmware, note=note)
+
+    added = run(work)
+    if as_json:
+        print_json(device_json(added))
+    else:
+        stdout.print(f"added {added.mac} as {added.id} ({added.status.value}): it may enrol")
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int
+    mac: str
+    firmware: str | None
+    note: str | None
+
+
+@dataclass
+class _ImportReport:
+    imported: int = 0
+    errors: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _read_rows(path: Path) -> list[_Row]:
+    """The CSV's records with their line numbers; exit 2 when the file itself is unusable."""
+    line = 1
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(fh)
+            columns = [name.strip().lower() for name in reader.fieldnames or []]
+            if "mac" not in columns:
+                fail(f"error: {path}: no 'mac' column in the header line", EXIT_USAGE)
+            reader.fieldnames = columns
+            rows: list[_Row] = []
+            for record in reader:
+                line = reader.line_num
+                rows.append(
+                    _Row(
+                        line,
+                        (record.get("mac") or "").strip(),
+                        _text(record, "firmware"),
+                        _text(record, "note"),
+                    )
+                )
+    except FileNotFoundError:
+        fail(f"error: {path}: no such file", EXIT_USAGE)
+    except UnicodeDecodeError:
+        fail(f"error: {path}: not UTF-8 text", EXIT_USAGE)
+    except csv.Error as exc:
+        fail(f"error: {path}: line {line + 1}: {exc}", EXIT_USAGE)
+    except OSError as exc:
+        fail(f"error: {path}: {exc.strerror or exc}", EXIT_USAGE)
+    return rows
+
+
+def _text(record: dict[str, str | None], column: str) -> str | None:
+    value = (record.get(column) or "").strip()
+    return value or None
+
+
+async def _import_row(registry: DeviceRegistry, row: _Row, seen: set[str]) -> str | None:
+    """Add one row; the reason it was skipped, or None when it was added."""
+    try:
+        mac = parse_mac(row.mac)
+    except InvalidMacError:
+        return "invalid MAC"
+    if mac in seen:
+        return "duplicate in file"
+    seen.add(mac)
+    problem = _too_long(row.firmware, row.note)
+    if problem is not None:
+        return problem
+    try:
+        await registry.add_allowed(mac, firmware_version=row.firmware, note=row.note)
+    except DeviceExistsError:
+        return "already registered"
+    return None
+
+
+@app.command("import")
+def import_devices(
+    file: Annotated[
+        Path,
+        typer.Argument(metavar="FILE.csv", help="CSV with a header: mac, optional firmware and note."),
+    ],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Allow every MAC of a CSV file to enrol; bad lines are reported and skipped."""
+    settings = settings_from(config)
+    rows = _read_rows(file)
+    progress = Progress(
+        TextColumn("importing"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=stdout,
+        transient=True,
+        disable=as_json or not sys.stdout.isatty(),
+    )
+
+    async def work() -> _ImportReport:
+        report = _ImportReport()
+        seen: set[str] = set()
+        task = progress.add_task("import", total=len(rows))
+        async with open_registry(settings) as registry:
+            for row in rows:
+                reason = await _import_row(registry, row, seen)
+                if reason is None:
+                    report.imported += 1
+                else:
+                    report.errors.append({"line": row.line, "mac": row.mac, "error": reason})
+                progress.advance(task)
+        return report
+
+    with progress:
+        report = run(work)
+    if as_json:
+        print_json({"imported": report.imported, "errors": report.errors})
+    else:
+        for error in report.errors:
+            typer.echo(f"line {error['line']}: {error['mac'] or '(empty)'}: {error['error']}", err=True)
+        stdout.print(f"imported {report.imported}, skipped {len(report.errors)}")
+    if report.errors:
+        raise typer.Exit(EXIT_FAILED)
+
+
+# -- operator decisions ------------------------------------------------------------------------
+
+Transition = Callable[[DeviceRegistry, uuid.UUID], Awaitable[DeviceInfo]]
+
+
+def _decide(device: str, config: Path | None, as_json: bool, change: Transition, done: str) -> None:
+    settings = settings_from(config)
+
+    async def work() -> DeviceInfo:
+        async with open_registry(settings) as registry:
+            found = await registry.resolve(device)
+            return await change(registry, found.id)
+
+    changed = run(work)
+    if as_json:
+        print_json(device_json(changed))
+    else:
+        stdout.print(f"{done} {changed.id} ({changed.mac}): now {changed.status.value}")
+
+
+@app.command("approve")
+def approve(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Let a pending or rejected device enrol on its next request."""
+    _decide(device, config, as_json, DeviceRegistry.approve, "approved")
+
+
+@app.command("reject")
+def reject(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Refuse a pending or approved (not yet enrolled) device."""
+    _decide(device, config, as_json, DeviceRegistry.reject, "rejected")
+
+
+@app.command("reset")
+def reset(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Revoke a device's credentials now and allow exactly one new enrolment."""
+    _decide(device, config, as_json, DeviceRegistry.reset, "reset")
