@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
 from amqtt.broker import Broker
@@ -27,7 +29,13 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 from amqtt.utils import gen_client_id
 
-from auth_plugin.principals import Principal, ProvisioningPrincipal, principal_of, refusal_code
+from auth_plugin.principals import (
+    SERVER_UNAVAILABLE,
+    Principal,
+    ProvisioningPrincipal,
+    principal_of,
+    refusal_code,
+)
 from broker.protocol import KeepAliveHandler, grace
 
 logger = logging.getLogger(__name__)
@@ -41,12 +49,48 @@ _PREAUTHENTICATED = "mqttprov.preauthenticated"
 REFUSED_MARKER = "mqttprov: connection refused"
 
 
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """``[broker]`` limits the broker enforces itself."""
+
+    connect_timeout: float = 10.0
+    max_connections: int = 100_000
+    max_connections_per_address: int = 2_000
+    max_queued_messages: int = 1_000
+
+
 class MqttprovBroker(Broker):
     """amqtt's broker with the session controls and retained-message rules mqttprov relies on."""
 
-    def __init__(self, config: dict[str, Any], *, connect_timeout: float = 10.0) -> None:
+    def __init__(self, config: dict[str, Any], *, limits: ConnectionLimits | None = None) -> None:
         super().__init__(config)
-        self.connect_timeout = connect_timeout
+        self.limits = limits or ConnectionLimits()
+        self.connect_timeout = self.limits.connect_timeout
+        self._open = 0
+        self._open_by_address: Counter[str] = Counter()
+        self.refused_over_limit = 0
+
+    async def _client_connected(
+        self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter
+    ) -> None:
+        # Count every open connection by source address for the limits checked at CONNECT.
+        peer = writer.get_peer_info()
+        address = str(peer[0]) if peer else "?"
+        self._open += 1
+        self._open_by_address[address] += 1
+        try:
+            await super()._client_connected(listener_name, reader, writer)
+        finally:
+            self._open -= 1
+            self._open_by_address[address] -= 1
+            if self._open_by_address[address] <= 0:
+                del self._open_by_address[address]
+
+    def _over_limit(self, address: str) -> bool:
+        return (
+            self._open > self.limits.max_connections
+            or self._open_by_address[address] > self.limits.max_connections_per_address
+        )
 
     async def _initialize_client_session(
         self, reader: ReaderAdapter, writer: WriterAdapter, remote_address: str, remote_port: int
@@ -70,15 +114,26 @@ class MqttprovBroker(Broker):
             raise AMQTTError(exc) from exc
         if fresh.clean_session and not fresh.client_id:
             fresh.client_id = gen_client_id()
-        if not await super()._authenticate(fresh, None):
-            code = refusal_code(fresh)
-            await ConnackPacket.build(0, code).to_stream(writer)
-            await writer.close()
-            raise MQTTError(REFUSED_MARKER)
+        if self._over_limit(remote_address):
+            # Before any bcrypt: a flood of connections must not buy itself password checks.
+            self.refused_over_limit += 1
+            logger.debug("refusing %s: connection limit reached", peer)
+            await self._refuse(writer, SERVER_UNAVAILABLE)
+        authenticated = await super()._authenticate(fresh, None)
+        fresh.password = None  # checked; amqtt would keep the plaintext for the session's lifetime
+        if not authenticated:
+            await self._refuse(writer, refusal_code(fresh))
+        handler.max_queued = self.limits.max_queued_messages
         session = await self._adopt(fresh)
         session.keep_alive = grace(fresh.keep_alive)
         session.attributes[_PREAUTHENTICATED] = True
         return handler, session
+
+    @staticmethod
+    async def _refuse(writer: WriterAdapter, code: int) -> NoReturn:
+        await ConnackPacket.build(0, code).to_stream(writer)
+        await writer.close()
+        raise MQTTError(REFUSED_MARKER)
 
     async def _adopt(self, fresh: Session) -> Session:
         """amqtt's session-table rules for an authenticated CONNECT (MQTT 3.1.1 §3.1.2.4)."""
@@ -101,7 +156,6 @@ class MqttprovBroker(Broker):
             "will_qos",
             "will_retain",
             "username",
-            "password",
         ):
             setattr(session, name, getattr(fresh, name))
         session.attributes.update(fresh.attributes)

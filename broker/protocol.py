@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.session import OutgoingApplicationMessage
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,31 @@ class KeepAliveHandler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._expiry: asyncio.Task[None] | None = None
+        #: Deliveries to this client in progress at once before further ones are dropped.
+        self.max_queued = 1_000
+        self._queued = 0
+        self.dropped = 0
+
+    async def mqtt_publish(
+        self,
+        topic: str,
+        data: bytes | bytearray,
+        qos: int | None,
+        retain: bool,
+        ack_timeout: int | None = None,
+    ) -> OutgoingApplicationMessage:
+        """amqtt's delivery, bounded: a subscriber that stops reading cannot exhaust memory."""
+        if self._queued >= self.max_queued:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                client_id = self.session.client_id if self.session else None
+                logger.warning("client %r is not keeping up: %d messages dropped", client_id, self.dropped)
+            return OutgoingApplicationMessage(None, topic, qos, data, retain)
+        self._queued += 1
+        try:
+            return await super().mqtt_publish(topic, data, qos, retain, ack_timeout)
+        finally:
+            self._queued -= 1
 
     def handle_read_timeout(self) -> None:
         """amqtt calls this when nothing arrived within the (already 1.5 x) keep-alive."""

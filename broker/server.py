@@ -14,7 +14,7 @@ from amqtt.errors import BrokerError
 from auth_plugin.authenticator import Authenticator
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
-from broker.amqtt_broker import BrokerLink, MqttprovBroker
+from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
 from broker.errors import ServeError
 from config import Settings
@@ -115,7 +115,12 @@ class BrokerServer:
             await running.services.presence.start_clean()
             broker = MqttprovBroker(
                 amqtt_config(self.settings, running.services),
-                connect_timeout=self.settings.broker.connect_timeout,
+                limits=ConnectionLimits(
+                    connect_timeout=self.settings.broker.connect_timeout,
+                    max_connections=self.settings.broker.max_connections,
+                    max_connections_per_address=self.settings.broker.max_connections_per_address,
+                    max_queued_messages=self.settings.broker.max_queued_messages,
+                ),
             )
             running.link.broker = broker
             try:

@@ -30,6 +30,12 @@ class BrokerSettings(_Section):
     ws_port: Port | None = None
     #: Seconds a new connection may take to send its CONNECT before it is closed.
     connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
+    #: Connections at once, in all and from one source address (a gateway or a load test
+    #: from one host needs many); over the limit a CONNECT gets CONNACK 3 (server unavailable).
+    max_connections: Annotated[int, Field(ge=1)] = 100_000
+    max_connections_per_address: Annotated[int, Field(ge=1)] = 2_000
+    #: Messages queued for one subscriber before further ones are dropped for it.
+    max_queued_messages: Annotated[int, Field(ge=1)] = 1_000
 
     @model_validator(mode="after")
     def _tls_needs_cert_and_key(self) -> BrokerSettings:

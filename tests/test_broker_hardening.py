@@ -234,3 +234,87 @@ def test_pinned_amqtt_still_has_the_methods_we_override() -> None:
         assert getattr(MqttprovBroker, name) is not getattr(Broker, name), name
     source = inspect.getsource(Broker._handle_client_session)
     assert "await self._authenticate(client_session" in source
+
+
+@pytest.fixture
+async def limited(tmp_path: Path) -> AsyncIterator[BrokerServer]:
+    settings = broker_settings(
+        f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        max_connections_per_address=3,
+        max_queued_messages=5,
+    )
+    async with BrokerServer(settings) as running:
+        yield running
+
+
+def connect_from(source: str, port: int, client_id: str) -> tuple[socket.socket, int]:
+    """Like :func:`raw_connect`, from a chosen loopback source address."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(connect_packet(client_id))
+    header = sock.recv(4)
+    assert header[:2] == b"\x20\x02", header
+    return sock, header[3]
+
+
+async def test_connections_per_address_are_limited_at_connect(limited: BrokerServer) -> None:
+    port = limited.settings.broker.port
+    held: list[socket.socket] = []
+    try:
+        codes = []
+        for n in range(4):  # provisioning sessions: MAC client ids, no credentials
+            sock, code = await asyncio.to_thread(connect_from, "127.0.0.1", port, f"02:00:00:00:01:0{n}")
+            held.append(sock)
+            codes.append(code)
+        other, other_code = await asyncio.to_thread(connect_from, "127.0.0.2", port, "02:00:00:00:01:09")
+        held.append(other)
+    finally:
+        for sock in held:
+            sock.close()
+    assert codes == [0, 0, 0, 3]
+    assert other_code == 0  # another address is not affected
+    assert limited.broker.refused_over_limit == 1
+
+
+async def test_a_subscriber_that_stops_reading_cannot_queue_without_bound(
+    limited: BrokerServer, devices: list[Device]
+) -> None:
+    port = limited.settings.broker.port
+    info = await make_device(limited.registry, "02:00:00:00:00:07")
+    user = info.mqtt_username
+    topic = f"devices/{info.id}/flood"
+    # A raw subscriber that subscribes and then never reads again.
+    sock, code = await asyncio.to_thread(raw_connect, port, user, username=user, password=PASSWORD)
+    assert code == 0
+    encoded = topic.encode()
+    body = b"\x00\x01" + len(encoded).to_bytes(2, "big") + encoded + b"\x00"
+    await asyncio.to_thread(sock.sendall, b"\x82" + bytes([len(body)]) + body)
+    assert (await asyncio.to_thread(sock.recv, 5))[:1] == b"\x90"  # SUBACK
+    try:
+        publisher = limited.broker.sessions[user][1]
+        # Publish through the broker itself, large enough to fill the socket buffers.
+        payload = b"x" * 65536
+        for _ in range(200):
+            await limited.broker.internal_message_broadcast(topic, payload, 0)
+        handler = limited.broker.sessions[user][1]
+        deadline = time.monotonic() + 10
+        while handler.dropped == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # polling broker state against a deadline
+        assert handler.dropped > 0
+        assert handler._queued <= 5
+        assert publisher is handler
+        # The broker still serves others.
+        other = await make_device(limited.registry, "02:00:00:00:00:08")
+        code = await asyncio.to_thread(
+            connack_code,
+            "127.0.0.1",
+            port,
+            other.mqtt_username,
+            username=other.mqtt_username,
+            password=PASSWORD,
+        )
+        assert code == 0
+    finally:
+        sock.close()
