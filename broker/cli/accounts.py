@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from broker.cli.common import ConfigOption, JsonOption, fail, print_json, run, settings_from, stdout
+from broker.cli.common import (
+    ConfigOption,
+    JsonOption,
+    fail,
+    open_repository,
+    print_json,
+    run,
+    settings_from,
+    stdout,
+)
 from config import Settings
 from provisioning.errors import ProvisioningError
 from provisioning.passwords import PasswordHasher, generate_password
-from provisioning.registry import create_engine
 from provisioning.registry.accounts import AccountInfo, AccountRegistry, validate_account_name
 from provisioning.topics import TopicRule, parse_rule
 
@@ -24,13 +31,8 @@ app = typer.Typer(
 NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Account name (also its MQTT username).")]
 
 
-@asynccontextmanager
-async def _accounts(settings: Settings) -> AsyncIterator[AccountRegistry]:
-    registry = AccountRegistry(create_engine(settings.database.url, pool_size=settings.database.pool_size))
-    try:
-        yield registry
-    finally:
-        await registry.close()
+def _accounts(settings: Settings) -> AbstractAsyncContextManager[AccountRegistry]:
+    return open_repository(settings, AccountRegistry)
 
 
 async def _hash(settings: Settings, password: str) -> str:

@@ -7,7 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -20,6 +20,7 @@ from broker.logs import configure_logging
 from config import ConfigError, Settings, load_settings
 from provisioning import ProvisioningError
 from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.transactions import Repository
 
 T = TypeVar("T")
 
@@ -86,14 +87,22 @@ async def _awaited(work: Callable[[], Awaitable[T]]) -> T:
     return await work()
 
 
+R = TypeVar("R", bound=Repository)
+
+
 @asynccontextmanager
-async def open_registry(settings: Settings) -> AsyncIterator[DeviceRegistry]:
-    """A registry on the configured database, disposed on exit."""
-    registry = DeviceRegistry(create_engine(settings.database.url, pool_size=settings.database.pool_size))
+async def open_repository(settings: Settings, kind: type[R]) -> AsyncIterator[R]:
+    """A repository (devices, accounts) on the configured database, disposed on exit."""
+    repository = kind(create_engine(settings.database.url, pool_size=settings.database.pool_size))
     try:
-        yield registry
+        yield repository
     finally:
-        await registry.close()
+        await repository.close()
+
+
+def open_registry(settings: Settings) -> AbstractAsyncContextManager[DeviceRegistry]:
+    """The device registry on the configured database, disposed on exit."""
+    return open_repository(settings, DeviceRegistry)
 
 
 def print_json(data: Any) -> None:
