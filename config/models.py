@@ -142,6 +142,9 @@ class AclSettings(_Section):
     def _per_device(cls, value: str) -> str:
         if not any(p in value for p in ("{device_id}", "{username}", "{mac}")):
             raise ValueError("device_template must contain {device_id}, {username} or {mac}")
+        if not value.endswith("/#") or "+" in value or value.count("#") != 1:
+            # Devices are told a topic prefix: the template is that prefix followed by '#'.
+            raise ValueError("device_template must be a topic prefix ending in '/#', without '+'")
         try:
             sample = value.format(device_id="0" * 32, username="device_0", mac="00:00:00:00:00:00")
         except (KeyError, IndexError, ValueError) as exc:

@@ -46,7 +46,10 @@ class ErrorCode(enum.StrEnum):
     INTERNAL = "INTERNAL"
 
 
-ShortText = Annotated[str, StringConstraints(max_length=_MAX_FIELD, strip_whitespace=True)]
+# Stored and shown to operators: no control characters (PostgreSQL cannot even store NUL in text).
+ShortText = Annotated[
+    str, StringConstraints(max_length=_MAX_FIELD, strip_whitespace=True, pattern=r"^[^\x00-\x1f\x7f]*$")
+]
 
 
 class ProvisionRequest(BaseModel):
@@ -184,6 +187,17 @@ class RequestRefusedError(ProvisioningError):
         self.request_id = request_id
 
 
+def _echoable(request_id: object) -> str | None:
+    """A ``request_id`` worth echoing in an error reply: short text that is valid Unicode."""
+    if not isinstance(request_id, str) or len(request_id) > _MAX_REQUEST_ID:
+        return None
+    try:
+        request_id.encode("utf-8")  # a lone surrogate (``"\\udfff"`` in JSON) is not text
+    except UnicodeEncodeError:
+        return None
+    return request_id
+
+
 def decode_request(payload: bytes, *, max_bytes: int) -> ProvisionRequest:
     """Validate a raw payload into a :class:`ProvisionRequest` or raise :class:`RequestRefusedError`."""
     if len(payload) > max_bytes:
@@ -196,8 +210,7 @@ def decode_request(payload: bytes, *, max_bytes: int) -> ProvisionRequest:
         raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "payload is not a UTF-8 JSON object") from exc
     if not isinstance(data, dict):
         raise RequestRefusedError(ErrorCode.INVALID_PAYLOAD, "payload must be a JSON object")
-    request_id = data.get("request_id")
-    echo = request_id if isinstance(request_id, str) and len(request_id) <= _MAX_REQUEST_ID else None
+    echo = _echoable(data.get("request_id"))
     try:
         return ProvisionRequest.model_validate(data)
     except ValidationError as exc:

@@ -247,9 +247,16 @@ class ProvisioningService:
             mqtt_client_id=device.mqtt_username,
             mqtt_host=broker.effective_advertised_host,
             mqtt_port=broker.effective_advertised_port,
-            topic_prefix=f"devices/{device.id}/",
+            topic_prefix=self._topic_prefix(device),
             request_id=request.request_id,
         )
+
+    def _topic_prefix(self, device: DeviceInfo) -> str:
+        # The filter the ACL gives this device ([acl] device_template) without its trailing '#'.
+        namespace = self._settings.acl.device_template.format(
+            device_id=device.id, username=device.mqtt_username, mac=device.mac
+        )
+        return namespace.removesuffix("#")
 
     def _pending(self, request: ProvisionRequest) -> PendingReply:
         return PendingReply(retry_after=self._policy.pending_retry_after, request_id=request.request_id)

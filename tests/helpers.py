@@ -51,8 +51,10 @@ def connect_packet(
     password: str | None = None,
     keep_alive: int = 30,
     clean_session: bool = True,
+    will: tuple[str, bytes] | None = None,
+    will_retain: bool = False,
 ) -> bytes:
-    """A raw MQTT 3.1.1 CONNECT packet."""
+    """A raw MQTT 3.1.1 CONNECT packet (``will``: topic and message, QoS 0)."""
 
     def text(value: str) -> bytes:
         raw = value.encode()
@@ -60,6 +62,9 @@ def connect_packet(
 
     flags = 0x02 if clean_session else 0
     payload = text(client_id)
+    if will is not None:
+        flags |= 0x04 | (0x20 if will_retain else 0)
+        payload += text(will[0]) + struct.pack("!H", len(will[1])) + will[1]
     if username is not None:
         flags |= 0x80
         payload += text(username)

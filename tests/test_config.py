@@ -249,3 +249,20 @@ def test_effective_advertised_prefers_advertised_values() -> None:
 def test_database_settings_accept_both_async_drivers() -> None:
     assert DatabaseSettings(url="sqlite+aiosqlite:///x.db").url == "sqlite+aiosqlite:///x.db"
     assert DatabaseSettings(url="postgresql+asyncpg://u@h/db").url == "postgresql+asyncpg://u@h/db"
+
+
+@pytest.mark.parametrize(
+    "template",
+    ["devices/{device_id}", "devices/+/{device_id}/#", "fleet/{mac}/#/x", "static/#", "{nope}/#"],
+)
+def test_device_template_must_be_a_per_device_prefix(tmp_path: Path, template: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[acl]\ndevice_template = "{template}"\n')
+    with pytest.raises(ConfigError, match=r"^config error: acl\.device_template: "):
+        load_settings(path)
+
+
+def test_device_template_accepts_a_prefix_with_placeholders(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[acl]\ndevice_template = "fleet/{mac}/{device_id}/#"\n')
+    assert load_settings(path).acl.device_template == "fleet/{mac}/{device_id}/#"
