@@ -1,0 +1,79 @@
+"""What every figure gets: sizes (quick or full), a private work directory, a log line printer."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_POSTGRES_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How big each figure is; ``QUICK`` runs in CI, ``FULL`` is what the docs report."""
+
+    #: Rounds per side, run interleaved: ours, reference, ours, reference, ...
+    rounds: int
+    warm_devices: int
+    warm_reconnects: int
+    cold_logins: int
+    auth_db_logins: int
+    quiet_seconds: float
+    provision_devices: int
+    throughput_messages: int
+    registry_devices: int
+    registry_lookups: int
+    memory_connections: int
+    storm_concurrency: int = 50
+    storm_processes: int = 1
+    probe_rate: float = 50.0
+    provision_concurrency: int = 50
+    throughput_devices: int = 10
+    #: bcrypt cost of the logins and provisioning figures.
+    bcrypt_cost: int = 10
+
+    def as_json(self) -> dict[str, float]:
+        """The sizes as plain data."""
+        return {key: float(value) for key, value in asdict(self).items()}
+
+
+QUICK = Sizes(
+    rounds=2,
+    warm_devices=100,
+    warm_reconnects=500,
+    cold_logins=40,
+    auth_db_logins=30,
+    quiet_seconds=1.0,
+    provision_devices=30,
+    throughput_messages=500,
+    registry_devices=5_000,
+    registry_lookups=200,
+    memory_connections=200,
+)
+
+FULL = Sizes(
+    rounds=2,
+    warm_devices=1_000,
+    warm_reconnects=3_000,
+    cold_logins=300,
+    auth_db_logins=200,
+    quiet_seconds=4.0,
+    provision_devices=300,
+    throughput_messages=5_000,
+    registry_devices=100_000,
+    registry_lookups=1_000,
+    memory_connections=2_000,
+)
+
+
+@dataclass(frozen=True)
+class Context:
+    """Shared by the figures of one run."""
+
+    sizes: Sizes
+    quick: bool
+    workdir: Path
+    log: Callable[[str], None]
+    postgres_url: str = os.environ.get("MQTTPROV_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)

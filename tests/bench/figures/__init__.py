@@ -1,0 +1,36 @@
+"""The figures of the benchmark, in the order they run."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tests.bench.context import Context
+from tests.bench.results import FigureResult
+
+
+@dataclass(frozen=True)
+class Figure:
+    """A named figure and the function that measures it."""
+
+    name: str
+    title: str
+    run: Callable[[Context], FigureResult]
+
+
+def all_figures() -> list[Figure]:
+    """Every figure, imported on demand (the modules pull in the product and amqtt)."""
+    from tests.bench.figures import (  # noqa: PLC0415
+        cold_storm,
+        memory,
+        provisioning_rate,
+        registry,
+        throughput,
+        warm_storm,
+    )
+
+    modules = [warm_storm, cold_storm, provisioning_rate, throughput, registry, memory]
+    return [Figure(m.NAME, m.TITLE, m.run) for m in modules]
+
+
+__all__ = ["Figure", "all_figures"]

@@ -1,0 +1,105 @@
+"""Pieces several figures share: our broker's settings, free ports, the connect storm."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.bench.load import Login, StormResult, StormTask
+from tests.bench.procs import run_load
+from tests.bench.results import percentile
+
+FLEET_SECRET = "bench-fleet-secret"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now (never 1883)."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            port: int = sock.getsockname()[1]
+        if port != 1883:
+            return port
+
+
+def sqlite_url(path: Path) -> str:
+    """The registry URL of a private SQLite file."""
+    return f"sqlite+aiosqlite:///{path}"
+
+
+def mqttprov_settings(
+    database_url: str, port: int, *, cost: int, **sections: dict[str, Any]
+) -> dict[str, Any]:
+    """Our broker's settings on loopback: fleet-secret provisioning, defaults everywhere else."""
+    settings: dict[str, Any] = {
+        "broker": {"host": "127.0.0.1", "port": port},
+        "database": {"url": database_url},
+        "auth": {"bcrypt_cost": cost},
+        "provisioning": {"mode": "allowlist", "auth": "fleet_secret", "fleet_secret": FLEET_SECRET},
+    }
+    for name, values in sections.items():
+        settings[name] = settings.get(name, {}) | values
+    return settings
+
+
+@dataclass(frozen=True)
+class StormSummary:
+    """One storm against one broker: the rate and what went wrong, if anything."""
+
+    rate: float
+    accepted: int
+    refused: dict[int, int]
+    errors: dict[str, int]
+    seconds: float
+    started: float
+    ended: float
+    p50_ms: float | None
+    p99_ms: float | None
+
+    @property
+    def failures(self) -> str:
+        """A short description of refusals and errors ("" when none)."""
+        parts = [f"{count} CONNACK {code}" for code, count in sorted(self.refused.items())]
+        parts += [f"{count} {name}" for name, count in sorted(self.errors.items())]
+        return ", ".join(parts)
+
+
+def storm(
+    port: int, logins: list[Login], *, concurrency: int, processes: int, time_limit: float
+) -> StormSummary:
+    """Run the connect storm from ``processes`` load processes; connects/s over the whole storm."""
+    processes = max(1, min(processes, len(logins)))
+    per_process = max(1, concurrency // processes)
+    tasks = [StormTask(port, tuple(logins[n::processes]), per_process, time_limit) for n in range(processes)]
+    results: list[StormResult] = run_load(list(tasks), time_limit + 60.0, label=f"storm-{port}")
+    return summarize_storm(results)
+
+
+def summarize_storm(results: list[StormResult]) -> StormSummary:
+    """Aggregate the storm processes: accepted connects over the span from first start to last end."""
+    started = min(r.started for r in results)
+    ended = max(r.ended for r in results)
+    accepted = sum(r.accepted for r in results)
+    refused: dict[int, int] = {}
+    errors: dict[str, int] = {}
+    latencies: list[float] = []
+    for result in results:
+        for code, count in result.refused.items():
+            refused[code] = refused.get(code, 0) + count
+        for name, count in result.errors.items():
+            errors[name] = errors.get(name, 0) + count
+        latencies += result.latencies_ms
+    seconds = max(ended - started, 1e-9)
+    return StormSummary(
+        rate=accepted / seconds,
+        accepted=accepted,
+        refused=refused,
+        errors=errors,
+        seconds=seconds,
+        started=started,
+        ended=ended,
+        p50_ms=percentile(latencies, 50) if latencies else None,
+        p99_ms=percentile(latencies, 99) if latencies else None,
+    )

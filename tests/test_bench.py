@@ -1,0 +1,317 @@
+"""The benchmark's own logic: arguments, aggregation, goals, the result file, the table.
+
+Nothing here asserts on timings; the one end-to-end test only checks that a quick figure runs
+and writes both sides and a ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from provisioning.mac import parse_mac
+from provisioning.registry import DeviceStatus
+from tests.bench import cli, plot
+from tests.bench.figures import all_figures
+from tests.bench.figures.common import summarize_storm
+from tests.bench.fleet import mac_for, make_fleet
+from tests.bench.load import StormResult
+from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
+from tests.bench.results import (
+    HEADERS,
+    TIMES,
+    FigureResult,
+    Goal,
+    Report,
+    Row,
+    number,
+    percentile,
+    ratio,
+    render_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def test_defaults_run_every_figure_in_order() -> None:
+    options = cli.parse_args([])
+    assert options == cli.Options(quick=False, json_file=None, only=cli.FIGURE_NAMES, plot_dir=None)
+
+
+def test_every_option_is_parsed(tmp_path: Path) -> None:
+    options = cli.parse_args(
+        ["--quick", "--json", str(tmp_path / "r.json"), "--only", "memory", "--plot", str(tmp_path)]
+    )
+    assert options.quick is True
+    assert options.json_file == tmp_path / "r.json"
+    assert options.only == ("memory",)
+    assert options.plot_dir == tmp_path
+
+
+def test_only_repeats_and_commas_keep_run_order() -> None:
+    options = cli.parse_args(["--only", "memory, registry", "--only", "warm-storm", "--only", "memory"])
+    assert options.only == ("warm-storm", "registry", "memory")
+
+
+def test_an_unknown_figure_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.parse_args(["--only", "warm-storm,nonsense"])
+    assert exited.value.code == 2
+    assert "unknown figure nonsense" in capsys.readouterr().err
+
+
+def test_select_figures_without_a_parser_raises() -> None:
+    with pytest.raises(ValueError, match="unknown figure bogus"):
+        cli.select_figures(["bogus"])
+    assert cli.select_figures([]) == cli.FIGURE_NAMES
+
+
+def test_the_figure_list_matches_the_figure_modules() -> None:
+    assert tuple(figure.name for figure in all_figures()) == cli.FIGURE_NAMES
+
+
+# -- aggregation and goals ----------------------------------------------------------------------
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == pytest.approx(50.5)
+    assert percentile(values, 99) == pytest.approx(99.01)
+    assert percentile(values, 100) == 100.0
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+
+
+@pytest.mark.parametrize("bad", [-1.0, 100.5])
+def test_percentile_refuses_nonsense(bad: float) -> None:
+    with pytest.raises(ValueError, match="percentile"):
+        percentile([1.0], bad)
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+
+
+def test_ratio_needs_both_sides_and_a_nonzero_reference() -> None:
+    assert ratio(9.0, 10.0) == pytest.approx(0.9)
+    assert ratio(None, 10.0) is None
+    assert ratio(1.0, None) is None
+    assert ratio(1.0, 0.0) is None
+
+
+@pytest.mark.parametrize(
+    ("goal", "ours", "reference", "met"),
+    [
+        (Goal("ratio_at_least", 0.9), 95.0, 100.0, True),
+        (Goal("ratio_at_least", 0.9), 85.0, 100.0, False),
+        (Goal("ratio_at_least", 0.9), 90.0, 100.0, True),
+        (Goal("ratio_at_most", 1.2), 110.0, 100.0, True),
+        (Goal("ratio_at_most", 1.2), 130.0, 100.0, False),
+        (Goal("at_most", 50.0, "ms"), 49.0, None, True),
+        (Goal("at_most", 50.0, "ms"), 51.0, 1.0, False),
+        (Goal("ratio_at_least", 0.9), 1.0, None, None),
+        (Goal("at_most", 50.0, "ms"), None, 1.0, None),
+    ],
+)
+def test_goals_are_met_or_not(
+    goal: Goal, ours: float | None, reference: float | None, met: bool | None
+) -> None:
+    assert Row("x", "u", ours, reference, goal=goal).met is met
+
+
+def test_a_row_without_a_goal_is_neither_met_nor_missed() -> None:
+    assert Row("x", "u", 1.0, 2.0).met is None
+
+
+def test_goal_texts() -> None:
+    assert Goal("ratio_at_least", 0.9).text() == f"≥ 0.9{TIMES}"
+    assert Goal("ratio_at_most", 1.2).text() == f"≤ 1.2{TIMES}"
+    assert Goal("at_most", 50.0, "ms").text() == "≤ 50 ms"
+
+
+def test_storm_processes_are_aggregated_over_the_whole_span() -> None:
+    first = StormResult(10.0, 12.0, 100, {5: 1}, {}, [1.0] * 100)
+    second = StormResult(10.5, 14.0, 100, {5: 2, 3: 1}, {"TimeoutError": 4}, [3.0] * 100)
+    summary = summarize_storm([first, second])
+    assert summary.accepted == 200
+    assert summary.seconds == pytest.approx(4.0)
+    assert summary.rate == pytest.approx(50.0)
+    assert summary.refused == {5: 3, 3: 1}
+    assert summary.errors == {"TimeoutError": 4}
+    assert summary.p50_ms == pytest.approx(2.0)
+    assert summary.failures == "1 CONNACK 3, 3 CONNACK 5, 4 TimeoutError"
+
+
+# -- the result file and the table --------------------------------------------------------------
+
+
+def _report() -> Report:
+    storm = FigureResult(
+        "warm-storm",
+        "warm reconnect storm",
+        rows=[
+            Row(
+                "warm reconnect storm",
+                "connects/s",
+                450.0,
+                1000.0,
+                "amqtt anonymous",
+                Goal("ratio_at_least", 0.9),
+                [440.0, 460.0],
+                [990.0, 1010.0],
+            ),
+            Row("delivery p99", "ms", 12.5, 3.0, "no storm", Goal("at_most", 50.0, "ms")),
+        ],
+        processes={"mqttprov": "1 process"},
+        sizes={"devices": 10.0},
+        notes=["a note"],
+        seconds=1.234,
+        series={"round 1": [(0.0, 1.0)]},
+    )
+    crashed = FigureResult("memory", "memory at idle connections", error="Traceback: boom")
+    return Report(
+        "2026-01-01T00:00:00+00:00", quick=True, machine={"nproc": 2}, figures=[storm, crashed], seconds=12.0
+    )
+
+
+def test_the_json_file_has_both_sides_ratio_goal_and_samples() -> None:
+    data = json.loads(json.dumps(_report().as_json()))
+    assert data["version"] == 1
+    assert data["quick"] is True
+    assert data["crashed"] is True
+    assert [figure["name"] for figure in data["figures"]] == ["warm-storm", "memory"]
+    row = data["figures"][0]["rows"][0]
+    assert row["ours"] == 450.0
+    assert row["reference"] == 1000.0
+    assert row["ratio"] == pytest.approx(0.45)
+    assert row["goal"] == {"kind": "ratio_at_least", "value": 0.9, "unit": "", "text": f"≥ 0.9{TIMES}"}
+    assert row["met"] is False
+    assert row["samples"] == {"ours": [440.0, 460.0], "reference": [990.0, 1010.0]}
+    assert data["figures"][0]["processes"] == {"mqttprov": "1 process"}
+    assert "series" not in data["figures"][0]
+    assert data["figures"][1]["error"] == "Traceback: boom"
+    assert data["figures"][1]["rows"] == []
+
+
+def test_the_table_shows_every_row_and_marks_misses_and_crashes() -> None:
+    table = render_table(_report().figures)
+    lines = table.splitlines()
+    assert [cell.strip() for cell in lines[0].strip("|").split("|")] == list(HEADERS)
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    storm, latency, crashed = lines[2:]
+    assert "450 connects/s" in storm
+    assert "1,000 connects/s (amqtt anonymous)" in storm
+    assert f"0.45{TIMES}" in storm
+    assert "**no**" in storm
+    assert "12.5 ms" in latency
+    assert "yes" in latency
+    assert "crashed" in crashed
+
+
+def test_numbers_are_rounded_for_people() -> None:
+    assert number(1234.4, "msg/s") == "1,234 msg/s"
+    assert number(12.345, "ms") == "12.3 ms"
+    assert number(1.2345) == "1.23"
+    assert number(None, "ms") == "—"
+
+
+def test_a_crash_is_the_only_nonzero_exit(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    report = _report()
+    monkeypatch.setattr(cli, "run", lambda _options: report)
+    assert cli.main(["--quick", "--json", str(tmp_path / "r.json")]) == cli.EXIT_CRASH
+    report.figures.pop()  # only the missed goal is left
+    assert cli.main(["--quick", "--json", str(tmp_path / "r.json")]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["crashed"] is False
+
+
+def test_no_plot_without_matplotlib(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(plot, "matplotlib_available", lambda: False)
+    message = plot.write_plots(_report().figures, tmp_path / "plots")
+    assert "matplotlib is not installed" in message
+    assert not (tmp_path / "plots").exists()
+    assert "no plot" in plot.write_plots([FigureResult("registry", "registry lookups")], tmp_path)
+
+
+# -- the raw MQTT client and the fleet ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("length", "encoded"),
+    [(0, b"\x00"), (127, b"\x7f"), (128, b"\x80\x01"), (16383, b"\xff\x7f"), (16384, b"\x80\x80\x01")],
+)
+def test_remaining_length_encoding(length: int, encoded: bytes) -> None:
+    assert remaining_length(length) == encoded
+
+
+def test_the_packet_reader_splits_a_stream_fed_in_pieces() -> None:
+    stream = (
+        publish_packet("a/b", b"x" * 200, qos=1, packet_id=7)
+        + publish_packet("c", b"")
+        + bytes([0x20, 2, 0, 0])
+    )
+    reader = PacketReader()
+    packets = [p for n in range(0, len(stream), 3) for p in reader.feed(stream[n : n + 3])]
+    assert [p.kind for p in packets] == [PUBLISH, PUBLISH, 2]
+    assert packets[0].publish() == ("a/b", 7, b"x" * 200)
+    assert packets[1].publish() == ("c", None, b"")
+    assert packets[2].body == b"\x00\x00"
+
+
+def test_connect_packet_carries_credentials() -> None:
+    packet = connect_packet("id", "user", "secret", keep_alive=30)
+    assert packet[0] == 0x10
+    assert packet.endswith(b"\x00\x02id\x00\x04user\x00\x06secret")
+    assert packet[2:12] == b"\x00\x04MQTT\x04\xc2\x00\x1e"
+
+
+def test_fleet_macs_are_distinct_and_valid() -> None:
+    macs = [mac_for(n) for n in (0, 1, 255, 256, 70_000, 2**32 - 1)]
+    assert len(set(macs)) == len(macs)
+    assert all(parse_mac(mac) == mac for mac in macs)
+    assert mac_for(1, prefix=0x06).startswith("06:")
+
+
+def test_fleet_statuses_follow_the_mix() -> None:
+    fleet = make_fleet(100, cost=4, statuses=((DeviceStatus.OFFLINE, 0.7), (DeviceStatus.PENDING, 0.3)))
+    statuses = [device.status for device in fleet.devices]
+    assert statuses.count(DeviceStatus.OFFLINE) == 70
+    assert statuses.count(DeviceStatus.PENDING) == 30
+    assert len(fleet.hashes) == 4
+    assert {device.password for device in fleet.devices} == set(fleet.hashes)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+def test_quick_throughput_figure_runs_and_writes_both_sides(tmp_path: Path) -> None:
+    result_file = tmp_path / "bench.json"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("MQTTPROV_") or k.startswith("MQTTPROV_TEST_")
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--quick", "--only", "throughput", "--json", str(result_file)],
+        cwd=REPO,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(result_file.read_text())
+    (figure,) = data["figures"]
+    assert figure["name"] == "throughput"
+    assert figure["error"] is None
+    row = figure["rows"][0]
+    assert row["ours"] > 0
+    assert row["reference"] > 0
+    assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])
+    assert "| figure" in done.stdout
