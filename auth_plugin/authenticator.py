@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from auth_plugin.acl import Action, allows
 from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import (
     BAD_USERNAME_OR_PASSWORD,
@@ -41,6 +42,7 @@ class ConnectAttempt:
     password: str | None
     will_flag: bool = False
     address: str | None = None
+    will_topic: str | None = None
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,13 @@ def device_namespace(template: str, device: DeviceInfo) -> str:
     return validate_filter(
         template.format(device_id=device.id, username=device.mqtt_username, mac=device.mac)
     )
+
+
+def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
+    topic = attempt.will_topic
+    if not topic or "+" in topic or "#" in topic:
+        return False  # a will topic is a topic name: no wildcards [MQTT-3.3.2-2]
+    return allows(principal, topic, Action.PUBLISH)
 
 
 class Authenticator:
@@ -123,6 +132,11 @@ class Authenticator:
                 decision = await self._password_login(attempt, username, self._account_login)
             else:
                 decision = Decision(None, "no username, and the client id is not a MAC address")
+        principal = decision.principal
+        if principal is not None and attempt.will_flag and not _will_allowed(principal, attempt):
+            # amqtt publishes a will without asking the topic plugins: without this check a
+            # device could leave a "last word" in another device's namespace.
+            decision = Decision(None, "will topic is not one the client may publish to")
         if not decision.accepted:
             self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
         return decision

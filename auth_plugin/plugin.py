@@ -35,6 +35,7 @@ class MqttprovAuthPlugin(BaseAuthPlugin):
             password=session.password,
             will_flag=bool(session.will_flag),
             address=session.remote_address,
+            will_topic=session.will_topic,
         )
         try:
             decision = await authenticator.authenticate(attempt)

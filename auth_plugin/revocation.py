@@ -116,6 +116,7 @@ class Revoker:
         engine = self._devices.engine
         if engine.dialect.name != "postgresql":
             return None
+        conn: Any = None
         try:
             conn = await engine.connect()
             raw = await conn.get_raw_connection()
@@ -123,11 +124,22 @@ class Revoker:
             await driver.add_listener(CHANGES_CHANNEL, self._notified)
         except Exception as exc:  # noqa: BLE001 - polling still works; say why LISTEN did not
             logger.warning("LISTEN on %s failed, polling only: %s", CHANGES_CHANNEL, exc)
+            await _release(conn)
             return None
+        except asyncio.CancelledError:
+            # Stopped while starting: the connection goes back to the pool, not to the GC.
+            await _release(conn)
+            raise
         return _Listener(conn, driver, self._notified)
 
     def _notified(self, *_: object) -> None:
         self._wake.set()
+
+
+async def _release(conn: Any) -> None:
+    if conn is not None:
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 class _Listener:

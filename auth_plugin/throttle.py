@@ -44,7 +44,8 @@ class LoginThrottle:
         self.max_keys = max_keys
         self._clock = clock
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-        self._locked_until: dict[str, float] = {}
+        # In locking order, which is expiry order (one lockout_seconds for all): oldest first.
+        self._locked_until: OrderedDict[str, float] = OrderedDict()
         self.refused_locked = 0
 
     def locked(self, username: str, address: str | None) -> bool:
@@ -67,7 +68,7 @@ class LoginThrottle:
         ]
         pair_count = counts[2]
         if pair_count >= self.policy.lockout_after and _pair(username, address) not in self._locked_until:
-            self._locked_until[_pair(username, address)] = now + self.policy.lockout_seconds
+            self._lock(_pair(username, address), now)
             logger.warning(
                 "login lockout username=%r address=%s for %.0fs after %d failures",
                 username,
@@ -88,6 +89,16 @@ class LoginThrottle:
         """A correct login clears the pair's record (the per-address record stays)."""
         self._failures.pop(_pair(username, address), None)
         self._failures.pop(f"u:{username}", None)
+
+    def _lock(self, key: str, now: float) -> None:
+        # Expired lockouts are otherwise only dropped when their own pair tries again: prune them
+        # here, and cap the rest like the failure records, so a spray of usernames stays bounded.
+        locks = self._locked_until
+        while locks and next(iter(locks.values())) <= now:
+            locks.popitem(last=False)
+        locks[key] = now + self.policy.lockout_seconds
+        while len(locks) > self.max_keys:
+            locks.popitem(last=False)
 
     def _count(self, key: str, now: float) -> int:
         stamps = self._failures.pop(key, None) or deque()

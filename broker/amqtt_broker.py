@@ -8,25 +8,32 @@
 - deliver a message to one session directly (provisioning replies never pass subscriptions);
 - disconnect one session without its will (revocation, re-provisioning);
 - never retain what a provisioning session publishes or anything under ``provision/``;
-- send retained messages only where the topic ACL allows RECEIVE (amqtt skips that check).
+- send retained messages only where the topic ACL allows RECEIVE (amqtt skips that check);
+- MQTT 3.1.1 delivery rules amqtt gets wrong: never above the published QoS, one copy per
+  session for overlapping subscriptions, a repeated SUBSCRIBE replaces the QoS, unacknowledged
+  QoS 1/2 messages resent to a persistent session when it reconnects (see :mod:`broker.protocol`),
+  queued messages without RETAIN and bounded, a clean session never resumed, and a take-over
+  that completes before the new connection uses the session.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker
+from amqtt.broker import Broker, Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
+from amqtt.events import BrokerEvents
 from amqtt.mqtt.connack import ConnackPacket
+from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
-from amqtt.session import Session
+from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from auth_plugin.principals import (
@@ -47,6 +54,10 @@ _PROVISION_ROOT = "provision/"
 _PREAUTHENTICATED = "mqttprov.preauthenticated"
 #: Message of the exception that ends a refused or timed-out connection (amqtt logs it).
 REFUSED_MARKER = "mqttprov: connection refused"
+#: A take-over waits at most this long for the old connection to finish before going on.
+TAKEOVER_TIMEOUT = 5.0
+_SUBSCRIBE_FAILURE = 0x80
+_DROPPED_WHILE_OFFLINE = "mqttprov.dropped_while_offline"
 
 
 @dataclass(frozen=True)
@@ -139,13 +150,13 @@ class MqttprovBroker(Broker):
         """amqtt's session-table rules for an authenticated CONNECT (MQTT 3.1.1 §3.1.2.4)."""
         client_id = fresh.client_id or ""
         existing = self._sessions.get(client_id)
-        if fresh.clean_session:
+        if existing is not None:
+            await self._end_live(existing)
+        if fresh.clean_session or existing is None or existing[0].clean_session is not False:
+            # A clean session ends with its connection [MQTT-3.1.2-6]: amqtt would resume one that
+            # its monitor had not yet removed (up to 1 s), answering "session present".
             if existing is not None:
-                await self._end_live(existing)
                 await self._delete_session(client_id)
-            fresh.parent = 0
-            return fresh
-        if existing is None:
             fresh.parent = 0
             return fresh
         session = existing[0]
@@ -165,9 +176,39 @@ class MqttprovBroker(Broker):
     @staticmethod
     async def _end_live(entry: tuple[Session, BrokerProtocolHandler]) -> None:
         # amqtt would orphan the old socket here (its session deleted, its connection left open).
+        # Wait until the old connection is finished (will sent, unacknowledged messages kept for
+        # redelivery, session disconnected): in amqtt's own take-over the old connection's loop
+        # marked a resumed session disconnected after the new one had it, and the device went deaf.
         session, handler = entry
-        if session.transitions.state == "connected":
-            await handler.handle_connection_closed()
+        if session.transitions.state != "connected":
+            return
+        await handler.handle_connection_closed()
+        await handler.stop()
+        if isinstance(handler, KeepAliveHandler):
+            try:
+                await asyncio.wait_for(handler.finished.wait(), TAKEOVER_TIMEOUT)
+            except TimeoutError:
+                logger.warning(
+                    "client %r: the connection taken over did not finish in time", session.client_id
+                )
+
+    async def _handle_client_session(  # noqa: PLR0917 - amqtt's signature
+        self,
+        reader: ReaderAdapter,
+        writer: WriterAdapter,
+        client_session: Session,
+        handler: BrokerProtocolHandler,
+        server: Server,
+        listener_name: str,
+    ) -> None:
+        """amqtt's connection lifetime; afterwards the handler says it is finished (see _end_live)."""
+        try:
+            await super()._handle_client_session(
+                reader, writer, client_session, handler, server, listener_name
+            )
+        finally:
+            if isinstance(handler, KeepAliveHandler):
+                handler.finished.set()
 
     async def _authenticate(self, session: Session, _: Any) -> bool:
         # Already decided in _initialize_client_session; amqtt asks again on the adopted session.
@@ -253,13 +294,112 @@ class MqttprovBroker(Broker):
                 continue
             sends.append(
                 asyncio.create_task(
+                    # amqtt's ``retained.qos or qos`` sent a QoS 0 retained message at the
+                    # subscription's QoS [MQTT-3.8.4-6].
                     handler.mqtt_publish(
-                        retained.topic, retained.data, min(qos, retained.qos or qos), retain=True
+                        retained.topic,
+                        retained.data,
+                        qos if retained.qos is None else min(qos, retained.qos),
+                        retain=True,
                     )
                 )
             )
         if sends:
             await asyncio.wait(sends)
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
+        """amqtt's checks and grant; subscribing again to the same filter replaces its QoS."""
+        granted: int = await super().add_subscription(subscription, session)
+        if granted != _SUBSCRIBE_FAILURE:
+            # amqtt 0.12.1 keeps the first subscription's QoS; MQTT replaces it [MQTT-3.8.4-3].
+            entries = self._subscriptions.get(subscription[0], [])
+            for index, (subscriber, _qos) in enumerate(entries):
+                if subscriber.client_id == session.client_id:
+                    entries[index] = (session, granted)
+        return granted
+
+    async def _handle_message_delivery(
+        self, client_session: Session, _handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+    ) -> bool:
+        # amqtt 0.12.1's, except that the broadcast carries the QoS the message was published with:
+        # amqtt dropped it, and a QoS 0 publish reached a QoS 2 subscriber as QoS 2.
+        app_message = wait_deliver.result()
+        client_id = client_session.client_id
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_RECEIVED, client_id=client_id, message=app_message
+        )
+        if app_message is None:
+            return True
+        topic = app_message.topic
+        if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
+            # [MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.2-1]: amqtt closes the connection.
+            logger.info("closing client %r: it published to the invalid topic %r", client_id, topic)
+            return False
+        if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
+            logger.debug("client %r may not publish to %r", client_id, topic)
+            return True
+        await self.plugins_manager.fire_event(
+            BrokerEvents.MESSAGE_BROADCAST, client_id=client_id, message=app_message
+        )
+        await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
+        if app_message.publish_packet and app_message.publish_packet.retain_flag:
+            await self.retain_message(client_session, topic, app_message.data, app_message.qos)
+        return True
+
+    async def _run_broadcast(self, running_tasks: deque[asyncio.Task[OutgoingApplicationMessage]]) -> None:
+        # Replaces amqtt 0.12.1's. A session whose subscriptions overlap gets one copy, at the
+        # highest QoS they were granted [MQTT-3.3.5-1], never above the published QoS (the will's
+        # QoS for a will) [MQTT-3.8.4-6]; amqtt sent one copy per matching filter, each at that
+        # subscription's QoS. Offline persistent sessions queue QoS 1/2 messages, now bounded.
+        broadcast = await self._broadcast_queue.get()
+        topic: str = broadcast["topic"]
+        published: int | None = broadcast.get("qos")
+        targets: dict[str | None, tuple[Session, int]] = {}
+        for topic_filter, subscriptions in self._subscriptions.items():
+            if self._matches(topic, topic_filter):
+                for subscriber, granted in subscriptions:
+                    best = targets.get(subscriber.client_id)
+                    if best is None or granted > best[1]:
+                        targets[subscriber.client_id] = (subscriber, granted)
+        for subscriber, granted in targets.values():
+            qos = granted if published is None else min(granted, published)
+            if not await self._topic_filtering(subscriber, topic=topic, action=Action.RECEIVE):
+                continue
+            if subscriber.transitions.state == "connected":
+                handler = self._get_handler(subscriber)
+                if handler is not None:
+                    publish = handler.mqtt_publish(topic, broadcast["data"], qos, retain=False)
+                    running_tasks.append(asyncio.ensure_future(publish))
+            elif subscriber.clean_session is False and qos in (QOS_1, QOS_2) and not subscriber.is_anonymous:
+                await self._queue_while_offline(broadcast, qos, subscriber)
+
+    async def _queue_while_offline(self, broadcast: dict[str, Any], qos: int, session: Session) -> None:
+        # amqtt's queue for an offline session has no bound; drop new messages beyond the limit.
+        if session.retained_messages.qsize() < self.limits.max_queued_messages:
+            await self._retain_broadcast_message(broadcast, qos, session)
+            return
+        dropped = session.attributes.get(_DROPPED_WHILE_OFFLINE, 0) + 1
+        session.attributes[_DROPPED_WHILE_OFFLINE] = dropped
+        if dropped == 1 or dropped % 1000 == 0:
+            logger.warning(
+                "client %r is offline with a full queue: %d messages dropped", session.client_id, dropped
+            )
+
+    async def _publish_session_retained_messages(self, session: Session) -> None:
+        # What was queued while the session was offline, oldest first. amqtt 0.12.1 sent it with
+        # RETAIN set; it matches an established subscription, so the flag is 0 [MQTT-3.3.1-9].
+        session.attributes.pop(_DROPPED_WHILE_OFFLINE, None)
+        handler = self._get_handler(session)
+        sends: list[asyncio.Future[Any]] = []
+        while handler is not None and not session.retained_messages.empty():
+            queued = session.retained_messages.get_nowait()
+            sends.append(
+                asyncio.ensure_future(
+                    handler.mqtt_publish(queued.topic, queued.data, queued.qos, retain=False)
+                )
+            )
+        if sends:
+            await asyncio.gather(*sends, return_exceptions=True)
 
 
 class BrokerLink:
