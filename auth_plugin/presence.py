@@ -23,7 +23,7 @@ class PresenceRecorder:
 
     def __init__(self, store: PresenceStore, *, interval: float = 0.5) -> None:
         self._store = store
-        self._interval = interval
+        self.interval = interval
         self._latest: dict[uuid.UUID, Presence] = {}
         self._logins: dict[uuid.UUID, int] = {}
         self._wake = asyncio.Event()
@@ -60,7 +60,7 @@ class PresenceRecorder:
         """Write behind until cancelled; a final flush happens in :meth:`stop`."""
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._interval)
+                await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
             await self.flush()
 

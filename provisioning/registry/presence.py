@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import Table, bindparam, update
+from sqlalchemy import Table, bindparam, or_, update
 
 from provisioning.registry.events import fold_event
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Device, DeviceStatus
@@ -35,7 +35,8 @@ class PresenceStore(Repository):
         table = _DEVICES
         statement = (
             update(table)
-            .where(table.c.id == bindparam("b_id"), table.c.status.in_(_ACTIVE))
+            # Not ``status.in_(...)``: an expanding IN cannot run as executemany.
+            .where(table.c.id == bindparam("b_id"), or_(*(table.c.status == s for s in _ACTIVE)))
             .values(status=bindparam("b_status"), last_seen_at=bindparam("b_at"))
         )
         rows = [
