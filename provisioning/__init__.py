@@ -9,7 +9,7 @@ from provisioning.errors import (
     ProvisioningError,
     RegistryUnavailableError,
 )
-from provisioning.mac import is_mac, parse_mac
+from provisioning.mac import is_mac, parse_device_mac, parse_mac
 
 __all__ = [
     "ConcurrentChangeError",
@@ -20,5 +20,6 @@ __all__ = [
     "ProvisioningError",
     "RegistryUnavailableError",
     "is_mac",
+    "parse_device_mac",
     "parse_mac",
 ]

@@ -2,6 +2,9 @@
 
 Accepted notations, any letter case: ``aa:bb:cc:dd:ee:ff``, ``aa-bb-cc-dd-ee-ff``,
 ``aabb.ccdd.eeff`` (Cisco) and ``aabbccddeeff``. The canonical form is lowercase with colons.
+
+:func:`parse_mac` is about notation only (lookups, client ids); :func:`parse_device_mac` also
+refuses what cannot be one device's address: all-zero, broadcast and multicast (I/G bit set).
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ _NOTATIONS = (
     re.compile(rf"{_HEX}{{12}}"),
 )
 _MAX_SHOWN = 40
+_ALL_ZERO = "00:00:00:00:00:00"
+_BROADCAST = "ff:ff:ff:ff:ff:ff"
+#: The I/G bit of the first octet: set for group (multicast and broadcast) addresses.
+_GROUP_BIT = 0x01
 
 
 def parse_mac(text: str) -> str:
@@ -29,6 +36,23 @@ def parse_mac(text: str) -> str:
         raise InvalidMacError(f"not a MAC address: {_shown(text)} (expected e.g. aa:bb:cc:dd:ee:ff)")
     digits = "".join(ch for ch in text if ch not in ":-.").lower()
     return ":".join(digits[i : i + 2] for i in range(0, 12, 2))
+
+
+def parse_device_mac(text: str) -> str:
+    """As :func:`parse_mac`, and refuse addresses no single device can own.
+
+    ``00:00:00:00:00:00`` is the unset placeholder firmware reports before it reads its
+    EEPROM, and a group address (the I/G bit, the low bit of the first octet: multicast, and
+    broadcast ``ff:ff:ff:ff:ff:ff``) names many stations: enrolling either would let one
+    credential stand for a whole batch of devices.
+    """
+    canonical = parse_mac(text)
+    if canonical == _ALL_ZERO:
+        raise InvalidMacError(f"{canonical} is the all-zero placeholder, not a device's address")
+    if int(canonical[:2], 16) & _GROUP_BIT:
+        kind = "the broadcast" if canonical == _BROADCAST else "a multicast (group)"
+        raise InvalidMacError(f"{canonical} is {kind} address, not a device's address")
+    return canonical
 
 
 def is_mac(text: str) -> bool:

@@ -26,7 +26,7 @@ from provisioning.contract import (
     reply_topic,
 )
 from provisioning.errors import ConcurrentChangeError, DeviceExistsError, InvalidMacError
-from provisioning.mac import parse_mac
+from provisioning.mac import parse_device_mac
 from provisioning.passwords import PasswordHasher, generate_password
 from provisioning.ratelimit import RateLimiter
 from provisioning.registry import Actor, DeviceCredentials, DeviceInfo, DeviceRegistry, DeviceStatus
@@ -102,7 +102,7 @@ class ProvisioningService:
     def _parse(self, identity: ClientIdentity, payload: bytes) -> tuple[ProvisionRequest, str]:
         request = decode_request(payload, max_bytes=self._policy.max_payload_bytes)
         try:
-            mac = parse_mac(request.mac)
+            mac = parse_device_mac(request.mac)
         except InvalidMacError as exc:
             raise RequestRefusedError(ErrorCode.INVALID_MAC, str(exc), request.request_id) from exc
         if mac != identity.mac:

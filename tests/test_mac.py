@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from provisioning import InvalidMacError, ProvisioningError, is_mac, parse_mac
+from provisioning import InvalidMacError, ProvisioningError, is_mac, parse_device_mac, parse_mac
 
 CANONICAL = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 FORBIDDEN = ("+", "#", "/", "\x00")  # MQTT wildcards, topic separator, NUL
@@ -158,3 +158,44 @@ def test_arbitrary_text_is_rejected_or_canonical(text: str) -> None:
 @example(prefix="aabbccddeeff", forbidden="\x00", suffix="")
 def test_text_with_wildcards_slash_or_nul_never_parses(prefix: str, forbidden: str, suffix: str) -> None:
     assert not is_mac(prefix + forbidden + suffix)
+
+
+# -- device MACs: what one device can own -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("00:00:00:00:00:00", id="all-zero"),
+        pytest.param("000000000000", id="all-zero-bare"),
+        pytest.param("ff:ff:ff:ff:ff:ff", id="broadcast"),
+        pytest.param("FFFF.FFFF.FFFF", id="broadcast-cisco"),
+        pytest.param("01:00:5e:00:00:fb", id="ipv4-multicast"),
+        pytest.param("33-33-00-00-00-01", id="ipv6-multicast"),
+        pytest.param("01:80:c2:00:00:0e", id="lldp-group"),
+        pytest.param("03:00:00:00:00:01", id="local-multicast"),
+    ],
+)
+def test_group_and_all_zero_addresses_are_not_device_macs(text: str) -> None:
+    assert is_mac(text) is True  # a MAC by notation: lookups and client ids still parse it
+    with pytest.raises(InvalidMacError, match="not a device's address"):
+        parse_device_mac(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["02:00:00:00:00:00", "00:00:00:00:00:01", "fe:ff:ff:ff:ff:ff", "a4cf12345678"]
+)
+def test_unicast_addresses_are_device_macs(text: str) -> None:
+    assert parse_device_mac(text) == parse_mac(text)
+
+
+@given(octets=st.binary(min_size=6, max_size=6), notation=st.integers(min_value=0, max_value=3))
+def test_device_mac_is_exactly_a_nonzero_unicast_mac(octets: bytes, notation: int) -> None:
+    unicast_and_set = not octets[0] & 0x01 and any(octets)
+    try:
+        parsed = parse_device_mac(render(octets, notation))
+    except InvalidMacError:
+        assert not unicast_and_set
+    else:
+        assert unicast_and_set
+        assert parsed == ":".join(f"{b:02x}" for b in octets)

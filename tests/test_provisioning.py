@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from provisioning.errors import InvalidMacError
-from provisioning.mac import parse_mac
+from provisioning.mac import parse_device_mac, parse_mac
 from provisioning.registry import DeviceStatus
 from tests.mqtt_clients import (
     ACCEPTED,
@@ -415,7 +415,7 @@ def expected_valid(payload: bytes, session_mac: str) -> bool | None:
     if not isinstance(data, dict) or not isinstance(data.get("mac"), str):
         return False
     try:
-        if parse_mac(data["mac"]) != session_mac:
+        if parse_device_mac(data["mac"]) != session_mac:
             return False
     except InvalidMacError:
         return False

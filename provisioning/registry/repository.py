@@ -22,7 +22,7 @@ from provisioning.errors import (
     InvalidTransitionError,
     ProvisioningError,
 )
-from provisioning.mac import parse_mac
+from provisioning.mac import parse_device_mac, parse_mac
 from provisioning.registry.events import fold_event, new_event
 from provisioning.registry.models import Actor, Device, DeviceEvent, DeviceStatus, utcnow
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
@@ -128,9 +128,10 @@ class DeviceRegistry(Repository):
     ) -> DeviceInfo:
         """Insert a device; :class:`DeviceExistsError` when its MAC is already registered.
 
-        Uniqueness is the database's: concurrent creators of one MAC get one row.
+        Uniqueness is the database's: concurrent creators of one MAC get one row. Group and
+        all-zero addresses are :class:`InvalidMacError` (see :func:`parse_device_mac`).
         """
-        canonical = parse_mac(mac)
+        canonical = parse_device_mac(mac)
         device_id = uuid.uuid4()
         row = Device(
             id=device_id,
