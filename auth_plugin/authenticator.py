@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +26,7 @@ from provisioning.contract import PROVISION_USERNAME, identity_from_client_id
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, Actor, DeviceInfo, DeviceRegistry
-from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.accounts import AccountCredentials, AccountRegistry
 from provisioning.topics import validate_filter
 
 logger = logging.getLogger(__name__)
@@ -78,6 +79,16 @@ def device_namespace(template: str, device: DeviceInfo) -> str:
     # Ids, usernames and canonical MACs contain no '+', '#' or '/', so nothing can be injected.
     return validate_filter(
         template.format(device_id=device.id, username=device.mqtt_username, mac=device.mac)
+    )
+
+
+def _account_principal(record: AccountCredentials, tag: str) -> AccountPrincipal:
+    rules = record.account.allow
+    return AccountPrincipal(
+        name=record.account.name,
+        subscribe=tuple(r.filter for r in rules if r.action == "subscribe"),
+        publish=tuple(r.filter for r in rules if r.action == "publish"),
+        tag=tag,
     )
 
 
@@ -174,7 +185,26 @@ class Authenticator:
             return False
         return True
 
+    def _cached_login(self, attempt: ConnectAttempt, username: str) -> Decision | None:
+        """A warm reconnect: the same (username, password) as an accepted login, no registry read."""
+        principal = self.cache.principal(username, attempt.password or "")
+        if principal is None:
+            return None
+        self.stats.cache_hits += 1
+        client_id = attempt.client_id or ""
+        if isinstance(principal, DevicePrincipal):
+            if client_id != username:
+                self._audit(principal.device_id, "client id differs from username")
+                return Decision(None, "client id must equal the username")
+            return Decision(principal, "device credentials (cached)")
+        if client_id != username and not client_id.startswith(username + "-"):
+            return Decision(None, "client id must be the account name or NAME-<anything>")
+        return Decision(principal, "service account (cached)")
+
     async def _device_login(self, attempt: ConnectAttempt, username: str) -> Decision:
+        cached = self._cached_login(attempt, username)
+        if cached is not None:
+            return cached
         record = await self._registry.find_credentials_by_username(username)
         password = attempt.password or ""
         if record is None or record.password_hash is None:
@@ -189,21 +219,27 @@ class Authenticator:
         if verified is None:
             return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
         if not verified:
-            self._audit(device, "wrong password")
+            self._audit(device.id, "wrong password")
             return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
         if device.status not in ACTIVE_STATUSES:
             return Decision(None, f"device is {device.status.value}")
         if attempt.client_id != username:
-            self._audit(device, "client id differs from username")
+            self._audit(device.id, "client id differs from username")
             return Decision(None, "client id must equal the username")
         if device.activated_at is None:
             await self._registry.mark_activated(device.id)
-        principal = DevicePrincipal(
-            device.id, username, device.mac, device_namespace(self._template, device), tag
-        )
+        principal = self._device_principal(device, tag)
+        self.cache.accept(username, tag, principal)
         return Decision(principal, "device credentials")
 
+    def _device_principal(self, device: DeviceInfo, tag: str) -> DevicePrincipal:
+        namespace = device_namespace(self._template, device)
+        return DevicePrincipal(device.id, device.mqtt_username, device.mac, namespace, tag)
+
     async def _account_login(self, attempt: ConnectAttempt, username: str) -> Decision:
+        cached = self._cached_login(attempt, username)
+        if cached is not None:
+            return cached
         record = await self._accounts.find(username)
         password = attempt.password or ""
         if record is None:
@@ -220,14 +256,37 @@ class Authenticator:
         client_id = attempt.client_id or ""
         if client_id != username and not client_id.startswith(username + "-"):
             return Decision(None, "client id must be the account name or NAME-<anything>")
-        rules = record.account.allow
-        principal = AccountPrincipal(
-            name=username,
-            subscribe=tuple(r.filter for r in rules if r.action == "subscribe"),
-            publish=tuple(r.filter for r in rules if r.action == "publish"),
-            tag=tag,
-        )
+        principal = _account_principal(record, tag)
+        self.cache.accept(username, tag, principal)
         return Decision(principal, "service account")
+
+    async def principal_for(self, username: str | None, client_id: str | None) -> Principal | None:
+        """The principal of a session a broker has already authenticated, from the registry alone.
+
+        For auth services whose broker asks about topics without the password (``mqttprov
+        authd``): the same identity rules as :meth:`authenticate`, minus the password check,
+        against the credential as it is *now* (None when it is no longer valid).
+        """
+        if username is not None and username.startswith(DEVICE_USERNAME_PREFIX):
+            record = await self._registry.find_credentials_by_username(username)
+            if (
+                record is None
+                or record.password_hash is None
+                or record.device.status not in ACTIVE_STATUSES
+                or client_id != username
+            ):
+                return None
+            return self._device_principal(record.device, credential_tag(record.password_hash))
+        identity = identity_from_client_id(client_id)
+        if identity is not None and username in (None, "", PROVISION_USERNAME):
+            return ProvisioningPrincipal(identity)
+        if not username:
+            return None
+        account = await self._accounts.find(username)
+        client = client_id or ""
+        if account is None or (client != username and not client.startswith(username + "-")):
+            return None
+        return _account_principal(account, credential_tag(account.password_hash))
 
     def _provisioning_session(self, attempt: ConnectAttempt, principal: ProvisioningPrincipal) -> Decision:
         if attempt.will_flag:
@@ -247,13 +306,13 @@ class Authenticator:
             return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
 
-    def _audit(self, device: DeviceInfo, reason: str) -> None:
+    def _audit(self, device_id: uuid.UUID, reason: str) -> None:
         """A folded ``login_refused`` event, written in the background (never delays the answer)."""
         task = asyncio.get_running_loop().create_task(
             self._registry.record_event(
-                device.id, "login_refused", actor=Actor.DEVICE, detail={"reason": reason}, fold=True
+                device_id, "login_refused", actor=Actor.DEVICE, detail={"reason": reason}, fold=True
             ),
-            name=f"audit-login-{device.id}",
+            name=f"audit-login-{device_id}",
         )
         self._background.add(task)
         task.add_done_callback(self._audited)

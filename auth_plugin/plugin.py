@@ -13,6 +13,7 @@ from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.principals import DevicePrincipal, bind_principal, principal_of, set_refusal_code
+from auth_plugin.revocation import Revoker
 
 logger = logging.getLogger(__name__)
 
@@ -78,17 +79,21 @@ class MqttprovTopicPlugin(BaseTopicPlugin):
 
 
 class MqttprovPresencePlugin(BasePlugin[Any]):
-    """Feeds connects and disconnects of devices to the presence recorder (written behind)."""
+    """Session lifecycle: presence of devices (written behind), and a last revocation check."""
 
     @dataclass
     class Config:
-        """The recorder doing the work."""
+        """The recorder and the revocation follower doing the work."""
 
         presence: Any = None
+        revoker: Any = None
 
-    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:  # noqa: ARG002
+    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
         """amqtt hook after a CONNACK 0."""
         principal = principal_of(client_session)
+        revoker: Revoker | None = self.config.revoker
+        if principal is not None and revoker is not None:
+            revoker.confirm(client_id, principal)
         if isinstance(principal, DevicePrincipal):
             recorder: PresenceRecorder = self.config.presence
             recorder.online(principal.device_id)

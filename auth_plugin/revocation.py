@@ -19,7 +19,7 @@ from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal,
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.registry.transactions import CHANGES_CHANNEL
+from provisioning.registry.transactions import CHANGES_CHANNEL, watch_changes
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +54,10 @@ class Revoker:
         self._sessions = sessions
         self._interval = interval
         self._wake = asyncio.Event()
+        self._rechecks: set[asyncio.Task[None]] = set()
         self.kicked = 0
+        # Changes made by this process: drop the entries now, and read the feed now to kick.
+        watch_changes(devices.engine, self._changed_here)
 
     async def run(self) -> None:
         """Follow the feed until cancelled."""
@@ -78,6 +81,8 @@ class Revoker:
                     last = changes[-1][0]
                     await self.apply({username for _, username, _ in changes})
         finally:
+            for task in list(self._rechecks):
+                task.cancel()
             if listener is not None:
                 await listener.close()
 
@@ -86,16 +91,43 @@ class Revoker:
         for username in usernames:
             self._cache.drop(username)
         for client_id, principal in list(self._sessions.live_principals()):
-            name = (
-                principal.username
-                if isinstance(principal, DevicePrincipal)
-                else getattr(principal, "name", None)
-            )
-            if name not in usernames or await self._still_valid(principal):
+            if _name_of(principal) not in usernames or await self._still_valid(principal):
                 continue
-            if await self._sessions.kick(client_id, "credentials revoked"):
-                self.kicked += 1
-                logger.info("revoked session client=%r username=%s", client_id, name)
+            await self._kick(client_id, principal)
+
+    def _changed_here(self, usernames: frozenset[str]) -> None:
+        for username in usernames:
+            self._cache.drop(username)
+        self._wake.set()
+
+    def confirm(self, client_id: str, principal: Principal) -> None:
+        """A session just went live: re-check it if its credential was dropped after its login.
+
+        A change applied between a login's check and its session joining the broker's table is
+        not seen by :meth:`apply`; the dropped cache entry tells, and a registry read decides.
+        """
+        if isinstance(principal, DevicePrincipal | AccountPrincipal) and not self._cache.holds(
+            _name_of(principal) or "", principal.tag
+        ):
+            task = asyncio.get_running_loop().create_task(
+                self._recheck(client_id, principal), name=f"mqttprov-recheck-{client_id}"
+            )
+            self._rechecks.add(task)
+            task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self, client_id: str, principal: Principal) -> None:
+        try:
+            valid = await self._still_valid(principal)
+        except RegistryUnavailableError as exc:
+            logger.warning("could not re-check client=%r after a credential change: %s", client_id, exc)
+            return
+        if not valid:
+            await self._kick(client_id, principal)
+
+    async def _kick(self, client_id: str, principal: Principal) -> None:
+        if await self._sessions.kick(client_id, "credentials revoked"):
+            self.kicked += 1
+            logger.info("revoked session client=%r username=%s", client_id, _name_of(principal))
 
     async def _still_valid(self, principal: Principal) -> bool:
         if isinstance(principal, DevicePrincipal):
@@ -134,6 +166,14 @@ class Revoker:
 
     def _notified(self, *_: object) -> None:
         self._wake.set()
+
+
+def _name_of(principal: Principal) -> str | None:
+    if isinstance(principal, DevicePrincipal):
+        return principal.username
+    if isinstance(principal, AccountPrincipal):
+        return principal.name
+    return None
 
 
 async def _release(conn: Any) -> None:

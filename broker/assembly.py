@@ -12,6 +12,7 @@ from typing import Any
 
 from auth_plugin.authenticator import Authenticator
 from auth_plugin.presence import PresenceRecorder
+from auth_plugin.revocation import Revoker
 from broker.errors import ServeError
 from config import BrokerSettings, Settings
 from provisioning.ports import SessionControl
@@ -42,6 +43,7 @@ class Services:
     provisioning: ProvisioningService
     sessions: SessionControl
     presence: PresenceRecorder
+    revoker: Revoker
 
 
 def listeners(settings: BrokerSettings) -> list[Listener]:
@@ -59,7 +61,10 @@ def plugin_config(services: Services) -> dict[str, dict[str, Any]]:
     return {
         "auth_plugin.plugin.MqttprovAuthPlugin": {"authenticator": services.authenticator},
         "auth_plugin.plugin.MqttprovTopicPlugin": {},
-        "auth_plugin.plugin.MqttprovPresencePlugin": {"presence": services.presence},
+        "auth_plugin.plugin.MqttprovPresencePlugin": {
+            "presence": services.presence,
+            "revoker": services.revoker,
+        },
         "provisioning.plugin.ProvisioningPlugin": {
             "service": services.provisioning,
             "sessions": services.sessions,

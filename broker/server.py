@@ -93,14 +93,15 @@ class BrokerServer:
         hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
         link = BrokerLink()
         authenticator = Authenticator(registry, accounts, hasher, settings)
+        revoker = Revoker(
+            registry, accounts, authenticator.cache, link, interval=settings.auth.revocation_poll_interval
+        )
         services = Services(
             authenticator=authenticator,
             provisioning=ProvisioningService(registry, hasher, settings, sessions=link),
             sessions=link,
             presence=PresenceRecorder(PresenceStore(engine)),
-        )
-        revoker = Revoker(
-            registry, accounts, authenticator.cache, link, interval=settings.auth.revocation_poll_interval
+            revoker=revoker,
         )
         return _Running(registry, accounts, hasher, services, revoker, link)
 

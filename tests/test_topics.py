@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from auth_plugin.cache import VerifiedCache
+from auth_plugin.principals import AccountPrincipal
 from provisioning.topics import InvalidTopicError, covers, matches, parse_rule, validate_filter
 
 
@@ -102,4 +103,22 @@ def test_cache_is_bounded_and_holds_no_plaintext() -> None:
         cache.remember(name, "t", f"secret-{name}")
     assert len(cache) == 2
     assert cache.verified("u1", "t", "secret-u1") is False  # evicted, least recently used
-    assert all(b"secret" not in digest for _tag, digest in cache._entries.values())
+    assert all(b"secret" not in entry.digest for entry in cache._entries.values())
+    assert "secret" not in repr(list(cache._entries.values()))
+
+
+def test_cache_answers_with_the_principal_only_for_the_same_password_and_credential() -> None:
+    cache = VerifiedCache()
+    principal = AccountPrincipal("backend", ("devices/+/telemetry",), (), "tag1")
+    cache.remember("backend", "tag1", "pw")
+    assert cache.principal("backend", "pw") is None  # checked, but the login was not accepted yet
+    cache.accept("backend", "tag2", principal)  # another credential: ignored
+    assert cache.principal("backend", "pw") is None
+    cache.accept("backend", "tag1", principal)
+    assert cache.principal("backend", "pw") is principal
+    assert cache.principal("backend", "other") is None
+    assert cache.holds("backend", "tag1") is True
+    assert cache.holds("backend", "tag2") is False
+    cache.drop("backend")
+    assert cache.principal("backend", "pw") is None
+    assert cache.holds("backend", "tag1") is False

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from sqlalchemy import func, select, text
@@ -15,6 +16,18 @@ from provisioning.registry.models import CredentialChange
 
 #: PostgreSQL NOTIFY channel that wakes every broker's change follower at once.
 CHANGES_CHANNEL = "mqttprov_credential_changes"
+#: ``AsyncSession.info`` key of the usernames whose credentials the transaction changed.
+_CHANGED_KEY = "mqttprov.changed_usernames"
+
+ChangeWatcher = Callable[[frozenset[str]], None]
+# Watchers per engine (one engine per process, shared by every repository): told right after a
+# commit that changed credentials, so this process need not wait for its own change feed.
+_watchers: weakref.WeakKeyDictionary[object, list[ChangeWatcher]] = weakref.WeakKeyDictionary()
+
+
+def watch_changes(engine: AsyncEngine, watcher: ChangeWatcher) -> None:
+    """Call ``watcher`` with the changed usernames after each commit through ``engine``."""
+    _watchers.setdefault(engine.sync_engine, []).append(watcher)
 
 
 class Repository:
@@ -43,10 +56,15 @@ class Repository:
 
     @asynccontextmanager
     async def _write(self) -> AsyncIterator[AsyncSession]:
-        async with self._sessions() as session, translated_errors(), session.begin():
-            # Procured with the option before BEGIN is emitted (see engine._on_begin).
-            await session.connection(execution_options={WRITE_OPTION: True})
-            yield session
+        async with self._sessions() as session, translated_errors():
+            async with session.begin():
+                # Procured with the option before BEGIN is emitted (see engine._on_begin).
+                await session.connection(execution_options={WRITE_OPTION: True})
+                yield session
+            changed: set[str] | None = session.info.pop(_CHANGED_KEY, None)
+        if changed:
+            for watcher in _watchers.get(self._engine.sync_engine, ()):
+                watcher(frozenset(changed))
 
     async def changes_since(self, last_id: int, *, limit: int = 1000) -> list[tuple[int, str, str]]:
         """Credential changes after ``last_id``, oldest first: ``(id, username, kind)``."""
@@ -68,6 +86,7 @@ class Repository:
 async def record_change(session: AsyncSession, username: str, kind: str) -> None:
     """Add a change-feed row in the caller's transaction (and wake followers on PostgreSQL)."""
     session.add(CredentialChange(username=username, kind=kind))
+    session.info.setdefault(_CHANGED_KEY, set()).add(username)
     if session.get_bind().dialect.name == "postgresql":
         # Delivered at commit, and only if the transaction commits.
         await session.execute(text("SELECT pg_notify(:channel, '')"), {"channel": CHANGES_CHANNEL})
