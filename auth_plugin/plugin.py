@@ -72,6 +72,11 @@ class MqttprovTopicPlugin(BaseTopicPlugin):
         """amqtt hook: True when the session may perform ``action`` on ``topic``."""
         if session is None or topic is None or action is None:
             return False
+        return self.check(session, topic, action)
+
+    @staticmethod
+    def check(session: Session, topic: str, action: Any) -> bool:
+        """The same decision, synchronously (the broker's delivery path calls it directly)."""
         try:
             return allows(principal_of(session), topic, Action(str(action)))
         except ValueError:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -36,6 +36,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from auth_plugin.plugin import MqttprovTopicPlugin
 from auth_plugin.principals import (
     SERVER_UNAVAILABLE,
     Principal,
@@ -80,6 +81,20 @@ class MqttprovBroker(Broker):
         self._open = 0
         self._open_by_address: Counter[str] = Counter()
         self.refused_over_limit = 0
+        self._acl_check: Callable[[Session, str, Any], bool] | None = None
+        topic_plugins = getattr(self.plugins_manager, "_topic_plugins", None)
+        if isinstance(topic_plugins, list) and len(topic_plugins) == 1:
+            (only,) = topic_plugins
+            if isinstance(only, MqttprovTopicPlugin):
+                self._acl_check = only.check
+
+    async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
+        # amqtt 0.12.1 runs each check as one task per topic plugin and gathers them, for every
+        # subscriber of every message. With our ACL as the only topic plugin, ask it directly:
+        # the same answer without two tasks per delivery (the throughput benchmark measures it).
+        if self._acl_check is None:
+            return bool(await super()._topic_filtering(session, topic, action))
+        return self._acl_check(session, topic, action)
 
     async def _client_connected(
         self, listener_name: str, reader: ReaderAdapter, writer: WriterAdapter

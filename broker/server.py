@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -16,6 +15,7 @@ from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
+from broker.core import run_until_signalled
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
@@ -182,26 +182,7 @@ class BrokerServer:
 
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until ``stop`` is set), then shut down cleanly."""
-    stop_event = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    handled: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, _request_stop, stop_event, sig)
-            handled.append(sig)
-        except (NotImplementedError, RuntimeError):  # pragma: no cover - not on the main thread
-            pass
-    try:
-        async with BrokerServer(settings):
-            await stop_event.wait()
-    finally:
-        for sig in handled:
-            loop.remove_signal_handler(sig)
-
-
-def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
-    logger.info("received %s, shutting down", sig.name)
-    stop.set()
+    await run_until_signalled(BrokerServer(settings), stop)
 
 
 def _root_cause(exc: BaseException) -> str:

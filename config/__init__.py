@@ -4,6 +4,7 @@ from config.errors import ConfigError
 from config.loader import DEFAULT_CONFIG_FILE, ENV_PREFIX, load_settings
 from config.models import (
     AclSettings,
+    AuthdSettings,
     AuthSettings,
     BrokerSettings,
     DatabaseSettings,
@@ -16,6 +17,7 @@ __all__ = [
     "ENV_PREFIX",
     "AclSettings",
     "AuthSettings",
+    "AuthdSettings",
     "BrokerSettings",
     "ConfigError",
     "DatabaseSettings",

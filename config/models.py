@@ -156,6 +156,38 @@ class AclSettings(_Section):
         return value
 
 
+AuthdContract = Literal["rabbitmq", "emqx", "vernemq", "goauth"]
+
+
+class AuthdSettings(_Section):
+    """``[authd]``: the HTTP auth service production brokers (RabbitMQ, EMQX, VerneMQ, Mosquitto) call."""
+
+    host: str = "127.0.0.1"
+    port: Port = 8089
+    #: Brokers present it as ``Authorization: Bearer SECRET`` or as the password of HTTP basic auth
+    #: (``http://authd:SECRET@host:port/...``); unset, any caller that reaches the port is served.
+    shared_secret: SecretStr | None = None
+    #: Requests worked on at once; more are answered with the contract's "deny" at once.
+    max_concurrent: Annotated[int, Field(ge=1, le=10000)] = 256
+    #: Seconds one decision may take (database, bcrypt queue) before it is answered "deny".
+    request_timeout: Annotated[float, Field(gt=0, le=60)] = 5.0
+    contracts: tuple[AuthdContract, ...] = ("rabbitmq", "emqx", "vernemq", "goauth")
+    #: The RabbitMQ virtual host MQTT connections use (``mqtt.vhost``); others are refused.
+    rabbitmq_vhost: str = "/"
+    #: A command run when a credential is revoked, to close the user's live connections on a broker
+    #: whose HTTP auth cannot do it (RabbitMQ: ``rabbitmqctl close_all_user_connections``).
+    #: Placeholders: ``{username}``. Empty: no kicking (the next login is refused all the same).
+    kick_command: tuple[str, ...] = ()
+    kick_timeout: Annotated[float, Field(gt=0, le=300)] = 15.0
+
+    @field_validator("contracts")
+    @classmethod
+    def _some_contract(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("enable at least one contract")
+        return tuple(dict.fromkeys(value))
+
+
 class Settings(_Section):
     """The whole effective configuration."""
 
@@ -164,6 +196,7 @@ class Settings(_Section):
     auth: AuthSettings = AuthSettings()
     provisioning: ProvisioningSettings = ProvisioningSettings()
     acl: AclSettings = AclSettings()
+    authd: AuthdSettings = AuthdSettings()
 
     def warnings(self) -> list[str]:
         """Operator-facing warnings about settings that work but are probably not meant."""

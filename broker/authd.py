@@ -1,0 +1,157 @@
+"""Run ``mqttprov authd``: the HTTP auth service over the registry, with its change-feed follower."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
+
+from aiohttp import web
+
+from auth_plugin.authd import (
+    AuthdRevoker,
+    AuthdService,
+    CommandKicker,
+    Contract,
+    Metrics,
+    PrincipalCache,
+    emqx,
+    goauth,
+    rabbitmq,
+    vernemq,
+)
+from auth_plugin.authd.app import build_app
+from broker.core import AuthCore, auth_core, run_until_signalled
+from broker.errors import ServeError
+from config import AuthdSettings, Settings
+from provisioning.errors import RegistryUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+def enabled_contracts(service: AuthdService, settings: AuthdSettings) -> list[Contract]:
+    """The contracts ``[authd] contracts`` enables, in that order."""
+    builders = {
+        "rabbitmq": lambda: rabbitmq.routes(service, vhost=settings.rabbitmq_vhost),
+        "emqx": lambda: emqx.routes(service),
+        "vernemq": lambda: vernemq.routes(service),
+        "goauth": lambda: goauth.routes(service),
+    }
+    return [builders[name]() for name in settings.contracts]
+
+
+def authd_warnings(settings: AuthdSettings) -> list[str]:
+    """What an operator should hear about before the service starts."""
+    if settings.shared_secret is not None and settings.shared_secret.get_secret_value():
+        return []
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    where = "on loopback only" if loopback else f"to anyone who reaches {settings.host}"
+    return [f"authd.shared_secret is not set: authd answers {where}"]
+
+
+@dataclass
+class _Running:
+    core: AuthCore
+    service: AuthdService
+    revoker: AuthdRevoker
+    runner: web.AppRunner
+    task: asyncio.Task[None]
+
+
+class AuthdServer:
+    """The running auth service; an async context manager, accepting requests on entry."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._running: _Running | None = None
+
+    @property
+    def service(self) -> AuthdService:
+        """The decisions behind the routes (valid while started)."""
+        if self._running is None:
+            raise ServeError("authd is not started")
+        return self._running.service
+
+    @property
+    def url(self) -> str:
+        """Base URL of the service."""
+        section = self.settings.authd
+        host = f"[{section.host}]" if ":" in section.host else section.host
+        return f"http://{host}:{section.port}"
+
+    async def start(self) -> None:
+        """Open the port and follow the change feed; :class:`ServeError` when the port is taken."""
+        section = self.settings.authd
+        for warning in authd_warnings(section):
+            logger.warning("%s", warning)
+        core = auth_core(self.settings)
+        metrics = Metrics(core.authenticator.stats, core.hasher)
+        cache = PrincipalCache()
+        service = AuthdService(core.authenticator, metrics, cache)
+        kicker = None
+        if section.kick_command:
+            kicker = CommandKicker(section.kick_command, timeout=section.kick_timeout)
+        revoker = AuthdRevoker(
+            core.registry,
+            core.accounts,
+            core.authenticator,
+            cache,
+            kicker,
+            interval=self.settings.auth.revocation_poll_interval,
+        )
+        app = build_app(section, enabled_contracts(service, section), metrics, core.registry.last_change_id)
+        # No access log: the query string of a badly configured broker could carry a secret.
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, section.host, section.port).start()
+        except OSError as exc:
+            await runner.cleanup()
+            await core.close()
+            raise ServeError(f"authd cannot listen on {section.host}:{section.port}: {exc}") from exc
+        task = asyncio.create_task(self._follow(revoker), name="mqttprov-authd-revocation")
+        self._running = _Running(core, service, revoker, runner, task)
+        logger.info("authd listening on %s (contracts: %s)", self.url, ", ".join(section.contracts))
+
+    async def _follow(self, revoker: AuthdRevoker) -> None:
+        # The follower needs the database to start; keep trying rather than die with it.
+        interval = self.settings.auth.revocation_poll_interval
+        while True:
+            try:
+                await revoker.run()
+            except RegistryUnavailableError as exc:
+                logger.warning("credential change feed unavailable, retrying: %s", exc)
+                await asyncio.sleep(interval)
+
+    async def stop(self) -> None:
+        """Stop answering, stop following the feed, release the pool and the engine."""
+        running, self._running = self._running, None
+        if running is None:
+            return
+        running.task.cancel()
+        await asyncio.gather(running.task, return_exceptions=True)
+        try:
+            await running.runner.cleanup()
+        finally:
+            await running.core.close()
+        logger.info("authd stopped")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def run_authd(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM (or until ``stop`` is set), then shut down cleanly."""
+    await run_until_signalled(AuthdServer(settings), stop)

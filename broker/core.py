@@ -1,0 +1,68 @@
+"""What every serving process shares: the registry, the bcrypt pool and the authenticator it builds
+first, and the way it runs until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+
+from auth_plugin.authenticator import Authenticator
+from config import Settings
+from provisioning.passwords import PasswordHasher
+from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.accounts import AccountRegistry
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AuthCore:
+    """One engine shared by both repositories, one bcrypt pool, the authenticator over them."""
+
+    registry: DeviceRegistry
+    accounts: AccountRegistry
+    hasher: PasswordHasher
+    authenticator: Authenticator
+
+    async def close(self) -> None:
+        """Stop the bcrypt workers and dispose the engine."""
+        self.hasher.close()
+        await self.registry.close()
+
+
+def auth_core(settings: Settings) -> AuthCore:
+    """Build the core from the settings (nothing is connected yet)."""
+    engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
+    registry = DeviceRegistry(engine)
+    accounts = AccountRegistry(engine)
+    hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
+    return AuthCore(registry, accounts, hasher, Authenticator(registry, accounts, hasher, settings))
+
+
+async def run_until_signalled(
+    service: AbstractAsyncContextManager[object], stop: asyncio.Event | None = None
+) -> None:
+    """Enter ``service``, wait for SIGINT/SIGTERM (or for ``stop``), then leave it cleanly."""
+    stop_event = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled: list[signal.Signals] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not on the main thread (tests), signals cannot be handled: ``stop`` still works.
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, _request_stop, stop_event, sig)
+            handled.append(sig)
+    try:
+        async with service:
+            await stop_event.wait()
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+
+
+def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
+    logger.info("received %s, shutting down", sig.name)
+    stop.set()
