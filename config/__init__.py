@@ -8,6 +8,7 @@ from config.models import (
     AuthSettings,
     BrokerSettings,
     DatabaseSettings,
+    ExternalSettings,
     ProvisioningSettings,
     Settings,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "BrokerSettings",
     "ConfigError",
     "DatabaseSettings",
+    "ExternalSettings",
     "ProvisioningSettings",
     "Settings",
     "load_settings",

@@ -130,6 +130,42 @@ def _secret(value: SecretStr | None) -> bool:
     return value is not None and bool(value.get_secret_value())
 
 
+class ExternalSettings(_Section):
+    """``[external]``: a production broker mqttprov provisions devices on and keeps in step (Mosquitto)."""
+
+    #: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS); the worker and the bridge connect here.
+    broker: str = "mqtt://127.0.0.1:1883"
+    #: The dynamic-security administrator the bridge logs in as (``mqttprov bridge``).
+    admin_username: str = "mqttprov-admin"
+    admin_password: SecretStr | None = None
+    #: The service client the provisioning worker logs in as (``mqttprov worker``).
+    worker_username: str = "mqttprov-worker"
+    worker_password: SecretStr | None = None
+    #: CA bundle that signs the broker's certificate (``mqtts://``); unset: the system's.
+    ca_file: Path | None = None
+    #: Workers share ``provision/request`` as ``$share/<group>/provision/request``; empty: plain.
+    shared_group: str = "mqttprov"
+    #: Seconds one command to the broker (dynamic-security call, reply PUBACK) may take.
+    request_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0
+    #: What the bridge does to a revoked device or account: ``delete`` or ``disable`` its client.
+    on_revoke: Literal["delete", "disable"] = "delete"
+
+    @field_validator("broker")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        scheme, sep, rest = value.partition("://")
+        if not sep or scheme not in ("mqtt", "mqtts") or not rest.rpartition("@")[2].strip("/"):
+            raise ValueError("broker must look like mqtt://host:port or mqtts://host:port")
+        return value
+
+    @field_validator("shared_group")
+    @classmethod
+    def _group_name(cls, value: str) -> str:
+        if any(ch in value for ch in "/+#"):
+            raise ValueError("shared_group must not contain '/', '+' or '#'")
+        return value
+
+
 class AclSettings(_Section):
     """``[acl]``: what a logged-in device may touch."""
 
@@ -195,6 +231,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     auth: AuthSettings = AuthSettings()
     provisioning: ProvisioningSettings = ProvisioningSettings()
+    external: ExternalSettings = ExternalSettings()
     acl: AclSettings = AclSettings()
     authd: AuthdSettings = AuthdSettings()
 

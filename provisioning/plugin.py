@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any
 
 from amqtt.plugins.base import BasePlugin
 
-from provisioning.contract import REQUEST_TOPIC, event_topic, identity_from_client_id
+from provisioning.contract import REQUEST_TOPIC, identity_from_client_id
 from provisioning.ports import SessionControl
 from provisioning.service import Outcome, ProvisioningService
 
@@ -53,13 +52,6 @@ class ProvisioningPlugin(BasePlugin[Any]):
 
     @staticmethod
     async def _announce(sessions: SessionControl, outcome: Outcome) -> None:
-        device = outcome.changed
-        if device is None:
-            return
-        event = {
-            "device_id": str(device.id),
-            "mac": device.mac,
-            "status": device.status.value,
-            "time": device.updated_at.isoformat(),
-        }
-        await sessions.announce(event_topic(device.id), json.dumps(event).encode())
+        event = outcome.event()
+        if event is not None:
+            await sessions.announce(*event)

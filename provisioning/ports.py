@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from provisioning.registry import DeviceInfo
 
 
 class SessionControl(Protocol):
@@ -18,4 +21,12 @@ class SessionControl(Protocol):
 
     async def announce(self, topic: str, payload: bytes) -> None:
         """Publish a broker-originated message to whoever the ACL lets receive it."""
+        ...
+
+
+class CredentialSink(Protocol):
+    """Somewhere else a freshly issued device password must go (an external broker's own store)."""
+
+    async def issued(self, device: DeviceInfo, password: str, password_hash: str) -> None:
+        """Called after the commit and before the reply; raising makes the reply INTERNAL."""
         ...

@@ -7,6 +7,7 @@ The reply is produced only after the database commit that makes the credentials 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from provisioning.contract import (
     Reply,
     RequestRefusedError,
     decode_request,
+    event_topic,
     reply_topic,
 )
 from provisioning.errors import ConcurrentChangeError, DeviceExistsError, InvalidMacError
@@ -33,7 +35,7 @@ from provisioning.registry import Actor, DeviceCredentials, DeviceInfo, DeviceRe
 from provisioning.registry.models import utcnow
 
 if TYPE_CHECKING:
-    from provisioning.ports import SessionControl
+    from provisioning.ports import CredentialSink, SessionControl
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +52,19 @@ class Outcome:
     reply: Reply
     changed: DeviceInfo | None = None
 
+    def event(self) -> tuple[str, bytes] | None:
+        """The enrolment event for back ends (topic, JSON; never a secret), if a device changed."""
+        device = self.changed
+        if device is None:
+            return None
+        event = {
+            "device_id": str(device.id),
+            "mac": device.mac,
+            "status": device.status.value,
+            "time": device.updated_at.isoformat(),
+        }
+        return event_topic(device.id), json.dumps(event).encode()
+
 
 class ProvisioningService:
     """Turn one ``provision/request`` into exactly one reply."""
@@ -61,12 +76,14 @@ class ProvisioningService:
         settings: Settings,
         *,
         sessions: SessionControl | None = None,
+        credentials: CredentialSink | None = None,
     ) -> None:
         self._registry = registry
         self._hasher = hasher
         self._settings = settings
         self._policy = settings.provisioning
         self._sessions = sessions
+        self._credentials = credentials
         self._by_mac = RateLimiter(self._policy.mac_requests_per_minute, self._policy.mac_burst)
         self._by_address = RateLimiter(self._policy.address_requests_per_minute, self._policy.address_burst)
         self._slots = asyncio.Semaphore(self._policy.max_concurrent)
@@ -207,6 +224,7 @@ class ProvisioningService:
             actor=Actor.DEVICE,
             event_kind="provisioned",
         )
+        await self._hand_over(device, password, password_hash)
         logger.info("device provisioned id=%s mac=%s", device.id, mac)
         return Outcome(topic, self._ok(device, password, request), device)
 
@@ -232,11 +250,18 @@ class ProvisioningService:
                 topic,
                 _refusal(ErrorCode.RATE_LIMITED, "device changed concurrently", request.request_id, wait),
             )
+        await self._hand_over(updated, password, password_hash)
         logger.info("device %s id=%s mac=%s", kind, updated.id, updated.mac)
         if device.status in _ACTIVE and self._sessions is not None:
             # The old credentials are dead: end a session still using them (no will).
             await self._sessions.kick(device.mqtt_username, f"credentials {kind}")
         return Outcome(topic, self._ok(updated, password, request), updated)
+
+    async def _hand_over(self, device: DeviceInfo, password: str, password_hash: str) -> None:
+        # After the commit, before the reply: an external broker that hashes passwords itself
+        # learns this one now or never. If it fails, the device gets INTERNAL and asks again.
+        if self._credentials is not None:
+            await self._credentials.issued(device, password, password_hash)
 
     def _ok(self, device: DeviceInfo, password: str, request: ProvisionRequest) -> OkReply:
         broker = self._settings.broker

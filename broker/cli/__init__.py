@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from broker.cli import accounts, authd, config_cmd, db, devices, keys, provision
+from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.server import serve as serve_forever
 
@@ -25,6 +25,8 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys.app, name="keys")
 app.add_typer(accounts.app, name="accounts")
 app.command("provision-device")(provision.provision_device)
+app.add_typer(bridge.app, name="bridge")
+app.command("worker")(worker.worker)
 app.command("authd")(authd.authd)
 
 

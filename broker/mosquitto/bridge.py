@@ -1,0 +1,221 @@
+"""Keep Mosquitto's dynamic-security clients in step with the registry.
+
+Two moments matter. When provisioning issues a password (after the commit, before the reply)
+:meth:`DynsecBridge.issued` hands the plaintext to Mosquitto, which hashes it itself, and the
+plaintext is forgotten. When a credential dies (reset, decommission, delete, account removal),
+:meth:`DynsecBridge.follow` sees it on the registry's change feed and deletes or disables the
+client, which makes Mosquitto disconnect its live sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from auth_plugin.principals import credential_tag
+from broker.mosquitto.dynsec import Acl, DynsecClient, DynsecError
+from broker.mosquitto.layout import (
+    DEFAULT_ACCESS,
+    WORKER_ROLE,
+    account_acls,
+    account_role,
+    device_acls,
+    device_namespace,
+    device_role,
+    marker,
+    tag_of,
+    worker_acls,
+)
+from config import Settings
+from provisioning.errors import ProvisioningError
+from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.topics import TopicRule
+
+logger = logging.getLogger(__name__)
+
+
+class DynsecBridge:
+    """Mosquitto's side of every credential the registry issues or revokes."""
+
+    def __init__(
+        self,
+        dynsec: DynsecClient,
+        settings: Settings,
+        *,
+        devices: DeviceRegistry,
+        accounts: AccountRegistry,
+        interval: float = 0.5,
+    ) -> None:
+        self.dynsec = dynsec
+        self.devices = devices
+        self.accounts = accounts
+        self._settings = settings
+        self._external = settings.external
+        self._interval = interval
+        self.revoked = 0
+
+    async def ensure_layout(self) -> None:
+        """Deny-by-default access, the worker's role, and its client when its password is configured."""
+        await self.dynsec.set_default_acl_access(DEFAULT_ACCESS)
+        await self._replace_role(WORKER_ROLE, worker_acls(self._external.shared_group))
+        secret = self._external.worker_password
+        if secret is None or not secret.get_secret_value():
+            return
+        name = self._external.worker_username
+        if await self.dynsec.get_client(name) is None:
+            await self.dynsec.create_client(
+                name,
+                secret.get_secret_value(),
+                clientid=None,
+                roles=[WORKER_ROLE],
+                textname="mqttprov provisioning worker",
+                textdescription="mqttprov worker",
+            )
+            logger.info("created the worker client %r on Mosquitto", name)
+
+    # -- issuing ----------------------------------------------------------------------------------
+
+    async def issued(self, device: DeviceInfo, password: str, password_hash: str) -> None:
+        """Give Mosquitto a device's new password, bound to client id = username."""
+        role = device_role(device.mqtt_username)
+        await self._replace_role(role, device_acls(device_namespace(self._settings, device)))
+        await self._put_client(
+            device.mqtt_username,
+            password,
+            password_hash,
+            clientid=device.mqtt_username,
+            role=role,
+            textname=f"device {device.mac}",
+        )
+        logger.info("credentials of device %s set on Mosquitto", device.mqtt_username)
+
+    async def account_issued(
+        self, name: str, rules: Sequence[TopicRule], password: str, password_hash: str
+    ) -> None:
+        """Give Mosquitto a service account's password and rules (refuses rules reaching provision/)."""
+        acls = account_acls(rules)
+        role = account_role(name)
+        await self._replace_role(role, acls)
+        # Accounts connect as NAME or NAME-<anything>: Mosquitto can bind one client id or none.
+        await self._put_client(
+            name, password, password_hash, clientid=None, role=role, textname=f"account {name}"
+        )
+        logger.info("credentials of service account %s set on Mosquitto", name)
+
+    async def _put_client(
+        self,
+        username: str,
+        password: str,
+        password_hash: str,
+        *,
+        clientid: str | None,
+        role: str,
+        textname: str,
+    ) -> None:
+        description = marker(password_hash)
+        try:
+            await self.dynsec.create_client(
+                username,
+                password,
+                clientid=clientid,
+                roles=[role],
+                textname=textname,
+                textdescription=description,
+            )
+        except DynsecError as exc:
+            if not exc.exists:
+                raise
+        else:
+            return
+        # Known already (a reissue, or a reset device enrolling again): the new password kicks
+        # whoever still uses the old one.
+        await self.dynsec.set_client_password(username, password)
+        await self.dynsec.modify_client(
+            username,
+            clientid=clientid or "",
+            textname=textname,
+            textdescription=description,
+            roles=[{"rolename": role, "priority": -1}],
+        )
+        await self.dynsec.enable_client(username)
+
+    async def _replace_role(self, rolename: str, acls: list[Acl]) -> None:
+        current = await self.dynsec.get_role_acls(rolename)
+        if current is not None and set(current) == set(acls):
+            return
+        if current is not None:
+            await self.dynsec.delete_role(rolename)
+        await self.dynsec.create_role(rolename, acls)
+
+    # -- revoking ---------------------------------------------------------------------------------
+
+    async def revoke(self, username: str) -> bool:
+        """Delete or disable (``external.on_revoke``) a client; False when Mosquitto has none."""
+        try:
+            if self._external.on_revoke == "disable":
+                await self.dynsec.disable_client(username)
+            else:
+                await self.dynsec.delete_client(username)
+                await self._forget_role(username)
+        except DynsecError as exc:
+            if exc.not_found:
+                return False
+            raise
+        self.revoked += 1
+        logger.info("revoked %s on Mosquitto (%s)", username, self._external.on_revoke)
+        return True
+
+    async def _forget_role(self, username: str) -> None:
+        for role in (device_role(username), account_role(username)):
+            try:
+                await self.dynsec.delete_role(role)
+            except DynsecError as exc:
+                if not exc.not_found:
+                    raise
+
+    async def current_tag(self, username: str) -> str | None:
+        """The tag of the credential the registry holds for this username (None: no valid one)."""
+        if username.startswith("device_"):
+            record = await self.devices.find_credentials_by_username(username)
+            if record is None or record.password_hash is None or record.device.status not in ACTIVE_STATUSES:
+                return None
+            return credential_tag(record.password_hash)
+        account = await self.accounts.find(username)
+        return None if account is None else credential_tag(account.password_hash)
+
+    async def apply(self, usernames: set[str]) -> None:
+        """Bring Mosquitto in line with these usernames' current credentials."""
+        for username in sorted(usernames):
+            tag = await self.current_tag(username)
+            if tag is None:
+                await self.revoke(username)
+                continue
+            if username.startswith("device_"):
+                continue  # issued: the worker has set it, before the reply
+            client = await self.dynsec.get_client(username)
+            if client is not None and not client.disabled and tag_of(client.textdescription) != tag:
+                # Rotated without the bridge: Mosquitto still holds the old password.
+                await self.dynsec.disable_client(username)
+                logger.warning(
+                    "service account %s was rotated outside the bridge: disabled on Mosquitto "
+                    "(use `mqttprov bridge accounts rotate %s`)",
+                    username,
+                    username,
+                )
+
+    async def follow(self) -> None:
+        """Follow the registry's change feed until cancelled."""
+        last = await self.devices.last_change_id()
+        logger.info("bridge following the credential change feed from change %d", last)
+        while True:
+            try:
+                changes = await self.devices.changes_since(last)
+                if changes:
+                    await self.apply({username for _, username, _ in changes})
+                    last = changes[-1][0]
+            except ProvisioningError as exc:
+                # Mosquitto or the database is away: the same changes are retried next round.
+                logger.warning("bridge could not apply changes after %d, retrying: %s", last, exc)
+            await asyncio.sleep(self._interval)  # the feed's polling interval

@@ -1,0 +1,383 @@
+"""Provisioning and logins through a real private Mosquitto with dynamic security.
+
+The worker and the bridge run on the test's event loop against a Mosquitto started for the
+test (tests/mosquitto_node.py); devices and spies are real MQTT clients on their own threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from broker.mosquitto.dynsec import DynsecClient
+from broker.mosquitto.runtime import run_bridge, run_worker
+from config import Settings
+from provisioning.external.link import MqttLink, parse_broker_url
+from provisioning.registry import DeviceRegistry, DeviceStatus, create_engine
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.migrate import upgrade
+from tests.auth_support import hashed
+from tests.helpers import free_port, run_mqttprov, write_config
+from tests.mosquitto_node import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    WORKER,
+    WORKER_PASSWORD,
+    MosquittoNode,
+    mosquitto_missing,
+    mosquitto_node,
+)
+from tests.mqtt_clients import (
+    ACCEPTED,
+    NOT_AUTHORIZED,
+    SUBACK_FAILURE,
+    WAIT,
+    Client,
+    assert_ok,
+    device_session,
+    login,
+    request_provisioning,
+)
+
+pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+
+#: Mosquitto's documented promise for a revoked client, and ours: thrown off within 2 s.
+KICK_WITHIN = 2.0
+
+
+@dataclass
+class Stack:
+    """A private Mosquitto, the registry, and the bridge and worker serving it."""
+
+    node: MosquittoNode
+    settings: Settings
+    config: Path
+    devices: DeviceRegistry
+    accounts: AccountRegistry
+    tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
+
+    async def start(self, name: str) -> None:
+        """Start the bridge or the worker and wait until it is set up."""
+        runner = {"bridge": run_bridge, "worker": run_worker}[name]
+        address = parse_broker_url(self.settings.external.broker)
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(runner(self.settings, address, stop, ready), name=f"test-{name}")
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task in done:
+            task.result()
+        assert waiter in done, f"{name} not ready within {WAIT}s"
+        self.tasks[name] = (task, stop)
+
+    async def stop(self, name: str) -> None:
+        """Stop the bridge or the worker (cleanly, as on SIGTERM)."""
+        task, stop = self.tasks.pop(name)
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+    def provision(self, mac: str, client_id: str | None = None) -> dict[str, Any] | None:
+        """One exchange on the provisioning listener (blocking: call through to_thread)."""
+        return request_provisioning(self.node.provision_port, client_id or mac, {"mac": mac})
+
+    def cli(self, *args: str) -> Any:
+        """``mqttprov ARGS --config ...`` as a process."""
+        return run_mqttprov(*args, "--config", str(self.config), cwd=self.config.parent)
+
+
+def _settings(node: MosquittoNode, database_url: str) -> dict[str, dict[str, Any]]:
+    return {
+        "broker": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "advertised_host": "127.0.0.1",
+            "advertised_port": node.device_port,
+        },
+        "database": {"url": database_url},
+        "auth": {"bcrypt_cost": 4, "revocation_poll_interval": 0.2},
+        "external": {
+            "broker": f"mqtt://127.0.0.1:{node.device_port}",
+            "admin_username": ADMIN,
+            "admin_password": ADMIN_PASSWORD,
+            "worker_username": WORKER,
+            "worker_password": WORKER_PASSWORD,
+        },
+    }
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, sqlite_url: str) -> AsyncIterator[Stack]:
+    """Mosquitto, a migrated registry, the bridge and one worker, all running."""
+    with mosquitto_node(tmp_path / "mosquitto") as node:
+        sections = _settings(node, sqlite_url)
+        settings = Settings.model_validate(sections)
+        config = write_config(tmp_path / "mqttprov.toml", sections)
+        engine = create_engine(sqlite_url)
+        await upgrade(engine)
+        stack = Stack(node, settings, config, DeviceRegistry(engine), AccountRegistry(engine))
+        try:
+            await stack.start("bridge")
+            await stack.start("worker")
+            yield stack
+        finally:
+            for name in list(stack.tasks):
+                await stack.stop(name)
+            await engine.dispose()
+
+
+async def call(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking MQTT helper off the loop (the worker and bridge run on it)."""
+    return await asyncio.to_thread(work, *args, **kwargs)
+
+
+def spy(port: int, client_id: str, *filters: str, **login_args: Any) -> Client:
+    """A connected client subscribed to ``filters`` (each subscription must be granted)."""
+    client = Client(port, client_id, **login_args)
+    assert client.connect() == ACCEPTED
+    for topic_filter in filters:
+        assert client.subscribe(topic_filter) != SUBACK_FAILURE
+    return client
+
+
+# -- provisioning ---------------------------------------------------------------------------------
+
+
+async def test_provisioning_through_mosquitto_reaches_only_the_asking_session(stack: Stack) -> None:
+    port = stack.node.provision_port
+    with await call(spy, port, "watcher", "#", "provision/reply/#", "provision/reply/+") as watcher:
+        body = await call(stack.provision, "aa:bb:cc:00:00:01")
+        assert body is not None
+        device_id = assert_ok(body)
+        assert body["mqtt_port"] == stack.node.device_port
+        # A second exchange completes after the first: the watcher had every chance to get both.
+        second = await call(stack.provision, "aa:bb:cc:00:00:02")
+        assert second is not None
+        assert_ok(second)
+        assert watcher.messages == []
+    device = await stack.devices.get(device_id)
+    assert device.status is DeviceStatus.REGISTERED
+    # The credentials work on the device listener, bound to the client id, in their namespace.
+    with await call(device_session, stack.node.device_port, body) as session:
+        assert await call(session.roundtrip, f"{body['topic_prefix']}telemetry", b"21.5")
+    assert await call(login, stack.node.device_port, body, password="wrong-password-0000") == NOT_AUTHORIZED
+    wrong_id = dict(body, mqtt_client_id="someone-else")
+    assert await call(login, stack.node.device_port, wrong_id) == NOT_AUTHORIZED
+
+
+async def test_a_request_naming_another_mac_is_answered_to_that_mac_only(stack: Stack) -> None:
+    port = stack.node.provision_port
+    victim_mac, asker_mac = "aa:bb:cc:00:00:11", "aa:bb:cc:00:00:12"
+    with (
+        await call(spy, port, victim_mac, f"provision/reply/{victim_mac}") as victim,
+        await call(
+            spy, port, asker_mac, f"provision/reply/{victim_mac}", f"provision/reply/{asker_mac}"
+        ) as asker,
+    ):
+        await call(asker.publish, "provision/request", {"mac": victim_mac})
+        reply = await call(victim.next_reply, 0)
+        assert reply is not None
+        assert reply.json()["status"] == "ok"
+        # The asker held a subscription to the victim's reply topic: Mosquitto still withheld it.
+        own = await call(stack.provision, "aa:bb:cc:00:00:13")
+        assert own is not None
+        assert asker.messages == []
+
+
+async def test_client_id_notation_must_match_the_reply_topic(stack: Stack) -> None:
+    port = stack.node.provision_port
+    mac = "AA-BB-CC-00-00-21"
+    body = await call(request_provisioning, port, mac, {"mac": mac})
+    assert body is not None
+    assert_ok(body)
+    # Another notation of the same MAC in the reply topic: %c is compared literally.
+    with await call(spy, port, "aa:bb:cc:00:00:22", "provision/reply/AA:BB:CC:00:00:22") as other:
+        await call(other.publish, "provision/request", {"mac": "AA:BB:CC:00:00:22"})
+        done = await call(stack.provision, "aa:bb:cc:00:00:23")
+        assert done is not None
+        assert other.messages == []
+
+
+async def test_service_clients_cannot_read_provisioning(stack: Stack) -> None:
+    port = stack.node.device_port
+    with await call(spy, port, "mqttprov-worker-spy", username=WORKER, password=WORKER_PASSWORD) as worker:
+        assert await call(worker.subscribe, "provision/reply/#") == SUBACK_FAILURE
+        assert await call(worker.subscribe, "#") == SUBACK_FAILURE
+    assert (
+        await call(
+            login,
+            stack.node.provision_port,
+            {"mqtt_client_id": "x", "mqtt_username": WORKER, "mqtt_password": "anything"},
+        )
+        == ACCEPTED
+    )  # the provisioning listener checks no password: it grants only the %c patterns
+
+
+# -- logins and the ACL ---------------------------------------------------------------------------
+
+
+async def test_a_device_stays_in_its_own_namespace(stack: Stack) -> None:
+    first = await call(stack.provision, "aa:bb:cc:00:00:31")
+    second = await call(stack.provision, "aa:bb:cc:00:00:32")
+    assert first is not None
+    assert second is not None
+    port = stack.node.device_port
+    with await call(device_session, port, first) as a, await call(device_session, port, second) as b:
+        assert await call(a.subscribe, f"{second['topic_prefix']}#") == SUBACK_FAILURE
+        assert await call(a.subscribe, "devices/#") == SUBACK_FAILURE
+        assert await call(a.subscribe, "provision/reply/#") == SUBACK_FAILURE
+        await call(a.publish, f"{second['topic_prefix']}commands", b"intrude")
+        assert await call(b.roundtrip, f"{second['topic_prefix']}state", b"ok")
+        assert all(m.payload != b"intrude" for m in b.messages)
+
+
+async def test_decommission_and_reset_throw_the_session_off(stack: Stack) -> None:
+    body = await call(stack.provision, "aa:bb:cc:00:00:41")
+    assert body is not None
+    device_id = assert_ok(body)
+    port = stack.node.device_port
+    with await call(device_session, port, body) as session:
+        await stack.devices.reset(device_id)
+        assert await call(session.disconnected.wait, KICK_WITHIN)
+    assert await call(login, port, body) == NOT_AUTHORIZED
+    # A reset device enrols again (the firmware rule: a refused login means provision again).
+    again = await call(stack.provision, "aa:bb:cc:00:00:41")
+    assert again is not None
+    assert assert_ok(again) == device_id
+    with await call(device_session, port, again) as session:
+        await stack.devices.decommission(device_id)
+        assert await call(session.disconnected.wait, KICK_WITHIN)
+    assert await call(login, port, again) == NOT_AUTHORIZED
+    refused = await call(stack.provision, "aa:bb:cc:00:00:41")
+    assert refused is not None
+    assert refused["error_code"] == "DECOMMISSIONED"
+
+
+# -- sync after an outage -------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _admin(stack: Stack) -> AsyncIterator[DynsecClient]:
+    address = parse_broker_url(stack.settings.external.broker)
+    async with MqttLink(address, client_id="test-admin", username=ADMIN, password=ADMIN_PASSWORD) as link:
+        dynsec = DynsecClient(link)
+        await dynsec.start()
+        try:
+            yield dynsec
+        finally:
+            await dynsec.stop()
+
+
+async def test_sync_repairs_what_happened_while_the_bridge_was_down(stack: Stack) -> None:
+    port = stack.node.device_port
+    retired = await call(stack.provision, "aa:bb:cc:00:00:51")
+    lost = await call(stack.provision, "aa:bb:cc:00:00:52")
+    assert retired is not None
+    assert lost is not None
+    await stack.stop("bridge")
+    retired_id = assert_ok(retired)
+    await stack.devices.decommission(retired_id)
+    async with _admin(stack) as dynsec:
+        await dynsec.delete_client(lost["mqtt_username"])
+    # Registered behind Mosquitto's back (say, imported from the embedded broker's database).
+    imported = await stack.devices.create_device(
+        "aa:bb:cc:00:00:53", status=DeviceStatus.OFFLINE, password_hash=hashed("imported-password-0005")
+    )
+    assert await call(login, port, retired) == ACCEPTED  # the gap sync closes
+
+    dry = await asyncio.to_thread(stack.cli, "bridge", "sync", "--dry-run", "--grace", "0", "--json")
+    assert dry.returncode == 0, dry.stderr
+    planned = json.loads(dry.stdout)
+    assert planned["dry_run"] is True
+    steps = {(s["action"], s["username"]) for s in planned["steps"]}
+    assert steps == {
+        ("disable_client", retired["mqtt_username"]),
+        ("reset_device", lost["mqtt_username"]),
+        ("reset_device", imported.mqtt_username),
+    }
+    assert await call(login, port, retired) == ACCEPTED  # a dry run changes nothing
+
+    done = await asyncio.to_thread(stack.cli, "bridge", "sync", "--grace", "0", "--json")
+    assert done.returncode == 0, done.stderr
+    assert {(s["action"], s["username"]) for s in json.loads(done.stdout)["steps"]} == steps
+    assert await call(login, port, retired) == NOT_AUTHORIZED
+    for device in (await stack.devices.resolve(lost["mqtt_username"]), imported):
+        record = await stack.devices.find_credentials_by_username(device.mqtt_username)
+        assert record is not None
+        assert record.password_hash is None
+    # The lost device re-enrols and is known to Mosquitto again.
+    again = await call(stack.provision, "aa:bb:cc:00:00:52")
+    assert again is not None
+    assert_ok(again)
+    assert await call(login, port, again) == ACCEPTED
+    clean = await asyncio.to_thread(stack.cli, "bridge", "sync", "--grace", "0", "--json")
+    assert json.loads(clean.stdout)["steps"] == []
+
+
+# -- service accounts -----------------------------------------------------------------------------
+
+
+async def test_service_accounts_on_mosquitto(stack: Stack) -> None:
+    refused = await asyncio.to_thread(
+        stack.cli, "bridge", "accounts", "add", "snoop", "--allow", "subscribe #"
+    )
+    assert refused.returncode == 2
+    assert "overlaps provision/" in refused.stderr
+    assert await stack.accounts.find("snoop") is None
+
+    added = await asyncio.to_thread(
+        stack.cli, "bridge", "accounts", "add", "reader", "--allow", "subscribe devices/+/telemetry", "--json"
+    )
+    assert added.returncode == 0, added.stderr
+    password = json.loads(added.stdout)["password"]
+    body = await call(stack.provision, "aa:bb:cc:00:00:61")
+    assert body is not None
+    port = stack.node.device_port
+    telemetry = f"{body['topic_prefix']}telemetry"
+    with (
+        await call(
+            spy, port, "reader-1", "devices/+/telemetry", username="reader", password=password
+        ) as reader,
+        await call(device_session, port, body) as device,
+    ):
+        assert await call(reader.subscribe, "#") == SUBACK_FAILURE
+        await call(device.publish, telemetry, b"22.0")
+        assert await call(reader.wait_for, lambda m: m.topic == telemetry) is not None
+
+        rotated = await asyncio.to_thread(stack.cli, "bridge", "accounts", "rotate", "reader", "--json")
+        assert rotated.returncode == 0, rotated.stderr
+        new_password = json.loads(rotated.stdout)["password"]
+        assert await call(reader.disconnected.wait, KICK_WITHIN)
+    account = {"mqtt_client_id": "reader-2", "mqtt_username": "reader", "mqtt_password": new_password}
+    assert await call(login, port, account) == ACCEPTED
+    assert await call(login, port, account, password=password) == NOT_AUTHORIZED
+
+    with await call(spy, port, "reader-3", username="reader", password=new_password) as reader:
+        await stack.accounts.remove("reader")
+        assert await call(reader.disconnected.wait, KICK_WITHIN)
+    assert await call(login, port, account) == NOT_AUTHORIZED
+
+
+async def test_cli_errors_are_one_line(stack: Stack, tmp_path: Path) -> None:
+    bad_url = await asyncio.to_thread(stack.cli, "bridge", "sync", "--broker", "http://x")
+    assert bad_url.returncode == 2
+    assert bad_url.stderr.count("\n") == 1
+    no_password = write_config(
+        tmp_path / "bare.toml", {"database": {"url": str(stack.settings.database.url)}}
+    )
+    bare = await asyncio.to_thread(run_mqttprov, "bridge", "sync", "--config", str(no_password), cwd=tmp_path)
+    assert bare.returncode == 1
+    assert (
+        bare.stderr.strip() == "error: external.admin_password is not set (MQTTPROV_EXTERNAL__ADMIN_PASSWORD)"
+    )
+    worker_down = await asyncio.to_thread(stack.cli, "worker", "--broker", f"mqtt://127.0.0.1:{free_port()}")
+    assert worker_down.returncode == 1
+    # The settings' warnings are logged first; the failure is the one last line.
+    assert worker_down.stderr.splitlines()[-1].startswith("error: cannot connect to mqtt://127.0.0.1:")
+    assert "Traceback" not in worker_down.stderr
