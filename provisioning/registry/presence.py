@@ -9,7 +9,7 @@ from datetime import datetime
 
 from sqlalchemy import Table, bindparam, or_, update
 
-from provisioning.registry.events import fold_event
+from provisioning.registry.events import fold_device_events
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Device, DeviceStatus
 from provisioning.registry.transactions import Repository
 
@@ -50,8 +50,7 @@ class PresenceStore(Repository):
         async with self._write() as session:
             if rows:
                 await (await session.connection()).execute(statement, rows)
-            for device_id, count in logins.items():
-                await fold_event(session, device_id, "login", actor=Actor.DEVICE, count=count)
+            await fold_device_events(session, dict(logins), "login", actor=Actor.DEVICE)
 
     async def mark_all_offline(self) -> int:
         """At start-up: nobody is online in a broker that just started (returns how many were)."""
