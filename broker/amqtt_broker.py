@@ -44,7 +44,9 @@ from auth_plugin.principals import (
     principal_of,
     refusal_code,
 )
+from broker.framing import FramingReader
 from broker.protocol import KeepAliveHandler, grace
+from broker.turns import ClientIdTurns
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +71,7 @@ class ConnectionLimits:
     max_connections: int = 100_000
     max_connections_per_address: int = 2_000
     max_queued_messages: int = 1_000
+    max_packet_bytes: int = 1_048_576
 
 
 class MqttprovBroker(Broker):
@@ -81,6 +84,7 @@ class MqttprovBroker(Broker):
         self._open = 0
         self._open_by_address: Counter[str] = Counter()
         self.refused_over_limit = 0
+        self.turns = ClientIdTurns()
         self._acl_check: Callable[[Session, str, Any], bool] | None = None
         topic_plugins = getattr(self.plugins_manager, "_topic_plugins", None)
         if isinstance(topic_plugins, list) and len(topic_plugins) == 1:
@@ -102,6 +106,12 @@ class MqttprovBroker(Broker):
         # Count every open connection by source address for the limits checked at CONNECT.
         peer = writer.get_peer_info()
         address = str(peer[0]) if peer else "?"
+        reader = FramingReader(
+            reader,
+            peer=f"{address}:{peer[1]}" if peer else "?",
+            max_packet_bytes=self.limits.max_packet_bytes,
+            frame_timeout=self.limits.connect_timeout,
+        )
         self._open += 1
         self._open_by_address[address] += 1
         try:
@@ -136,8 +146,10 @@ class MqttprovBroker(Broker):
         except MQTTError as exc:
             await writer.close()
             raise MQTTError(exc) from exc
-        except NoDataError as exc:
-            raise AMQTTError(exc) from exc
+        except (NoDataError, AMQTTError) as exc:
+            # The stream ended before a whole, well-formed CONNECT (amqtt left the socket open).
+            await writer.close()
+            raise AMQTTError(REFUSED_MARKER) from exc
         if fresh.clean_session and not fresh.client_id:
             fresh.client_id = gen_client_id()
         if self._over_limit(remote_address):
@@ -150,7 +162,12 @@ class MqttprovBroker(Broker):
         if not authenticated:
             await self._refuse(writer, refusal_code(fresh))
         handler.max_queued = self.limits.max_queued_messages
-        session = await self._adopt(fresh)
+        await self.turns.take(fresh.client_id or "", fresh)
+        try:
+            session = await self._adopt(fresh)
+        except BaseException:
+            self.turns.give_back(fresh)
+            raise
         session.keep_alive = grace(fresh.keep_alive)
         session.attributes[_PREAUTHENTICATED] = True
         return handler, session
@@ -222,8 +239,14 @@ class MqttprovBroker(Broker):
                 reader, writer, client_session, handler, server, listener_name
             )
         finally:
+            self.turns.give_back(client_session)
             if isinstance(handler, KeepAliveHandler):
                 handler.finished.set()
+
+    async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        # From here on the connection can be taken over: let the next CONNECT for its id in.
+        self.turns.give_back(client_session)
+        await super()._client_message_loop(client_session, handler)
 
     async def _authenticate(self, session: Session, _: Any) -> bool:
         # Already decided in _initialize_client_session; amqtt asks again on the adopted session.
@@ -334,7 +357,7 @@ class MqttprovBroker(Broker):
         return granted
 
     async def _handle_message_delivery(
-        self, client_session: Session, _handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
+        self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]
     ) -> bool:
         # amqtt 0.12.1's, except that the broadcast carries the QoS the message was published with:
         # amqtt dropped it, and a QoS 0 publish reached a QoS 2 subscriber as QoS 2.
@@ -347,9 +370,13 @@ class MqttprovBroker(Broker):
             return True
         topic = app_message.topic
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
-            # [MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.2-1]: amqtt closes the connection.
+            # [MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.2-1] (the first two are already stopped by
+            # broker.framing). amqtt returned False here, which only left the message loop: the
+            # connection stayed open and the session "connected" with nobody reading its packets.
+            # End it as a lost link instead, so it is torn down (and its will sent) as usual.
             logger.info("closing client %r: it published to the invalid topic %r", client_id, topic)
-            return False
+            await handler.handle_connection_closed()
+            return True
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
             logger.debug("client %r may not publish to %r", client_id, topic)
             return True

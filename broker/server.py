@@ -121,6 +121,7 @@ class BrokerServer:
                     max_connections=self.settings.broker.max_connections,
                     max_connections_per_address=self.settings.broker.max_connections_per_address,
                     max_queued_messages=self.settings.broker.max_queued_messages,
+                    max_packet_bytes=self.settings.broker.max_packet_bytes,
                 ),
             )
             running.link.broker = broker

@@ -36,6 +36,8 @@ class BrokerSettings(_Section):
     max_connections_per_address: Annotated[int, Field(ge=1)] = 2_000
     #: Messages queued for one subscriber before further ones are dropped for it.
     max_queued_messages: Annotated[int, Field(ge=1)] = 1_000
+    #: Largest MQTT packet accepted (remaining length, bytes); a larger one closes the connection.
+    max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 1_048_576
 
     @model_validator(mode="after")
     def _tls_needs_cert_and_key(self) -> BrokerSettings:

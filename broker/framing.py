@@ -1,0 +1,281 @@
+"""Whole, checked MQTT 3.1.1 packets for amqtt's parser (pinned to amqtt 0.12.1).
+
+amqtt 0.12.1 parses straight off the socket, field by field, without holding a packet to its
+remaining length: a CONNECT whose fields overrun its length eats the next packet, a malformed
+packet is "discarded" and the stream read on out of step, strings that are not UTF-8 become
+``"b'...'"`` topics, a packet may be up to 256 MB and take forever to arrive, and a SUBSCRIBE or
+PUBLISH before CONNECT is read as a CONNECT. :class:`FramingReader` sits between the socket and
+amqtt: it reads one whole packet at a time (within ``max_packet_bytes`` and ``frame_timeout``),
+checks it against the 3.1.1 rules below, and ends the stream at the first packet that breaks
+one, so amqtt closes the connection the way it does for a lost link (the will is published, as
+§3.1.2.5 asks for a protocol error).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+
+from amqtt.adapters import ReaderAdapter
+
+logger = logging.getLogger(__name__)
+
+#: Largest remaining length MQTT can encode (four length bytes).
+MAX_REMAINING_LENGTH = 268_435_455
+
+CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
+SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
+_SERVER_TO_CLIENT = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}
+# Fixed-header flags every packet type must carry [MQTT-2.2.2-1], [MQTT-2.2.2-2].
+_FLAGS_TWO = {PUBREL, SUBSCRIBE, UNSUBSCRIBE}
+# Exact remaining lengths of the packets that have one.
+_FIXED_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
+
+
+class Malformed(Exception):  # noqa: N818 - a verdict on a packet, never raised past this module
+    """The packet breaks an MQTT 3.1.1 rule; ``str(exc)`` says which."""
+
+
+class _Body:
+    """Cursor over one packet's variable header and payload."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, count: int) -> bytes:
+        if self.pos + count > len(self.data):
+            raise Malformed("a field runs past the packet's remaining length")
+        chunk = self.data[self.pos : self.pos + count]
+        self.pos += count
+        return chunk
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def uint16(self) -> int:
+        value: int = struct.unpack("!H", self.take(2))[0]
+        return value
+
+    def binary(self) -> bytes:
+        return self.take(self.uint16())
+
+    def text(self, what: str) -> str:
+        raw = self.binary()
+        try:
+            value = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Malformed(f"{what} is not valid UTF-8 [MQTT-1.5.3-1]") from None
+        if "\x00" in value:
+            raise Malformed(f"{what} contains U+0000 [MQTT-1.5.3-2]")
+        return value
+
+    def packet_id(self) -> int:
+        packet_id = self.uint16()
+        if packet_id == 0:
+            raise Malformed("packet identifier 0 [MQTT-2.3.1-1]")
+        return packet_id
+
+    @property
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def finish(self) -> None:
+        if self.left:
+            raise Malformed(f"{self.left} bytes past the packet's fields")
+
+
+def check_packet(first: int, body: bytes, *, connected: bool) -> None:
+    """Raise :class:`Malformed` when the packet (first header byte and body) breaks a 3.1.1 rule.
+
+    ``connected``: whether a CONNECT has already been read on this connection.
+    """
+    kind, flags = first >> 4, first & 0x0F
+    if not connected and kind != CONNECT:
+        raise Malformed(f"packet type {kind} before CONNECT [MQTT-3.1.0-1]")
+    if connected and kind == CONNECT:
+        raise Malformed("a second CONNECT [MQTT-3.1.0-2]")
+    if kind in _SERVER_TO_CLIENT:
+        raise Malformed(f"{_SERVER_TO_CLIENT[kind]} sent to the server")
+    if kind in {0, 15}:
+        raise Malformed(f"reserved packet type {kind}")
+    if kind == PUBLISH:
+        _check_publish(flags, _Body(body))
+        return
+    expected_flags = 0x02 if kind in _FLAGS_TWO else 0
+    if flags != expected_flags:
+        raise Malformed(f"packet type {kind} with flags {flags:#x} [MQTT-2.2.2-2]")
+    if kind in _FIXED_LENGTH and len(body) != _FIXED_LENGTH[kind]:
+        raise Malformed(f"packet type {kind} with remaining length {len(body)}")
+    if kind == CONNECT:
+        _check_connect(_Body(body))
+    elif kind == SUBSCRIBE:
+        _check_subscribe(_Body(body))
+    elif kind == UNSUBSCRIBE:
+        _check_unsubscribe(_Body(body))
+
+
+def _check_publish(flags: int, body: _Body) -> None:
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise Malformed("PUBLISH with QoS 3 [MQTT-3.3.1-4]")
+    topic = body.text("topic name")
+    if not topic:
+        raise Malformed("empty topic name [MQTT-4.7.3-1]")
+    if "+" in topic or "#" in topic:
+        raise Malformed("wildcard in a topic name [MQTT-3.3.2-2]")
+    if qos:
+        body.packet_id()
+
+
+def _check_connect(body: _Body) -> None:
+    name = body.text("protocol name")
+    level = body.byte()
+    if name != "MQTT" or level != 4:
+        # Another protocol or version: amqtt answers CONNACK 1 or closes; its fields differ.
+        return
+    flags = body.byte()
+    if flags & 0x01:
+        raise Malformed("CONNECT reserved flag set [MQTT-3.1.2-3]")
+    will, will_qos, will_retain = flags & 0x04, (flags >> 3) & 0x03, flags & 0x20
+    if will_qos == 3:
+        raise Malformed("will QoS 3 [MQTT-3.1.2-14]")
+    if not will and (will_qos or will_retain):
+        raise Malformed("will QoS or retain without a will [MQTT-3.1.2-13], [MQTT-3.1.2-15]")
+    body.uint16()  # keep-alive
+    body.text("client identifier")
+    if will:
+        topic = body.text("will topic")
+        if not topic or "+" in topic or "#" in topic:
+            raise Malformed("will topic is not a topic name [MQTT-3.1.2-9]")
+        body.binary()
+    if flags & 0x80:
+        body.text("user name")
+    if flags & 0x40:
+        body.binary()  # passwords are binary data in 3.1.1: any bytes
+    body.finish()
+
+
+def _check_subscribe(body: _Body) -> None:
+    body.packet_id()
+    if not body.left:
+        raise Malformed("SUBSCRIBE without a topic filter [MQTT-3.8.3-3]")
+    while body.left:
+        if not body.text("topic filter"):
+            raise Malformed("empty topic filter [MQTT-4.7.3-1]")
+        options = body.byte()
+        if options > 2:
+            raise Malformed(f"requested QoS byte {options:#x} [MQTT-3-8.3-4]")
+
+
+def _check_unsubscribe(body: _Body) -> None:
+    body.packet_id()
+    if not body.left:
+        raise Malformed("UNSUBSCRIBE without a topic filter [MQTT-3.10.3-2]")
+    while body.left:
+        if not body.text("topic filter"):
+            raise Malformed("empty topic filter [MQTT-4.7.3-1]")
+
+
+class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type information
+    """A reader that hands amqtt only whole packets that passed :func:`check_packet`.
+
+    Waiting for a packet to *start* is bounded by whoever reads (amqtt's keep-alive, our CONNECT
+    timeout); once its first byte is in, the rest must arrive within ``frame_timeout``.
+    """
+
+    def __init__(
+        self, inner: ReaderAdapter, *, peer: str, max_packet_bytes: int, frame_timeout: float
+    ) -> None:
+        self._inner = inner
+        self._peer = peer
+        self._max_packet_bytes = max_packet_bytes
+        self._frame_timeout = frame_timeout
+        self._buffer = bytearray()
+        self._connected = False
+        self._ended = False
+        #: Why the stream was ended (None while every packet was well formed).
+        self.violation: str | None = None
+
+    async def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes of whole checked packets; fewer only when the stream has ended."""
+        while (n < 0 or len(self._buffer) < n) and not self._ended:
+            await self._next_packet()
+        if n < 0 or len(self._buffer) < n:
+            # amqtt reads exact counts: a short read is its end-of-stream (NoDataError).
+            data, self._buffer = bytes(self._buffer), bytearray()
+            return data
+        data = bytes(self._buffer[:n])
+        del self._buffer[:n]
+        return data
+
+    def feed_eof(self) -> None:
+        """End the stream here and underneath."""
+        self._ended = True
+        self._inner.feed_eof()
+
+    async def _next_packet(self) -> None:
+        first = await self._exactly(1)
+        if first is None:
+            return
+        try:
+            async with asyncio.timeout(self._frame_timeout):
+                header, length = await self._remaining_length()
+                if header is None:
+                    return
+                if length > self._max_packet_bytes:
+                    self._reject(
+                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
+                    )
+                    return
+                body = await self._exactly(length) if length else b""
+        except TimeoutError:
+            self._reject(f"a packet not complete within {self._frame_timeout}s")
+            return
+        except asyncio.CancelledError:
+            # Cancelled mid-packet (a keep-alive expiry): what follows would be out of step.
+            self._ended = True
+            raise
+        if body is None:
+            return
+        try:
+            check_packet(first[0], body, connected=self._connected)
+        except Malformed as exc:
+            self._reject(str(exc))
+            return
+        self._connected = True
+        self._buffer += first + header + body
+
+    async def _remaining_length(self) -> tuple[bytes | None, int]:
+        encoded = bytearray()
+        value, multiplier = 0, 1
+        while True:
+            byte = await self._exactly(1)
+            if byte is None:
+                return None, 0
+            encoded += byte
+            value += (byte[0] & 0x7F) * multiplier
+            if not byte[0] & 0x80:
+                return bytes(encoded), value
+            if len(encoded) == 4:
+                self._reject("remaining length longer than four bytes")
+                return None, 0
+            multiplier *= 128
+
+    async def _exactly(self, count: int) -> bytes | None:
+        if self._ended:
+            return None
+        try:
+            data: bytes = await self._inner.read(count)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            data = b""
+        if len(data) < count:
+            self._ended = True
+            return None
+        return data
+
+    def _reject(self, reason: str) -> None:
+        self._ended = True
+        self.violation = reason
+        logger.info("closing %s: malformed packet: %s", self._peer, reason)
