@@ -9,18 +9,27 @@ on 1883 is never touched.
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from tests.helpers import free_ports
+from broker.mosquitto.runtime import run_bridge, run_worker
+from config import Settings
+from provisioning.external.link import parse_broker_url
+from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.migrate import upgrade
+from tests.helpers import free_port, free_ports, run_mqttprov, self_signed_cert, write_config
+from tests.mqtt_clients import ACCEPTED, SUBACK_FAILURE, WAIT, Client, request_provisioning
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_CTRL = shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl"
@@ -56,8 +65,28 @@ def mosquitto_missing() -> str | None:
     return None
 
 
-def mosquitto_conf(directory: Path, device_port: int, provision_port: int) -> str:
+def mosquitto_conf(
+    directory: Path, device_port: int, provision_port: int, tls_port: int | None = None
+) -> str:
     """The configuration file of the private node (the one docs/mosquitto.md shows)."""
+    return _base_conf(directory, device_port, provision_port) + (
+        _tls_conf(directory, tls_port) if tls_port else ""
+    )
+
+
+def _tls_conf(directory: Path, tls_port: int) -> str:
+    return f"""
+# The device listener's twin over TLS (certificate made by the test).
+listener {tls_port} 127.0.0.1
+allow_anonymous false
+certfile {directory / "cert.pem"}
+keyfile {directory / "key.pem"}
+plugin {DYNSEC_PLUGIN}
+plugin_opt_config_file {directory / "dynamic-security.json"}
+"""
+
+
+def _base_conf(directory: Path, device_port: int, provision_port: int) -> str:
     return f"""\
 per_listener_settings true
 persistence false
@@ -104,6 +133,7 @@ class MosquittoNode:
     directory: Path
     device_port: int
     provision_port: int
+    tls_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -115,12 +145,12 @@ class MosquittoNode:
     def start(self) -> None:
         """Start it and return once both listeners accept connections."""
         conf = self.directory / "mosquitto.conf"
-        conf.write_text(mosquitto_conf(self.directory, self.device_port, self.provision_port))
+        conf.write_text(mosquitto_conf(self.directory, self.device_port, self.provision_port, self.tls_port))
         self.process = subprocess.Popen(
             [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + START_TIMEOUT
-        waiting = [self.device_port, self.provision_port]
+        waiting = [self.device_port, self.provision_port] + ([self.tls_port] if self.tls_port else [])
         while waiting:
             if self.process.poll() is not None:
                 stderr = self.process.stderr.read().decode() if self.process.stderr else ""
@@ -157,15 +187,135 @@ def _accepts(port: int) -> bool:
 
 
 @contextmanager
-def mosquitto_node(directory: Path) -> Iterator[MosquittoNode]:
-    """A started private node with files in ``directory``; stopped on exit."""
+def mosquitto_node(directory: Path, *, tls: bool = False) -> Iterator[MosquittoNode]:
+    """A started private node with files in ``directory`` (``tls``: also a TLS listener, its
+    self-signed certificate in ``directory/cert.pem``); stopped on exit."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "provisioning.acl").write_text(PROVISIONING_ACL, encoding="utf-8")
     write_dynsec(directory / "dynamic-security.json")
-    device_port, provision_port = free_ports(2)
-    node = MosquittoNode(directory, device_port, provision_port)
+    if tls:
+        self_signed_cert(directory)
+    device_port, provision_port, tls_port = free_ports(3)
+    node = MosquittoNode(directory, device_port, provision_port, tls_port if tls else None)
     node.start()
     try:
         yield node
     finally:
         node.stop()
+
+
+# -- the whole stack: Mosquitto, the registry, the bridge and workers -----------------------------
+
+#: Mosquitto's promise for a revoked client, and ours: thrown off within 2 s.
+KICK_WITHIN = 2.0
+
+
+@dataclass
+class Stack:
+    """A private Mosquitto, the registry, and the bridge and workers serving it."""
+
+    node: MosquittoNode
+    settings: Settings
+    config: Path
+    devices: DeviceRegistry
+    accounts: AccountRegistry
+    tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
+
+    async def start(self, name: str) -> None:
+        """Start ``bridge`` or a worker (``worker``, ``worker-2``, ...) and wait until it is set up."""
+        runner = run_bridge if name == "bridge" else run_worker
+        address = parse_broker_url(self.settings.external.broker)
+        stop, ready = asyncio.Event(), asyncio.Event()
+        task = asyncio.create_task(runner(self.settings, address, stop, ready), name=f"test-{name}")
+        waiter = asyncio.create_task(ready.wait())
+        done, _ = await asyncio.wait({task, waiter}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if task in done:
+            task.result()
+        assert waiter in done, f"{name} not ready within {WAIT}s"
+        self.tasks[name] = (task, stop)
+
+    async def stop(self, name: str) -> None:
+        """Stop the bridge or a worker (cleanly, as on SIGTERM)."""
+        task, stop = self.tasks.pop(name)
+        stop.set()
+        await asyncio.wait_for(task, WAIT)
+
+    def provision(self, mac: str, client_id: str | None = None) -> dict[str, Any] | None:
+        """One exchange on the provisioning listener (blocking: call through to_thread)."""
+        return request_provisioning(self.node.provision_port, client_id or mac, {"mac": mac})
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``mqttprov ARGS --config ...`` as a process (blocking)."""
+        return run_mqttprov(*args, "--config", str(self.config), cwd=self.config.parent)
+
+
+def stack_sections(node: MosquittoNode, database_url: str) -> dict[str, dict[str, Any]]:
+    """The configuration of mqttprov in front of ``node`` (written to the CLI's TOML file too);
+    the worker and the bridge use the TLS listener when the node has one."""
+    return {
+        "broker": {
+            "host": "127.0.0.1",
+            "port": free_port(),
+            "advertised_host": "127.0.0.1",
+            "advertised_port": node.device_port,
+        },
+        "database": {"url": database_url},
+        "auth": {"bcrypt_cost": 4, "revocation_poll_interval": 0.2},
+        "external": {
+            **(
+                {"broker": f"mqtts://127.0.0.1:{node.tls_port}", "ca_file": node.directory / "cert.pem"}
+                if node.tls_port
+                else {"broker": f"mqtt://127.0.0.1:{node.device_port}"}
+            ),
+            "admin_username": ADMIN,
+            "admin_password": ADMIN_PASSWORD,
+            "worker_username": WORKER,
+            "worker_password": WORKER_PASSWORD,
+        },
+    }
+
+
+@asynccontextmanager
+async def mosquitto_stack(
+    directory: Path,
+    database_url: str,
+    *,
+    options: dict[str, dict[str, Any]] | None = None,
+    tls: bool = False,
+) -> AsyncIterator[Stack]:
+    """Mosquitto, a migrated registry, the bridge and one worker, all running; stopped on exit.
+
+    ``options``: extra keys per configuration section; ``tls``: a third, TLS listener.
+    """
+    with mosquitto_node(directory / "mosquitto", tls=tls) as node:
+        sections = stack_sections(node, database_url)
+        for section, values in (options or {}).items():
+            sections[section] = sections.get(section, {}) | values
+        settings = Settings.model_validate(sections)
+        config = write_config(directory / "mqttprov.toml", sections)
+        engine = create_engine(database_url)
+        await upgrade(engine)
+        stack = Stack(node, settings, config, DeviceRegistry(engine), AccountRegistry(engine))
+        try:
+            await stack.start("bridge")
+            await stack.start("worker")
+            yield stack
+        finally:
+            for name in list(stack.tasks):
+                await stack.stop(name)
+            await engine.dispose()
+
+
+async def call(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking MQTT helper off the loop (the worker and bridge run on it)."""
+    return await asyncio.to_thread(work, *args, **kwargs)
+
+
+def spy(port: int, client_id: str, *filters: str, **login_args: Any) -> Client:
+    """A connected client subscribed to ``filters`` (each subscription must be granted)."""
+    client = Client(port, client_id, **login_args)
+    assert client.connect() == ACCEPTED
+    for topic_filter in filters:
+        assert client.subscribe(topic_filter) != SUBACK_FAILURE
+    return client

@@ -8,38 +8,32 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from broker.mosquitto.dynsec import DynsecClient
-from broker.mosquitto.runtime import run_bridge, run_worker
-from config import Settings
 from provisioning.external.link import MqttLink, parse_broker_url
-from provisioning.registry import DeviceRegistry, DeviceStatus, create_engine
-from provisioning.registry.accounts import AccountRegistry
-from provisioning.registry.migrate import upgrade
+from provisioning.registry import DeviceStatus
 from tests.auth_support import hashed
-from tests.helpers import free_port, run_mqttprov, write_config
 from tests.mosquitto_node import (
     ADMIN,
     ADMIN_PASSWORD,
+    KICK_WITHIN,
     WORKER,
     WORKER_PASSWORD,
-    MosquittoNode,
+    Stack,
+    call,
     mosquitto_missing,
-    mosquitto_node,
+    mosquitto_stack,
+    spy,
 )
 from tests.mqtt_clients import (
     ACCEPTED,
     NOT_AUTHORIZED,
     SUBACK_FAILURE,
-    WAIT,
-    Client,
     assert_ok,
     device_session,
     login,
@@ -48,102 +42,12 @@ from tests.mqtt_clients import (
 
 pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
 
-#: Mosquitto's documented promise for a revoked client, and ours: thrown off within 2 s.
-KICK_WITHIN = 2.0
-
-
-@dataclass
-class Stack:
-    """A private Mosquitto, the registry, and the bridge and worker serving it."""
-
-    node: MosquittoNode
-    settings: Settings
-    config: Path
-    devices: DeviceRegistry
-    accounts: AccountRegistry
-    tasks: dict[str, tuple[asyncio.Task[None], asyncio.Event]] = field(default_factory=dict)
-
-    async def start(self, name: str) -> None:
-        """Start the bridge or the worker and wait until it is set up."""
-        runner = {"bridge": run_bridge, "worker": run_worker}[name]
-        address = parse_broker_url(self.settings.external.broker)
-        stop, ready = asyncio.Event(), asyncio.Event()
-        task = asyncio.create_task(runner(self.settings, address, stop, ready), name=f"test-{name}")
-        waiter = asyncio.create_task(ready.wait())
-        done, _ = await asyncio.wait({task, waiter}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
-        waiter.cancel()
-        if task in done:
-            task.result()
-        assert waiter in done, f"{name} not ready within {WAIT}s"
-        self.tasks[name] = (task, stop)
-
-    async def stop(self, name: str) -> None:
-        """Stop the bridge or the worker (cleanly, as on SIGTERM)."""
-        task, stop = self.tasks.pop(name)
-        stop.set()
-        await asyncio.wait_for(task, WAIT)
-
-    def provision(self, mac: str, client_id: str | None = None) -> dict[str, Any] | None:
-        """One exchange on the provisioning listener (blocking: call through to_thread)."""
-        return request_provisioning(self.node.provision_port, client_id or mac, {"mac": mac})
-
-    def cli(self, *args: str) -> Any:
-        """``mqttprov ARGS --config ...`` as a process."""
-        return run_mqttprov(*args, "--config", str(self.config), cwd=self.config.parent)
-
-
-def _settings(node: MosquittoNode, database_url: str) -> dict[str, dict[str, Any]]:
-    return {
-        "broker": {
-            "host": "127.0.0.1",
-            "port": free_port(),
-            "advertised_host": "127.0.0.1",
-            "advertised_port": node.device_port,
-        },
-        "database": {"url": database_url},
-        "auth": {"bcrypt_cost": 4, "revocation_poll_interval": 0.2},
-        "external": {
-            "broker": f"mqtt://127.0.0.1:{node.device_port}",
-            "admin_username": ADMIN,
-            "admin_password": ADMIN_PASSWORD,
-            "worker_username": WORKER,
-            "worker_password": WORKER_PASSWORD,
-        },
-    }
-
 
 @pytest.fixture
 async def stack(tmp_path: Path, sqlite_url: str) -> AsyncIterator[Stack]:
     """Mosquitto, a migrated registry, the bridge and one worker, all running."""
-    with mosquitto_node(tmp_path / "mosquitto") as node:
-        sections = _settings(node, sqlite_url)
-        settings = Settings.model_validate(sections)
-        config = write_config(tmp_path / "mqttprov.toml", sections)
-        engine = create_engine(sqlite_url)
-        await upgrade(engine)
-        stack = Stack(node, settings, config, DeviceRegistry(engine), AccountRegistry(engine))
-        try:
-            await stack.start("bridge")
-            await stack.start("worker")
-            yield stack
-        finally:
-            for name in list(stack.tasks):
-                await stack.stop(name)
-            await engine.dispose()
-
-
-async def call(work: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """Run a blocking MQTT helper off the loop (the worker and bridge run on it)."""
-    return await asyncio.to_thread(work, *args, **kwargs)
-
-
-def spy(port: int, client_id: str, *filters: str, **login_args: Any) -> Client:
-    """A connected client subscribed to ``filters`` (each subscription must be granted)."""
-    client = Client(port, client_id, **login_args)
-    assert client.connect() == ACCEPTED
-    for topic_filter in filters:
-        assert client.subscribe(topic_filter) != SUBACK_FAILURE
-    return client
+    async with mosquitto_stack(tmp_path, sqlite_url) as running:
+        yield running
 
 
 # -- provisioning ---------------------------------------------------------------------------------
@@ -362,22 +266,3 @@ async def test_service_accounts_on_mosquitto(stack: Stack) -> None:
         await stack.accounts.remove("reader")
         assert await call(reader.disconnected.wait, KICK_WITHIN)
     assert await call(login, port, account) == NOT_AUTHORIZED
-
-
-async def test_cli_errors_are_one_line(stack: Stack, tmp_path: Path) -> None:
-    bad_url = await asyncio.to_thread(stack.cli, "bridge", "sync", "--broker", "http://x")
-    assert bad_url.returncode == 2
-    assert bad_url.stderr.count("\n") == 1
-    no_password = write_config(
-        tmp_path / "bare.toml", {"database": {"url": str(stack.settings.database.url)}}
-    )
-    bare = await asyncio.to_thread(run_mqttprov, "bridge", "sync", "--config", str(no_password), cwd=tmp_path)
-    assert bare.returncode == 1
-    assert (
-        bare.stderr.strip() == "error: external.admin_password is not set (MQTTPROV_EXTERNAL__ADMIN_PASSWORD)"
-    )
-    worker_down = await asyncio.to_thread(stack.cli, "worker", "--broker", f"mqtt://127.0.0.1:{free_port()}")
-    assert worker_down.returncode == 1
-    # The settings' warnings are logged first; the failure is the one last line.
-    assert worker_down.stderr.splitlines()[-1].startswith("error: cannot connect to mqtt://127.0.0.1:")
-    assert "Traceback" not in worker_down.stderr

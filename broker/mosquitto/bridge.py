@@ -10,6 +10,7 @@ client, which makes Mosquitto disconnect its live sessions.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 
@@ -205,11 +206,15 @@ class DynsecBridge:
                     username,
                 )
 
-    async def follow(self) -> None:
-        """Follow the registry's change feed until cancelled."""
+    async def follow(self, stop: asyncio.Event) -> None:
+        """Follow the registry's change feed until ``stop`` is set.
+
+        Stopping between rounds, never by cancelling one: a query cut off mid-way would leave
+        its database connection to the garbage collector.
+        """
         last = await self.devices.last_change_id()
         logger.info("bridge following the credential change feed from change %d", last)
-        while True:
+        while not stop.is_set():
             try:
                 changes = await self.devices.changes_since(last)
                 if changes:
@@ -218,4 +223,5 @@ class DynsecBridge:
             except ProvisioningError as exc:
                 # Mosquitto or the database is away: the same changes are retried next round.
                 logger.warning("bridge could not apply changes after %d, retrying: %s", last, exc)
-            await asyncio.sleep(self._interval)  # the feed's polling interval
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval)

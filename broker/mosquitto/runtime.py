@@ -79,7 +79,7 @@ async def run_bridge(
         await bridge.ensure_layout()
         if ready is not None:
             ready.set()
-        await _until(stop, bridge.follow())
+        await bridge.follow(stop)
 
 
 async def run_worker(

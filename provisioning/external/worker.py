@@ -86,6 +86,10 @@ class ProvisioningWorker:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
         finally:
+            # Let requests in progress finish (a reply after a commit is worth the wait); only
+            # what is still running after that is cancelled.
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self._link.timeout)
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,166 @@
+"""The provisioning worker on Mosquitto: several workers, a failed hand-over, TLS, CLI errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from broker.mosquitto.bridge import DynsecBridge
+from provisioning.external.link import ExternalBrokerError
+from provisioning.registry import DeviceInfo
+from tests.helpers import free_port, run_mqttprov, self_signed_cert, write_config
+from tests.mosquitto_node import KICK_WITHIN, call, mosquitto_missing, mosquitto_stack, spy
+from tests.mqtt_clients import ACCEPTED, NOT_AUTHORIZED, assert_error, assert_ok, device_session, login
+
+pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+
+
+async def test_two_workers_answer_each_request_once(tmp_path: Path, sqlite_url: str) -> None:
+    async with mosquitto_stack(tmp_path, sqlite_url) as stack:
+        await stack.start("worker-2")
+        port = stack.node.provision_port
+        macs = [f"aa:bb:cc:00:01:{n:02x}" for n in range(6)]
+        sessions = [await call(spy, port, mac, f"provision/reply/{mac}") for mac in macs]
+        try:
+            for session, mac in zip(sessions, macs, strict=True):
+                await call(session.publish, "provision/request", {"mac": mac})
+            for session in sessions:
+                reply = await call(session.next_reply, 0)
+                assert reply is not None
+                assert_ok(reply.json())
+            # Both workers subscribed: without a shared subscription each request would be
+            # answered twice (the second answer: RATE_LIMITED). A later exchange is the barrier.
+            assert await call(stack.provision, "aa:bb:cc:00:01:ff") is not None
+            assert [len(session.messages) for session in sessions] == [1] * len(macs)
+        finally:
+            for session in sessions:
+                await call(session.close)
+
+
+async def test_a_failed_hand_over_answers_internal_and_the_device_asks_again(
+    tmp_path: Path, sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"provisioning": {"reissue_cooldown": 0}}
+    async with mosquitto_stack(tmp_path, sqlite_url, options=options) as stack:
+        issued = DynsecBridge.issued
+
+        async def unreachable(
+            self: DynsecBridge, device: DeviceInfo, password: str, password_hash: str
+        ) -> None:
+            monkeypatch.setattr(DynsecBridge, "issued", issued)  # fail once
+            raise ExternalBrokerError("Mosquitto did not answer")
+
+        monkeypatch.setattr(DynsecBridge, "issued", unreachable)
+        mac = "aa:bb:cc:00:02:01"
+        with await call(spy, stack.node.provision_port, mac, f"provision/reply/{mac}") as session:
+            refused = await call(session.request, {"mac": mac})
+            assert_error(refused, "INTERNAL", topic=f"provision/reply/{mac}")
+            # Committed but never handed out: the next request is a reissue of the same device.
+            device = await stack.devices.find_by_mac(mac)
+            assert device is not None
+            assert device.activated_at is None
+            again = await call(session.request, {"mac": mac})
+        assert again is not None
+        body = again.json()
+        assert assert_ok(body) == device.id
+        assert await call(login, stack.node.device_port, body) == ACCEPTED
+
+
+async def test_worker_and_bridge_over_tls(tmp_path: Path, sqlite_url: str) -> None:
+    async with mosquitto_stack(tmp_path, sqlite_url, tls=True) as stack:
+        assert stack.settings.external.broker.startswith("mqtts://")
+        body = await call(stack.provision, "aa:bb:cc:00:03:01")
+        assert body is not None
+        assert_ok(body)
+        with await call(device_session, stack.node.device_port, body) as session:
+            await stack.devices.decommission(assert_ok(body))
+            assert await call(session.disconnected.wait, KICK_WITHIN)
+        # A CA that did not sign Mosquitto's certificate: one line, no traceback.
+        other_ca, _ = self_signed_cert(tmp_path)
+        result = await asyncio.to_thread(
+            run_mqttprov,
+            "bridge",
+            "sync",
+            "--config",
+            str(stack.config),
+            cwd=tmp_path,
+            env={"MQTTPROV_EXTERNAL__CA_FILE": str(other_ca)},
+        )
+        assert result.returncode == 1
+        assert result.stderr.startswith("error: cannot connect to mqtts://127.0.0.1:")
+        assert "certificate verify failed" in result.stderr
+        assert result.stderr.count("\n") == 1
+
+
+async def test_rotation_outside_the_bridge_disables_the_account_on_mosquitto(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    async with mosquitto_stack(tmp_path, sqlite_url) as stack:
+        added = await asyncio.to_thread(
+            stack.cli, "bridge", "accounts", "add", "ops", "--allow", "publish devices/+/commands", "--json"
+        )
+        assert added.returncode == 0, added.stderr
+        old = {
+            "mqtt_client_id": "ops-1",
+            "mqtt_username": "ops",
+            "mqtt_password": json.loads(added.stdout)["password"],
+        }
+        with await call(
+            spy, stack.node.device_port, "ops-1", username="ops", password=old["mqtt_password"]
+        ) as ops:
+            rotated = await asyncio.to_thread(stack.cli, "accounts", "rotate", "ops", "--json")
+            assert rotated.returncode == 0, rotated.stderr
+            assert await call(ops.disconnected.wait, KICK_WITHIN)
+        new = dict(old, mqtt_password=json.loads(rotated.stdout)["password"])
+        # Mosquitto never learnt the new password; the old one is dead too.
+        assert await call(login, stack.node.device_port, old) == NOT_AUTHORIZED
+        assert await call(login, stack.node.device_port, new) == NOT_AUTHORIZED
+        report = json.loads((await asyncio.to_thread(stack.cli, "bridge", "sync", "--json")).stdout)
+        assert [(s["action"], s["username"]) for s in report["steps"]] == [("account_needs_rotate", "ops")]
+        fixed = await asyncio.to_thread(stack.cli, "bridge", "accounts", "rotate", "ops", "--json")
+        assert fixed.returncode == 0, fixed.stderr
+        good = dict(old, mqtt_password=json.loads(fixed.stdout)["password"])
+        assert await call(login, stack.node.device_port, good) == ACCEPTED
+
+
+async def test_cli_errors_are_one_line(tmp_path: Path, sqlite_url: str) -> None:
+    config = write_config(tmp_path / "bare.toml", {"database": {"url": sqlite_url}})
+    bad_url = await asyncio.to_thread(
+        run_mqttprov, "bridge", "sync", "--broker", "http://x", "--config", str(config), cwd=tmp_path
+    )
+    assert bad_url.returncode == 2
+    assert bad_url.stderr.startswith("error: invalid broker URL 'http://x'")
+    assert bad_url.stderr.count("\n") == 1
+    bare = await asyncio.to_thread(run_mqttprov, "bridge", "sync", "--config", str(config), cwd=tmp_path)
+    assert bare.returncode == 1
+    assert bare.stderr == "error: external.admin_password is not set (MQTTPROV_EXTERNAL__ADMIN_PASSWORD)\n"
+    down = await asyncio.to_thread(
+        run_mqttprov,
+        "bridge",
+        "sync",
+        "--broker",
+        f"mqtt://127.0.0.1:{free_port()}",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        env={"MQTTPROV_EXTERNAL__ADMIN_PASSWORD": "secret-0006"},
+    )
+    assert down.returncode == 1
+    assert down.stderr.startswith("error: cannot connect to mqtt://127.0.0.1:")
+    assert down.stderr.count("\n") == 1
+    shown = await asyncio.to_thread(
+        run_mqttprov,
+        "config",
+        "show",
+        "--json",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        env={"MQTTPROV_EXTERNAL__ADMIN_PASSWORD": "secret-0006"},
+    )
+    external = json.loads(shown.stdout)["external"]
+    assert external["admin_password"] == "***"
+    assert "secret-0006" not in shown.stdout
