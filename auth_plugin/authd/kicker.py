@@ -1,9 +1,11 @@
 """Close a revoked user's live connections on a broker whose HTTP auth cannot (RabbitMQ).
 
 The HTTP backend refuses the next login at once; a connection that is already open is only closed
-by the broker itself. ``[authd] kick_command`` is that command, e.g.
-``["rabbitmqctl", "-n", "rabbit@mq1", "close_all_user_connections", "{username}", "revoked"]``
-(RabbitMQ closes them on every node of the cluster). It runs without a shell.
+by the broker itself. ``[authd] kick_command`` is that command, run without a shell; for RabbitMQ
+3.10 a ``rabbitmqctl eval`` over the MQTT plugin's cluster-wide client-id registry (the exact
+command is in docs/scaling-out.md): ``close_all_user_connections`` does not close MQTT connections.
+Usernames are put into the command only when they are plain (letters, digits, ``_ . -``), so a
+username can never change what the command does.
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 
 
 class CommandKicker:
@@ -31,6 +36,10 @@ class CommandKicker:
 
     async def kick(self, username: str) -> bool:
         """Run the command; True when it exited 0 within the timeout."""
+        if not _PLAIN.fullmatch(username):
+            self.failed += 1
+            logger.error("kick username=%r refused: not a plain username", username)
+            return False
         try:
             returncode, output = await self._run(self.argv(username))
         except OSError as exc:

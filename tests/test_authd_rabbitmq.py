@@ -1,0 +1,316 @@
+"""authd as the HTTP auth backend of a real two-node RabbitMQ 3.10 cluster (tests/rabbitmq_cluster.py).
+
+One cluster and one ``mqttprov authd`` process serve the whole module (a node takes ~10 s to
+start). Devices are provisioned by the embedded provisioning service on the module's registry;
+MQTT clients are paho-mqtt or raw sockets, called from threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config import Settings
+from provisioning.contract import OkReply, identity_from_client_id
+from provisioning.passwords import PasswordHasher
+from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.service import ProvisioningService
+from tests.auth_support import ACCOUNT_PASSWORD, RawSession, make_account
+from tests.authd_support import SECRET
+from tests.helpers import broker_settings, free_port, mqttprov_executable, run_mqttprov
+from tests.mqtt_clients import Client
+from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_missing
+
+pytestmark = pytest.mark.skipif(rabbitmq_missing() is not None, reason=rabbitmq_missing() or "")
+
+ACCEPTED = 0
+#: RabbitMQ 3.10 answers every refused MQTT login with CONNACK 4 (bad username or password).
+REFUSED = 4
+#: How long the kick of a live connection may take: the change feed (0.5 s poll on SQLite) plus
+#: one ``rabbitmqctl eval`` (an Erlang VM start: ~2 s measured here on two cores).
+KICK_DEADLINE = 10.0
+
+
+@dataclass
+class Deployment:
+    """The cluster, the authd in front of the registry, and the registry's URL."""
+
+    cluster: Cluster
+    database_url: str
+    authd_url: str
+    config: Path
+
+    @property
+    def node_a(self) -> Node:
+        return self.cluster.nodes[0]
+
+    @property
+    def node_b(self) -> Node:
+        return self.cluster.nodes[1]
+
+
+def authd_config(path: Path, database_url: str, port: int, cluster: Cluster) -> Path:
+    """The authd configuration this module runs with (docs/scaling-out.md shows the same)."""
+    # On node a: the devices these tests kick are connected to node b.
+    kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
+    path.write_text(
+        f"""\
+[database]
+url = {json.dumps(database_url)}
+
+[auth]
+bcrypt_cost = 4
+max_refusal_delay = 0.01
+
+[authd]
+host = "127.0.0.1"
+port = {port}
+shared_secret = {json.dumps(SECRET)}
+contracts = ["rabbitmq"]
+kick_command = {json.dumps(kick)}
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until authd answers ``/healthz`` (it logs "authd listening" just before)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"authd did not become healthy:\n{log.read_text(errors='replace')}")
+        time.sleep(0.1)  # polling against the deadline above
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    base = tmp_path_factory.mktemp("rabbitmq")
+    database_url = f"sqlite+aiosqlite:///{base / 'registry.db'}"
+    port = free_port()
+    # The secret as the password of the URL's user info: RabbitMQ sends it as HTTP basic auth.
+    cluster = Cluster(base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}")
+    config = authd_config(base / "mqttprov.toml", database_url, port, cluster)
+    done = run_mqttprov("db", "upgrade", "--config", str(config), cwd=base)
+    assert done.returncode == 0, done.stderr
+    log = base / "authd.log"
+    with log.open("wb") as out:
+        authd = subprocess.Popen(
+            [mqttprov_executable(), "authd", "--config", str(config)],
+            cwd=base,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, authd, log)
+        (base / "cluster").mkdir()
+        cluster.start()
+        try:
+            yield Deployment(cluster, database_url, url, config)
+        finally:
+            cluster.stop()
+    finally:
+        authd.terminate()
+        authd.wait(timeout=30)
+
+
+@pytest.fixture
+async def registry(deployment: Deployment) -> AsyncIterator[DeviceRegistry]:
+    reg = DeviceRegistry(create_engine(deployment.database_url))
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+async def provisioned(registry: DeviceRegistry, settings: Settings, mac: str) -> dict[str, Any]:
+    """Enrol ``mac`` through the embedded provisioning service; the credentials of its reply."""
+    hasher = PasswordHasher(4, workers=1)
+    try:
+        service = ProvisioningService(registry, hasher, settings)
+        identity = identity_from_client_id(mac)
+        assert identity is not None
+        outcome = await service.handle(identity, json.dumps({"mac": mac}).encode(), "127.0.0.1")
+    finally:
+        hasher.close()
+    assert isinstance(outcome.reply, OkReply), outcome.reply
+    return outcome.reply.model_dump(mode="json")
+
+
+def connect(node: Node, client_id: str, username: str | None = None, password: str | None = None) -> Client:
+    """A paho session on ``node`` that must be accepted."""
+    client = Client(node.mqtt_port, client_id, username=username, password=password)
+    code = client.connect()
+    if code != ACCEPTED:
+        client.close()
+        raise AssertionError(f"{client_id!r} refused by {node.name} with CONNACK {code}")
+    return client
+
+
+def login(node: Node, creds: dict[str, Any], **override: str) -> int:
+    """One CONNECT with these credentials on a raw socket; the CONNACK code."""
+    fields = {
+        "client_id": creds["mqtt_client_id"],
+        "username": creds["mqtt_username"],
+        "password": creds["mqtt_password"],
+    } | override
+    with RawSession(node.mqtt_port) as session:
+        return session.connect(fields.pop("client_id"), **fields)
+
+
+def _packet(kind: int, body: bytes) -> bytes:
+    assert len(body) < 128
+    return bytes([kind, len(body)]) + body
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+def refused(node: Node, client_id: str, action: str, topic: str, **credentials: str | None) -> bool:
+    """Log in, SUBSCRIBE (QoS 1) or PUBLISH (QoS 1) once: True when RabbitMQ refuses it.
+
+    RabbitMQ 3.10 refuses both by closing the connection (no SUBACK 0x80, no PUBACK).
+    """
+    with RawSession(node.mqtt_port) as session:
+        assert session.connect(client_id, **credentials) == ACCEPTED
+        if action == "subscribe":
+            session.sock.sendall(_packet(0x82, struct.pack("!H", 1) + _text(topic) + b"\x01"))
+            expected = b"\x90"
+        else:
+            session.sock.sendall(_packet(0x32, _text(topic) + struct.pack("!H", 1) + b"{}"))
+            expected = b"\x40"
+        session.sock.settimeout(10)
+        try:
+            first = session.sock.recv(1)
+        except ConnectionResetError:
+            return True
+        if first == b"":
+            return True
+        assert first == expected, f"unexpected packet {first!r}"
+        if action == "subscribe":
+            rest = session.sock.recv(4)
+            return rest[-1:] == b"\x80"
+        return False
+
+
+def device_creds(creds: dict[str, Any]) -> dict[str, str]:
+    """Keyword arguments of :func:`refused` for a device."""
+    return {"username": creds["mqtt_username"], "password": creds["mqtt_password"]}
+
+
+async def test_a_provisioned_device_logs_in_on_both_nodes(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    creds = await provisioned(registry, broker_settings(deployment.database_url), "02:00:00:00:0a:01")
+    for node in deployment.cluster.nodes:
+        assert await asyncio.to_thread(login, node, creds) == ACCEPTED
+        assert await asyncio.to_thread(login, node, creds, password="wrong-password") == REFUSED
+        assert await asyncio.to_thread(login, node, creds, client_id="another-client-id") == REFUSED
+
+
+async def test_telemetry_from_node_a_reaches_a_service_account_on_node_b(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    creds = await provisioned(registry, broker_settings(deployment.database_url), "02:00:00:00:0a:02")
+    await make_account(AccountRegistry(registry.engine), "reader", ["subscribe devices/+/telemetry"])
+    reader = await asyncio.to_thread(connect, deployment.node_b, "reader-1", "reader", ACCOUNT_PASSWORD)
+    try:
+        assert await asyncio.to_thread(reader.subscribe, "devices/+/telemetry") == 1
+        device = await asyncio.to_thread(
+            connect,
+            deployment.node_a,
+            creds["mqtt_client_id"],
+            creds["mqtt_username"],
+            creds["mqtt_password"],
+        )
+        try:
+            topic = creds["topic_prefix"] + "telemetry"
+            await asyncio.to_thread(device.publish, topic, b'{"t": 21.5}')
+            got = await asyncio.to_thread(reader.wait_for, lambda m: m.topic == topic)
+            assert got is not None
+            assert got.payload == b'{"t": 21.5}'
+        finally:
+            await asyncio.to_thread(device.close)
+    finally:
+        await asyncio.to_thread(reader.close)
+
+
+async def test_acl_refusals_on_the_cluster(deployment: Deployment, registry: DeviceRegistry) -> None:
+    settings = broker_settings(deployment.database_url)
+    creds = await provisioned(registry, settings, "02:00:00:00:0a:03")
+    other = await provisioned(registry, settings, "02:00:00:00:0a:04")
+    await make_account(AccountRegistry(registry.engine), "wide", ["subscribe #"])
+    a, b = deployment.node_a, deployment.node_b
+    me, own = creds["mqtt_client_id"], creds["topic_prefix"]
+    cases: list[tuple[Node, str, str, str, dict[str, str | None], bool]] = [
+        (a, me, "subscribe", own + "#", device_creds(creds), False),  # the positive controls
+        (b, me, "publish", own + "telemetry", device_creds(creds), False),
+        (a, me, "subscribe", other["topic_prefix"] + "#", device_creds(creds), True),
+        (b, me, "publish", other["topic_prefix"] + "telemetry", device_creds(creds), True),
+        (a, me, "publish", "provision/request", device_creds(creds), True),
+        # "subscribe #" in its rules, yet RabbitMQ could deliver provisioning replies through it.
+        (b, "wide", "subscribe", "#", {"username": "wide", "password": ACCOUNT_PASSWORD}, True),
+        (
+            a,
+            "wide",
+            "subscribe",
+            "devices/+/state",
+            {"username": "wide", "password": ACCOUNT_PASSWORD},
+            False,
+        ),
+        # Anonymous provisioning sessions (mqtt.default_user), client id = MAC, in two notations.
+        (a, "02:00:00:00:0a:05", "subscribe", "provision/reply/02:00:00:00:0a:05", {}, False),
+        (b, "0200.0000.0a05", "subscribe", "provision/reply/0200.0000.0a05", {}, False),
+        (a, "02:00:00:00:0a:05", "publish", "provision/request", {}, False),
+        (b, "02:00:00:00:0a:05", "subscribe", "provision/reply/02:00:00:00:0a:06", {}, True),
+        (a, "02:00:00:00:0a:05", "subscribe", "provision/reply/+", {}, True),
+        (b, "02:00:00:00:0a:05", "publish", "provision/reply/02:00:00:00:0a:05", {}, True),
+    ]
+    for node, client_id, action, topic, credentials, expected in cases:
+        outcome = await asyncio.to_thread(refused, node, client_id, action, topic, **credentials)
+        assert outcome is expected, (node.name, client_id, action, topic)
+    # Anonymous logins whose client id is not a MAC are no provisioning sessions.
+    with RawSession(a.mqtt_port) as session:
+        assert await asyncio.to_thread(session.connect, "not-a-mac") == REFUSED
+
+
+async def test_decommission_refuses_the_next_login_on_both_nodes_and_closes_the_live_one(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    creds = await provisioned(registry, broker_settings(deployment.database_url), "02:00:00:00:0a:07")
+    live = await asyncio.to_thread(
+        connect, deployment.node_b, creds["mqtt_client_id"], creds["mqtt_username"], creds["mqtt_password"]
+    )
+    try:
+        assert await asyncio.to_thread(live.subscribe, creds["topic_prefix"] + "#") == 1
+        device = await registry.resolve(creds["device_id"])
+        started = time.monotonic()
+        await registry.decommission(device.id)
+        assert await asyncio.to_thread(live.disconnected.wait, KICK_DEADLINE)
+        kicked_after = time.monotonic() - started
+    finally:
+        await asyncio.to_thread(live.close)
+    for node in deployment.cluster.nodes:
+        assert await asyncio.to_thread(login, node, creds) == REFUSED
+    print(f"live connection closed {kicked_after:.1f}s after the decommission")
