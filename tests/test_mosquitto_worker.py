@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,9 +13,26 @@ import pytest
 from broker.mosquitto.bridge import DynsecBridge
 from provisioning.external.link import ExternalBrokerError
 from provisioning.registry import DeviceInfo
-from tests.helpers import free_port, run_mqttprov, self_signed_cert, write_config
-from tests.mosquitto_node import KICK_WITHIN, call, mosquitto_missing, mosquitto_stack, spy
-from tests.mqtt_clients import ACCEPTED, NOT_AUTHORIZED, assert_error, assert_ok, device_session, login
+from tests.helpers import free_port, mqttprov_executable, run_mqttprov, self_signed_cert, write_config
+from tests.mosquitto_node import (
+    KICK_WITHIN,
+    call,
+    mosquitto_missing,
+    mosquitto_node,
+    mosquitto_stack,
+    spy,
+    stack_sections,
+)
+from tests.mqtt_clients import (
+    ACCEPTED,
+    NOT_AUTHORIZED,
+    assert_error,
+    assert_ok,
+    device_session,
+    login,
+    request_provisioning,
+)
+from tests.test_serve import ServeProcess
 
 pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
 
@@ -164,3 +183,56 @@ async def test_cli_errors_are_one_line(tmp_path: Path, sqlite_url: str) -> None:
     external = json.loads(shown.stdout)["external"]
     assert external["admin_password"] == "***"
     assert "secret-0006" not in shown.stdout
+
+
+async def _spawn(config: Path, *args: str) -> ServeProcess:
+    process = await asyncio.create_subprocess_exec(
+        mqttprov_executable(),
+        *args,
+        "--config",
+        str(config),
+        cwd=config.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return ServeProcess(process)
+
+
+async def test_bridge_and_worker_run_as_processes_until_signalled(tmp_path: Path, sqlite_url: str) -> None:
+    with mosquitto_node(tmp_path / "mosquitto") as node:
+        config = write_config(tmp_path / "mqttprov.toml", stack_sections(node, sqlite_url))
+        migrated = await asyncio.to_thread(
+            run_mqttprov, "db", "upgrade", "--config", str(config), cwd=tmp_path
+        )
+        assert migrated.returncode == 0, migrated.stderr
+        early = await asyncio.to_thread(run_mqttprov, "worker", "--config", str(config), cwd=tmp_path)
+        assert early.returncode == 1
+        assert early.stderr.splitlines()[-1].endswith(": Not authorized")  # no worker client yet
+        running = [await _spawn(config, "bridge", "run")]
+        try:
+            # The bridge creates the worker's client: the worker starts after it.
+            await running[0].read_until("bridge following the credential change feed")
+            running.append(await _spawn(config, "worker"))
+            await running[1].read_until("provisioning worker serving $share/mqttprov/provision/request")
+            mac = "aa:bb:cc:00:04:01"
+            body = await call(request_provisioning, node.provision_port, mac, {"mac": mac})
+            assert body is not None
+            assert_ok(body)
+            with await call(device_session, node.device_port, body) as session:
+                retired = await asyncio.to_thread(
+                    run_mqttprov, "devices", "decommission", mac, "--config", str(config), cwd=tmp_path
+                )
+                assert retired.returncode == 0, retired.stderr
+                assert await call(session.disconnected.wait, KICK_WITHIN)
+            for process in running:
+                assert await process.stop(signal.SIGTERM) == 0
+        finally:
+            for process in running:
+                if process.process.returncode is None:
+                    process.process.kill()
+                    await process.process.communicate()
+    logged = "\n".join(running[0].lines + running[1].lines)
+    assert "Traceback" not in logged
+    assert body["mqtt_password"] not in logged
+    assert f"revoked {body['mqtt_username']} on Mosquitto (delete)" in logged

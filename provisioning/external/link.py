@@ -100,8 +100,9 @@ class MqttLink:
         self._pending: dict[int, asyncio.Future[list[int]]] = {}
         self._early: dict[int, list[int]] = {}
         self._filters: dict[str, int] = {}
-        self._connected: asyncio.Future[int] | None = None
+        self._connected: asyncio.Future[str | None] | None = None
         self._started = False
+        self._up = False
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if username is not None:
             client.username_pw_set(username, password)
@@ -152,15 +153,17 @@ class MqttLink:
     def _connect_result(self, code: int, reason: str) -> None:
         future = self._connected
         if future is not None and not future.done():
-            future.set_result(code)
+            future.set_result(None if code == 0 else reason)
+        self._up = code == 0
         if code == 0:
             logger.info("connected to %s as %r", self.address, self.client_id)
         else:
             logger.warning("%s refused %r: %s", self.address, self.client_id, reason)
 
     def _disconnected(self, reason: str) -> None:
-        if self._started:
+        if self._started and self._up:
             logger.warning("lost the connection to %s (%s); reconnecting", self.address, reason)
+        self._up = False
 
     async def connect(self) -> None:
         """Connect and wait for CONNACK; :class:`ExternalBrokerError` on refusal or timeout."""
@@ -172,13 +175,13 @@ class MqttLink:
         self._client.loop_start()
         self._started = True
         try:
-            code = await asyncio.wait_for(self._connected, self.timeout)
+            refusal = await asyncio.wait_for(self._connected, self.timeout)
         except TimeoutError as exc:
             await self.close()
             raise ExternalBrokerError(f"no CONNACK from {self.address} within {self.timeout:g}s") from exc
-        if code != 0:
+        if refusal is not None:
             await self.close()
-            raise ExternalBrokerError(f"{self.address} refused {self.client_id!r} (CONNACK {code})")
+            raise ExternalBrokerError(f"{self.address} refused {self.client_id!r}: {refusal}")
 
     async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe (kept across reconnects); :class:`ExternalBrokerError` when refused."""
