@@ -236,3 +236,27 @@ async def test_bridge_and_worker_run_as_processes_until_signalled(tmp_path: Path
     assert "Traceback" not in logged
     assert body["mqtt_password"] not in logged
     assert f"revoked {body['mqtt_username']} on Mosquitto (delete)" in logged
+
+
+async def test_worker_and_bridge_survive_a_mosquitto_restart(tmp_path: Path, sqlite_url: str) -> None:
+    async with mosquitto_stack(tmp_path, sqlite_url) as stack:
+        await asyncio.to_thread(stack.node.stop)
+        await asyncio.to_thread(stack.node.start)  # same ports, same dynamic-security file
+        # paho reconnects (1 s back-off at first) and the worker subscribes again; until then a
+        # request is lost, and the device asks again, as firmware does after a silent broker.
+        body = None
+        for _ in range(5):
+            body = await call(
+                request_provisioning,
+                stack.node.provision_port,
+                "aa:bb:cc:00:05:01",
+                {"mac": "aa:bb:cc:00:05:01"},
+                timeout=3.0,
+            )
+            if body is not None:
+                break
+        assert body is not None
+        device_id = assert_ok(body)
+        with await call(device_session, stack.node.device_port, body) as session:
+            await stack.devices.decommission(device_id)
+            assert await call(session.disconnected.wait, KICK_WITHIN)
