@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,7 +19,7 @@ from broker.authd import AuthdServer
 from config import Settings
 from provisioning.registry import create_engine
 from provisioning.registry.migrate import upgrade
-from tests.helpers import broker_settings, free_port
+from tests.helpers import broker_settings, free_port, mqttprov_executable
 
 SECRET = "authd-shared-secret-0003"
 #: How soon a credential change must be honoured by every authd (the acceptance criterion).
@@ -130,3 +134,58 @@ async def running_authd(settings: Settings) -> AsyncIterator[tuple[AuthdServer, 
     """An in-process authd (database migrated first) and a client holding the secret."""
     async with AuthdServer(settings) as server, client_for(server.url) as client:
         yield server, client
+
+
+def write_authd_config(
+    path: Path, database_url: str, port: int, *, auth: Mapping[str, Any] | None = None, **authd: Any
+) -> Path:
+    """A TOML file for an ``mqttprov authd`` process: cheap bcrypt, the secret, these ``[authd]`` keys."""
+    sections = {
+        "database": {"url": database_url},
+        "auth": {"bcrypt_cost": 4, "max_refusal_delay": 0.01} | dict(auth or {}),
+        "authd": {"host": "127.0.0.1", "port": port, "shared_secret": SECRET} | authd,
+    }
+    # JSON strings, numbers and arrays of strings are valid TOML values.
+    lines = [
+        line
+        for name, values in sections.items()
+        for line in (f"[{name}]", *(f"{key} = {json.dumps(value)}" for key, value in values.items()))
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@contextmanager
+def authd_process(config: Path, port: int, cwd: Path) -> Iterator[str]:
+    """``mqttprov authd --config CONFIG`` as a real process until its /healthz answers; its URL.
+
+    SIGTERM on exit. Its log is ``cwd/authd-PORT.log``.
+    """
+    log = cwd / f"authd-{port}.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [mqttprov_executable(), "authd", "--config", str(config)],
+            cwd=cwd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not _healthy(url):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"authd did not become healthy:\n{log.read_text(errors='replace')}")
+            time.sleep(0.1)  # polling against the deadline above
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False

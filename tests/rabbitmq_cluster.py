@@ -223,9 +223,8 @@ class Cluster:
 
 
 @contextmanager
-def rabbitmq_cluster(directory: Path, authd_url: str) -> Iterator[Cluster]:
-    """A started two-node cluster, stopped on exit."""
-    cluster = Cluster(directory, authd_url)
+def rabbitmq_cluster(cluster: Cluster) -> Iterator[Cluster]:
+    """Start ``cluster``; stop it on exit (also when starting failed half-way)."""
     try:
         cluster.start()
         yield cluster

@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import struct
-import subprocess
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +25,10 @@ from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.service import ProvisioningService
 from tests.auth_support import ACCOUNT_PASSWORD, RawSession, make_account
-from tests.authd_support import SECRET
-from tests.helpers import broker_settings, free_port, mqttprov_executable, run_mqttprov
+from tests.authd_support import SECRET, authd_process, write_authd_config
+from tests.helpers import broker_settings, free_port, run_mqttprov
 from tests.mqtt_clients import Client
-from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_missing
+from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_cluster, rabbitmq_missing
 
 pytestmark = pytest.mark.skipif(rabbitmq_missing() is not None, reason=rabbitmq_missing() or "")
 
@@ -60,46 +58,6 @@ class Deployment:
         return self.cluster.nodes[1]
 
 
-def authd_config(path: Path, database_url: str, port: int, cluster: Cluster) -> Path:
-    """The authd configuration this module runs with (docs/scaling-out.md shows the same)."""
-    # On node a: the devices these tests kick are connected to node b.
-    kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
-    path.write_text(
-        f"""\
-[database]
-url = {json.dumps(database_url)}
-
-[auth]
-bcrypt_cost = 4
-max_refusal_delay = 0.01
-
-[authd]
-host = "127.0.0.1"
-port = {port}
-shared_secret = {json.dumps(SECRET)}
-contracts = ["rabbitmq"]
-kick_command = {json.dumps(kick)}
-""",
-        encoding="utf-8",
-    )
-    return path
-
-
-def wait_healthy(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    """Until authd answers ``/healthz`` (it logs "authd listening" just before)."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise AssertionError(f"authd did not become healthy:\n{log.read_text(errors='replace')}")
-        time.sleep(0.1)  # polling against the deadline above
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     base = tmp_path_factory.mktemp("rabbitmq")
@@ -107,30 +65,17 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     port = free_port()
     # The secret as the password of the URL's user info: RabbitMQ sends it as HTTP basic auth.
     cluster = Cluster(base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}")
-    config = authd_config(base / "mqttprov.toml", database_url, port, cluster)
+    # Kicks run on node a: the devices these tests kick are connected to node b.
+    kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
+    config = write_authd_config(
+        base / "mqttprov.toml", database_url, port, contracts=["rabbitmq"], kick_command=kick
+    )
     done = run_mqttprov("db", "upgrade", "--config", str(config), cwd=base)
     assert done.returncode == 0, done.stderr
-    log = base / "authd.log"
-    with log.open("wb") as out:
-        authd = subprocess.Popen(
-            [mqttprov_executable(), "authd", "--config", str(config)],
-            cwd=base,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, authd, log)
+    with authd_process(config, port, base) as url:
         (base / "cluster").mkdir()
-        cluster.start()
-        try:
+        with rabbitmq_cluster(cluster):
             yield Deployment(cluster, database_url, url, config)
-        finally:
-            cluster.stop()
-    finally:
-        authd.terminate()
-        authd.wait(timeout=30)
 
 
 @pytest.fixture
