@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 
 from broker.mosquitto.dynsec import DynsecClient
+from broker.mosquitto.layout import WORKER_ROLE
+from broker.mosquitto.runtime import open_bridge
 from provisioning.external.link import MqttLink, parse_broker_url
 from provisioning.registry import DeviceStatus
 from tests.auth_support import hashed
@@ -266,3 +268,17 @@ async def test_service_accounts_on_mosquitto(stack: Stack) -> None:
         await stack.accounts.remove("reader")
         assert await call(reader.disconnected.wait, KICK_WITHIN)
     assert await call(login, port, account) == NOT_AUTHORIZED
+
+
+async def test_a_changed_worker_role_is_edited_in_place(stack: Stack) -> None:
+    external = stack.settings.external.model_copy(update={"shared_group": "fleet-b"})
+    settings = stack.settings.model_copy(update={"external": external})
+    async with open_bridge(settings, parse_broker_url(external.broker)) as bridge:
+        await bridge.ensure_layout()
+        worker = await bridge.dynsec.get_client(WORKER)
+        acls = await bridge.dynsec.get_role_acls(WORKER_ROLE)
+    assert worker is not None
+    assert [role.rolename for role in worker.roles] == [WORKER_ROLE]
+    assert acls is not None
+    shared = {acl.topic for acl in acls if acl.topic.startswith("$share/")}
+    assert shared == {"$share/fleet-b/provision/request"}

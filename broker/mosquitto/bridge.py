@@ -144,11 +144,14 @@ class DynsecBridge:
 
     async def _replace_role(self, rolename: str, acls: list[Acl]) -> None:
         current = await self.dynsec.get_role_acls(rolename)
-        if current is not None and set(current) == set(acls):
+        if current is None:
+            await self.dynsec.create_role(rolename, acls)
             return
-        if current is not None:
-            await self.dynsec.delete_role(rolename)
-        await self.dynsec.create_role(rolename, acls)
+        # Edited in place, never deleted and recreated: a role deleted is detached from its clients.
+        for acl in set(current) - set(acls):
+            await self.dynsec.call("removeRoleACL", rolename=rolename, acltype=acl.acltype, topic=acl.topic)
+        for acl in set(acls) - set(current):
+            await self.dynsec.call("addRoleACL", rolename=rolename, **acl.model_dump())
 
     # -- revoking ---------------------------------------------------------------------------------
 
