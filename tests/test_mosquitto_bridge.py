@@ -222,8 +222,9 @@ async def test_sync_repairs_what_happened_while_the_bridge_was_down(stack: Stack
     assert again is not None
     assert_ok(again)
     assert await call(login, port, again) == ACCEPTED
-    clean = await asyncio.to_thread(stack.cli, "bridge", "sync", "--grace", "0", "--json")
-    assert json.loads(clean.stdout)["steps"] == []
+    clean = await asyncio.to_thread(stack.cli, "bridge", "sync", "--grace", "0")
+    assert clean.returncode == 0, clean.stderr
+    assert clean.stdout.startswith("checked 1 devices, 0 accounts, 4 Mosquitto clients; did 0 steps")
 
 
 # -- service accounts -----------------------------------------------------------------------------

@@ -170,6 +170,21 @@ async def test_cli_errors_are_one_line(tmp_path: Path, sqlite_url: str) -> None:
     assert down.returncode == 1
     assert down.stderr.startswith("error: cannot connect to mqtt://127.0.0.1:")
     assert down.stderr.count("\n") == 1
+    device_key = await asyncio.to_thread(
+        run_mqttprov,
+        "worker",
+        "--config",
+        str(config),
+        cwd=tmp_path,
+        env={
+            "MQTTPROV_EXTERNAL__WORKER_PASSWORD": "secret-0007",
+            "MQTTPROV_PROVISIONING__AUTH": "device_key",
+            "MQTTPROV_PROVISIONING__DEVICE_KEY_SECRET": "secret-0008",
+        },
+    )
+    assert device_key.returncode == 1
+    assert device_key.stderr.startswith("error: provisioning.auth = 'device_key' cannot be enforced")
+    assert device_key.stderr.count("\n") == 1
     shown = await asyncio.to_thread(
         run_mqttprov,
         "config",

@@ -90,8 +90,20 @@ async def run_worker(
     secret = external.worker_password
     if secret is None or not secret.get_secret_value():
         raise ExternalBrokerError("external.worker_password is not set (MQTTPROV_EXTERNAL__WORKER_PASSWORD)")
+    proof = settings.provisioning.auth
+    if proof == "device_key":
+        # The worker never sees a session's login; Mosquitto cannot derive per-MAC keys.
+        raise ExternalBrokerError(
+            "provisioning.auth = 'device_key' cannot be enforced on an external broker: "
+            "use 'none' or 'fleet_secret' (see docs/mosquitto.md)"
+        )
     for warning in settings.warnings():
         logger.warning("%s", warning)
+    if proof == "fleet_secret":
+        logger.warning(
+            "provisioning.auth is 'fleet_secret': only Mosquitto can check it (a password_file with "
+            "user 'provision' on the provisioning listener); the worker cannot"
+        )
     hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
     try:
         async with open_bridge(settings, address) as bridge:
