@@ -275,3 +275,15 @@ async def test_worker_and_bridge_survive_a_mosquitto_restart(tmp_path: Path, sql
         with await call(device_session, stack.node.device_port, body) as session:
             await stack.devices.decommission(device_id)
             assert await call(session.disconnected.wait, KICK_WITHIN)
+
+
+@pytest.mark.postgres
+async def test_provisioning_and_revocation_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    async with mosquitto_stack(tmp_path, postgres_url) as stack:
+        body = await call(stack.provision, "aa:bb:cc:00:06:01")
+        assert body is not None
+        device_id = assert_ok(body)
+        with await call(device_session, stack.node.device_port, body) as session:
+            await stack.devices.reset(device_id)
+            assert await call(session.disconnected.wait, KICK_WITHIN)
+        assert await call(login, stack.node.device_port, body) == NOT_AUTHORIZED
