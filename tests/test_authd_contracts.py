@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from auth_plugin.acl import Action
-from auth_plugin.authd.service import external_allows, overlaps_replies
+from auth_plugin.authd.policy import REPLY_TOPICS, external_allows, overlaps, unshared
 from auth_plugin.authenticator import Authenticator
 from auth_plugin.principals import AccountPrincipal
 from broker.authd import AuthdServer
@@ -167,13 +167,31 @@ async def test_service_accounts_never_subscribe_over_provisioning_replies(fleet:
 
 def test_reply_overlap_is_decided_on_filters() -> None:
     for overlapping in ("#", "+/#", "provision/#", "+/reply/x", "provision/+/+", "provision/reply/+"):
-        assert overlaps_replies(overlapping), overlapping
-    for apart in ("devices/#", "provision/request", "provision/reply", "+", "+/+", "provision/x/y"):
-        assert not overlaps_replies(apart), apart
-    account = AccountPrincipal("a", subscribe=("#",), publish=(), tag="t")
+        assert overlaps(overlapping, REPLY_TOPICS), overlapping
+    for apart in ("devices/#", "provision/request", "provision/reply", "+", "+/+", "provision/x/y", "a/+/+"):
+        assert not overlaps(apart, REPLY_TOPICS), apart
+    assert overlaps("+/+", "provision/request")
+    assert overlaps("provision/request", "provision/request/#")  # '#' matches its parent level
+    assert not overlaps("provision/request/x", "provision/request")
+    assert unshared("$share/workers/provision/request") == "provision/request"
+    account = AccountPrincipal("a", subscribe=("#",), publish=("#",), tag="t")
     assert external_allows(account, "devices/1/telemetry", Action.SUBSCRIBE)
-    assert not external_allows(account, "#", Action.SUBSCRIBE)
-    assert not external_allows(account, "devices/#/x", Action.SUBSCRIBE)  # not a valid filter
+    for refused in ("#", "+/+", "provision/request", "$share/g/provision/request", "devices/#/x"):
+        assert not external_allows(account, refused, Action.SUBSCRIBE), refused
+    assert not external_allows(account, f"provision/reply/{MAC}", Action.PUBLISH)
+    assert not external_allows(account, "provision/request", Action.RECEIVE)
+    worker = AccountPrincipal(
+        "worker", subscribe=("provision/request",), publish=("provision/reply/+",), tag="t"
+    )
+    assert external_allows(worker, "provision/request", Action.SUBSCRIBE)
+    assert external_allows(worker, "$share/mqttprov/provision/request", Action.SUBSCRIBE)
+    assert external_allows(worker, "provision/request", Action.RECEIVE)
+    assert external_allows(worker, f"provision/reply/{MAC}", Action.PUBLISH)
+    assert not external_allows(worker, "provision/reply/not-a-mac", Action.PUBLISH)
+    assert not external_allows(worker, "provision/+", Action.SUBSCRIBE)
+    assert not external_allows(worker, f"provision/reply/{MAC}", Action.SUBSCRIBE)
+    assert not external_allows(worker, f"provision/reply/{MAC}", Action.RECEIVE)
+    assert not external_allows(worker, "provision/request", Action.PUBLISH)
 
 
 # -- EMQX -----------------------------------------------------------------------------------------
@@ -289,10 +307,23 @@ async def test_mosquitto_go_auth_http_backend(fleet: Fleet, mode: str) -> None:
         ("devices/#", 4, 403),
         (own, 9, 403),  # unknown access value
     ):
-        assert (
-            await post("/goauth/acl", {"username": user, "clientid": user, "topic": topic, "acc": acc})
-            == status
-        )
+        check = {"username": user, "clientid": user, "topic": topic, "acc": acc}
+        assert await post("/goauth/acl", check) == status
+    # A provisioning session (username "provision") gets its reply through its subscription, and
+    # Mosquitto asks about that delivery: its own reply topic is readable, nothing else is.
+    assert await post("/goauth/user", {"username": "provision", "password": "x", "clientid": MAC}) == 200
+    for topic, acc, status in (
+        (f"provision/reply/{MAC}", 4, 200),
+        (f"provision/reply/{MAC}", 1, 200),
+        (f"provision/reply/{MAC.upper()}", 1, 200),
+        (f"provision/reply/{OTHER_MAC}", 1, 403),
+        ("provision/request", 2, 200),
+        ("provision/request", 1, 403),
+    ):
+        check = {"username": "provision", "clientid": MAC, "topic": topic, "acc": acc}
+        assert await post("/goauth/acl", check) == status, (topic, acc)
+    reply_to_device = {"username": user, "clientid": user, "topic": f"provision/reply/{MAC}", "acc": 1}
+    assert await post("/goauth/acl", reply_to_device) == 403
 
 
 # -- the guard: shared secret, malformed bodies, database down, overload, timeout -------------------

@@ -23,11 +23,11 @@ from provisioning.contract import OkReply, identity_from_client_id
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.service import ProvisioningService
+from provisioning.service import Outcome, ProvisioningService
 from tests.auth_support import ACCOUNT_PASSWORD, RawSession, make_account
 from tests.authd_support import SECRET, authd_process, write_authd_config
 from tests.helpers import broker_settings, free_port, run_mqttprov
-from tests.mqtt_clients import Client
+from tests.mqtt_clients import Client, assert_ok, provisioning_session
 from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_cluster, rabbitmq_missing
 
 pytestmark = pytest.mark.skipif(rabbitmq_missing() is not None, reason=rabbitmq_missing() or "")
@@ -87,16 +87,20 @@ async def registry(deployment: Deployment) -> AsyncIterator[DeviceRegistry]:
         await reg.close()
 
 
-async def provisioned(registry: DeviceRegistry, settings: Settings, mac: str) -> dict[str, Any]:
-    """Enrol ``mac`` through the embedded provisioning service; the credentials of its reply."""
+async def handled(registry: DeviceRegistry, settings: Settings, mac: str, payload: bytes) -> Outcome:
+    """One request through the embedded provisioning service (what a provisioning worker runs)."""
     hasher = PasswordHasher(4, workers=1)
     try:
-        service = ProvisioningService(registry, hasher, settings)
         identity = identity_from_client_id(mac)
         assert identity is not None
-        outcome = await service.handle(identity, json.dumps({"mac": mac}).encode(), "127.0.0.1")
+        return await ProvisioningService(registry, hasher, settings).handle(identity, payload, None)
     finally:
         hasher.close()
+
+
+async def provisioned(registry: DeviceRegistry, settings: Settings, mac: str) -> dict[str, Any]:
+    """Enrol ``mac`` through the embedded provisioning service; the credentials of its reply."""
+    outcome = await handled(registry, settings, mac, json.dumps({"mac": mac}).encode())
     assert isinstance(outcome.reply, OkReply), outcome.reply
     return outcome.reply.model_dump(mode="json")
 
@@ -172,6 +176,37 @@ async def test_a_provisioned_device_logs_in_on_both_nodes(
         assert await asyncio.to_thread(login, node, creds) == ACCEPTED
         assert await asyncio.to_thread(login, node, creds, password="wrong-password") == REFUSED
         assert await asyncio.to_thread(login, node, creds, client_id="another-client-id") == REFUSED
+
+
+async def test_a_device_provisions_through_node_b_and_logs_in_on_node_a(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    # A provisioning worker as part 3 of the design runs it: a service account on node a that
+    # reads provision/request and publishes the service's reply to provision/reply/<mac>.
+    rules = ["subscribe provision/request", "publish provision/reply/+"]
+    await make_account(AccountRegistry(registry.engine), "worker", rules)
+    mac = "02:00:00:00:0a:08"
+    worker = await asyncio.to_thread(connect, deployment.node_a, "worker-1", "worker", ACCOUNT_PASSWORD)
+    try:
+        assert await asyncio.to_thread(worker.subscribe, "provision/request") == 1
+        # The firmware's own session: anonymous, client id = MAC, its reply topic only.
+        device = await asyncio.to_thread(provisioning_session, deployment.node_b.mqtt_port, mac)
+        try:
+            await asyncio.to_thread(device.publish, "provision/request", {"mac": mac})
+            request = await asyncio.to_thread(worker.wait_for, lambda m: m.topic == "provision/request")
+            assert request is not None
+            outcome = await handled(registry, broker_settings(deployment.database_url), mac, request.payload)
+            await asyncio.to_thread(worker.publish, outcome.topic, outcome.reply.to_payload())
+            reply = await asyncio.to_thread(device.next_reply, 0)
+        finally:
+            await asyncio.to_thread(device.close)
+    finally:
+        await asyncio.to_thread(worker.close)
+    assert reply is not None
+    assert reply.topic == f"provision/reply/{mac}"
+    creds = reply.json()
+    assert_ok(creds)
+    assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
 
 
 async def test_telemetry_from_node_a_reaches_a_service_account_on_node_b(

@@ -8,7 +8,8 @@ one fail-closed guard.
 from auth_plugin.authd.app import Contract, Route, build_app
 from auth_plugin.authd.kicker import CommandKicker
 from auth_plugin.authd.metrics import Metrics
-from auth_plugin.authd.service import AuthdRevoker, AuthdService, PrincipalCache, external_allows
+from auth_plugin.authd.policy import external_allows
+from auth_plugin.authd.service import AuthdRevoker, AuthdService, PrincipalCache
 
 __all__ = [
     "AuthdRevoker",

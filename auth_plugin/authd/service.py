@@ -16,49 +16,16 @@ from collections.abc import Iterable
 from dataclasses import replace
 from typing import Protocol
 
-from auth_plugin.acl import Action, allows
+from auth_plugin.acl import Action
 from auth_plugin.authd.metrics import Metrics
+from auth_plugin.authd.policy import external_allows
 from auth_plugin.authenticator import DEVICE_USERNAME_PREFIX, Authenticator, ConnectAttempt
-from auth_plugin.principals import Principal, ProvisioningPrincipal
+from auth_plugin.principals import Principal
 from auth_plugin.revocation import Revoker
-from provisioning.contract import REPLY_PREFIX
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.topics import InvalidTopicError, validate_filter
 
 logger = logging.getLogger(__name__)
-
-_REPLY_ROOT = REPLY_PREFIX.rstrip("/").split("/")
-
-
-def overlaps_replies(topic_filter: str) -> bool:
-    """True when some topic under ``provision/reply/`` matches ``topic_filter``.
-
-    External brokers have no per-delivery check that keeps replies to their requester (RabbitMQ,
-    EMQX, VerneMQ check at SUBSCRIBE only), so such a filter must be refused outright.
-    """
-    levels = topic_filter.split("/")
-    for index, wanted in enumerate(_REPLY_ROOT):
-        if index >= len(levels):
-            return False
-        level = levels[index]
-        if level == "#":
-            return True
-        if level not in ("+", wanted):
-            return False
-    return len(levels) > len(_REPLY_ROOT)
-
-
-def external_allows(principal: Principal | None, topic: str, action: Action) -> bool:
-    """:func:`auth_plugin.acl.allows`, stricter where a broker cannot check each delivery."""
-    if action is Action.SUBSCRIBE and not isinstance(principal, ProvisioningPrincipal):
-        try:
-            validate_filter(topic)
-        except InvalidTopicError:
-            return False
-        if overlaps_replies(topic):
-            return False
-    return allows(principal, topic, action)
 
 
 class Kicker(Protocol):
