@@ -10,16 +10,15 @@ from typing import Self
 
 from amqtt.errors import BrokerError
 
-from auth_plugin.authenticator import Authenticator
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
-from broker.core import run_until_signalled
+from broker.core import auth_core, run_until_signalled
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
-from provisioning.registry import DeviceRegistry, create_engine
+from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.migrate import upgrade
 from provisioning.registry.presence import PresenceStore
@@ -87,12 +86,10 @@ class BrokerServer:
 
     def _assemble(self) -> _Running:
         settings = self.settings
-        engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
-        registry = DeviceRegistry(engine)
-        accounts = AccountRegistry(engine)
-        hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
+        core = auth_core(settings)
+        registry, accounts, hasher = core.registry, core.accounts, core.hasher
+        authenticator = core.authenticator
         link = BrokerLink()
-        authenticator = Authenticator(registry, accounts, hasher, settings)
         revoker = Revoker(
             registry, accounts, authenticator.cache, link, interval=settings.auth.revocation_poll_interval
         )
@@ -100,7 +97,7 @@ class BrokerServer:
             authenticator=authenticator,
             provisioning=ProvisioningService(registry, hasher, settings, sessions=link),
             sessions=link,
-            presence=PresenceRecorder(PresenceStore(engine)),
+            presence=PresenceRecorder(PresenceStore(registry.engine)),
             revoker=revoker,
         )
         return _Running(registry, accounts, hasher, services, revoker, link)
