@@ -12,8 +12,10 @@
 - MQTT 3.1.1 delivery rules amqtt gets wrong: never above the published QoS, one copy per
   session for overlapping subscriptions, a repeated SUBSCRIBE replaces the QoS, unacknowledged
   QoS 1/2 messages resent to a persistent session when it reconnects (see :mod:`broker.protocol`),
-  queued messages without RETAIN and bounded, a clean session never resumed, and a take-over
-  that completes before the new connection uses the session.
+  queued messages without RETAIN and bounded, a clean session never resumed, a resumed session
+  not sent retained messages again, and a take-over that completes before the new connection
+  uses the session;
+- read only whole, well-formed packets (see :mod:`broker.framing`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ REFUSED_MARKER = "mqttprov: connection refused"
 TAKEOVER_TIMEOUT = 5.0
 _SUBSCRIBE_FAILURE = 0x80
 _DROPPED_WHILE_OFFLINE = "mqttprov.dropped_while_offline"
+_CONNECTING = "mqttprov.connecting"
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,8 @@ class MqttprovBroker(Broker):
                 handler.finished.set()
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
+        """amqtt's loop over the session's packets; from here on, subscriptions are new ones."""
+        client_session.attributes.pop(_CONNECTING, None)
         # From here on the connection can be taken over: let the next CONNECT for its id in.
         self.turns.give_back(client_session)
         await super()._client_message_loop(client_session, handler)
@@ -319,6 +324,11 @@ class MqttprovBroker(Broker):
         # amqtt 0.12.1 sends every matching retained message without asking the topic plugins,
         # and on every CONNECT it does so for *all* filters anyone subscribed to. Ask first.
         topic_filter, qos = subscription
+        if session.attributes.get(_CONNECTING):
+            # amqtt calls this on every CONNECT for every filter, so a resumed persistent session
+            # got its retained messages again each time it reconnected. They are for *new*
+            # subscriptions only [MQTT-3.3.1-6]: a retained command must not rerun per reconnect.
+            return
         handler = self._get_handler(session)
         subscribers = self._subscriptions.get(topic_filter, [])
         if handler is None or all(s.client_id != session.client_id for s, _ in subscribers):
@@ -431,6 +441,9 @@ class MqttprovBroker(Broker):
         # What was queued while the session was offline, oldest first. amqtt 0.12.1 sent it with
         # RETAIN set; it matches an established subscription, so the flag is 0 [MQTT-3.3.1-9].
         session.attributes.pop(_DROPPED_WHILE_OFFLINE, None)
+        # amqtt goes on to offer retained messages for the session's old subscriptions; see
+        # _publish_retained_messages_for_subscription. Lifted when the message loop starts.
+        session.attributes[_CONNECTING] = True
         handler = self._get_handler(session)
         sends: list[asyncio.Future[Any]] = []
         while handler is not None and not session.retained_messages.empty():

@@ -16,10 +16,13 @@ import bcrypt
 import paho.mqtt.client as mqtt
 import pytest
 from amqtt.broker import Broker
+from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.protocol.handler import ProtocolHandler
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import BrokerServer
 from broker.amqtt_broker import MqttprovBroker
+from broker.protocol import KeepAliveHandler
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus
 from tests.helpers import broker_settings, connack_code, connect_packet
 
@@ -64,7 +67,7 @@ class Device:
         client.subscribe(f"devices/{self.topic.split('/')[1]}/#", qos=1)
 
     def _on_message(self, _c: object, _u: object, message: mqtt.MQTTMessage) -> None:
-        self.received.append(message.payload)
+        self.received.append(bytes(message.payload))
         self.got.set()
 
     def roundtrip(self, payload: bytes, timeout: float = 5.0) -> bool:
@@ -234,6 +237,27 @@ def test_pinned_amqtt_still_has_the_methods_we_override() -> None:
         assert getattr(MqttprovBroker, name) is not getattr(Broker, name), name
     source = inspect.getsource(Broker._handle_client_session)
     assert "await self._authenticate(client_session" in source
+    # _CONNECTING: retained messages offered on CONNECT come between these two calls.
+    offered = source.index("await self._publish_retained_messages_for_subscription((topic, QOS_0)")
+    assert source.index("await self._publish_session_retained_messages(") < offered
+    assert offered < source.index("await self._client_message_loop(")
+    # Everything else we replace or wrap, by name, on the broker and on its protocol handler.
+    for name in (
+        "_client_connected",
+        "_handle_client_session",
+        "_client_message_loop",
+        "_handle_message_delivery",
+        "_run_broadcast",
+        "_publish_session_retained_messages",
+        "add_subscription",
+    ):
+        assert callable(getattr(Broker, name)), name
+        assert getattr(MqttprovBroker, name) is not getattr(Broker, name), name
+    for name in ("mqtt_publish", "_handle_message_flow", "handle_read_timeout"):
+        assert getattr(KeepAliveHandler, name) is not getattr(BrokerProtocolHandler, name), name
+    # broker.framing: the keep-alive bounds the wait for a whole packet, read through its reader.
+    reader_loop = inspect.getsource(ProtocolHandler._reader_loop)
+    assert "wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=keepalive_timeout)" in reader_loop
 
 
 @pytest.fixture
