@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import ssl
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
@@ -43,8 +44,25 @@ def enabled_contracts(service: AuthdService, settings: AuthdSettings) -> list[Co
     return [builders[name]() for name in settings.contracts]
 
 
+def tls_context(settings: AuthdSettings) -> ssl.SSLContext | None:
+    """The HTTPS context ``[authd] tls_*`` asks for (client certificates required with a CA)."""
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca is not None:
+            context.load_verify_locations(cafile=settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (ssl.SSLError, OSError) as exc:
+        raise ServeError(f"authd.tls_*: cannot load the certificate, key or client CA: {exc}") from exc
+    return context
+
+
 def authd_warnings(settings: AuthdSettings) -> list[str]:
     """What an operator should hear about before the service starts."""
+    if settings.tls_client_ca is not None:
+        return []
     if settings.shared_secret is not None and settings.shared_secret.get_secret_value():
         return []
     try:
@@ -83,13 +101,15 @@ class AuthdServer:
         """Base URL of the service."""
         section = self.settings.authd
         host = f"[{section.host}]" if ":" in section.host else section.host
-        return f"http://{host}:{section.port}"
+        scheme = "https" if section.tls_cert is not None else "http"
+        return f"{scheme}://{host}:{section.port}"
 
     async def start(self) -> None:
         """Open the port and follow the change feed; :class:`ServeError` when the port is taken."""
         section = self.settings.authd
         for warning in authd_warnings(section):
             logger.warning("%s", warning)
+        tls = tls_context(section)
         core = auth_core(self.settings)
         metrics = Metrics(core.authenticator.stats, core.hasher)
         cache = PrincipalCache()
@@ -110,7 +130,7 @@ class AuthdServer:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, section.host, section.port).start()
+            await web.TCPSite(runner, section.host, section.port, ssl_context=tls).start()
         except OSError as exc:
             await runner.cleanup()
             await core.close()

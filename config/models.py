@@ -217,6 +217,11 @@ class AuthdSettings(_Section):
     #: Placeholders: ``{username}``. Empty: no kicking (the next login is refused all the same).
     kick_command: tuple[str, ...] = ()
     kick_timeout: Annotated[float, Field(gt=0, le=300)] = 15.0
+    #: HTTPS: PEM certificate chain and key. With ``tls_client_ca`` too, brokers must present a
+    #: client certificate signed by that CA (mutual TLS), with or without the shared secret.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     @field_validator("contracts")
     @classmethod
@@ -224,6 +229,14 @@ class AuthdSettings(_Section):
         if not value:
             raise ValueError("enable at least one contract")
         return tuple(dict.fromkeys(value))
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> AuthdSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        return self
 
 
 class Settings(_Section):

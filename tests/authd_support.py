@@ -180,7 +180,9 @@ def authd_process(config: Path, port: int, cwd: Path) -> Iterator[str]:
         yield url
     finally:
         process.terminate()
-        process.wait(timeout=30)
+        code = process.wait(timeout=30)
+    # Reached only when the body did not fail: SIGTERM is a clean stop.
+    assert code == 0, f"authd exited {code}:\n{log.read_text(errors='replace')}"
 
 
 def _healthy(url: str) -> bool:
