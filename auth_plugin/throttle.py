@@ -63,10 +63,15 @@ class LoginThrottle:
     def failed(self, username: str, address: str | None) -> float:
         """Record a failure; return how long to hold the refusal back (seconds)."""
         now = self._clock()
-        counts = [
-            self._count(key, now) for key in (f"u:{username}", f"a:{address}", _pair(username, address))
-        ]
-        pair_count = counts[2]
+        if address is None:
+            # An HTTP auth callback without the client's address (RabbitMQ's): no pair to lock, or
+            # anyone who knows a username could lock its owner out everywhere. Refusals still slow down.
+            counts = [self._count(f"u:{username}", now)]
+            pair_count = 0
+        else:
+            keys = (f"u:{username}", f"a:{address}", _pair(username, address))
+            counts = [self._count(key, now) for key in keys]
+            pair_count = counts[2]
         if pair_count >= self.policy.lockout_after and _pair(username, address) not in self._locked_until:
             self._lock(_pair(username, address), now)
             logger.warning(

@@ -482,3 +482,20 @@ async def test_a_decommission_elsewhere_is_honoured_and_kicks_the_user(
     finally:
         await registry.close()
     assert kicked.read_text().splitlines() == [user]
+
+
+async def test_failures_without_an_address_never_lock_the_device_out(fleet: Fleet) -> None:
+    # RabbitMQ sends no client address with a login: a lockout per (username, address) would be a
+    # lockout of the username everywhere, which anyone who knows it could trigger.
+    c, user = fleet.client, fleet.user
+    for _ in range(12):  # past auth.lockout_after (10)
+        assert await c.rabbit_user(user, "guessed-wrong", user) == "deny"
+    assert await c.rabbit_user(user, PASSWORD, user) == "allow"
+    # With an address (EMQX sends peerhost) the embedded broker's rule holds: that pair is locked.
+    login = {"clientid": user, "username": user, "password": "guessed-wrong", "peerhost": "192.0.2.7"}
+    for _ in range(10):
+        assert (await c.json("/emqx/authn", login)).json()["result"] == "deny"
+    assert (await c.json("/emqx/authn", login | {"password": PASSWORD})).json()["result"] == "deny"
+    assert (await c.json("/emqx/authn", login | {"password": PASSWORD, "peerhost": "192.0.2.8"})).json()[
+        "result"
+    ] == "allow"
