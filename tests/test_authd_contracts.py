@@ -277,6 +277,51 @@ async def test_vernemq_webhooks(fleet: Fleet) -> None:
     assert (await c.json("/vernemq/auth_on_publish", elsewhere, **header)).json() == refused
 
 
+async def test_vernemq_mqtt5_webhooks(fleet: Fleet) -> None:
+    c, user = fleet.client, fleet.user
+    register = {
+        "peer_addr": "127.0.0.1",
+        "peer_port": 8888,
+        "mountpoint": "",
+        "client_id": user,
+        "username": user,
+        "password": PASSWORD,
+        "clean_start": True,
+        "properties": {},
+    }
+    hook = {"vernemq-hook": "auth_on_register_m5"}
+    assert (await c.json("/vernemq/auth_on_register_m5", register, **hook)).json() == {"result": "ok"}
+    wrong = register | {"password": "wrong"}
+    answer = await c.json("/vernemq/auth_on_register_m5", wrong, **hook)
+    assert answer.json() == {"result": {"error": "not_allowed"}}
+    subscribe = {
+        "username": user,
+        "mountpoint": "",
+        "client_id": user,
+        "topics": [{"topic": f"{fleet.namespace}/#", "qos": 1}, {"topic": "#", "qos": 1}],
+        "properties": {},
+    }
+    answer = await c.json(
+        "/vernemq/auth_on_subscribe_m5", subscribe, **{"vernemq-hook": "auth_on_subscribe_m5"}
+    )
+    assert answer.json() == {
+        "result": "ok",
+        "modifiers": {"topics": [{"topic": f"{fleet.namespace}/#", "qos": 1}, {"topic": "#", "qos": 135}]},
+    }
+    publish = {
+        "username": user,
+        "mountpoint": "",
+        "client_id": user,
+        "qos": 1,
+        "topic": f"devices/{fleet.other.id}/telemetry",
+        "payload": "bWVzc2FnZQ==",
+        "retain": False,
+        "properties": {},
+    }
+    answer = await c.json("/vernemq/auth_on_publish_m5", publish, **{"vernemq-hook": "auth_on_publish_m5"})
+    assert answer.json() == {"result": {"error": "not_allowed"}}
+
+
 # -- mosquitto-go-auth ----------------------------------------------------------------------------
 
 

@@ -3,8 +3,10 @@
 Reference: https://docs.vernemq.com/plugindevelopment/webhookplugins (vernemq/vmq-docs,
 plugindevelopment/webhookplugins.md). VerneMQ POSTs JSON with a ``vernemq-hook`` header and wants
 ``200`` with ``{"result": "ok"}`` or ``{"result": {"error": ...}}``; a subscription may be answered
-per topic, ``qos`` 128 marking the refused ones. Mountpoints are not used by mqttprov: a request
-with a non-empty mountpoint is refused. Payloads are not looked at.
+per topic, ``qos`` 128 (MQTT 5: 135, "not authorized", under ``modifiers``) marking the refused
+ones. The ``_m5`` hooks carry the same fields plus ``properties`` (and ``clean_start``). Mountpoints
+are not used by mqttprov: a request with a non-empty mountpoint is refused. Payloads are not
+looked at.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from auth_plugin.authenticator import ConnectAttempt
 
 NAME = "vernemq"
 PREFIX = "/vernemq"
-#: SUBACK return code for a refused filter (MQTT 3.1.1 §3.9.3), as VerneMQ expects it.
+#: SUBACK return code for a refused filter: MQTT 3.1.1 §3.9.3, and MQTT 5's "not authorized".
 REFUSED_QOS = 128
+REFUSED_QOS_M5 = 135
 
 
 class _Hook(BaseModel):
@@ -82,11 +85,11 @@ def routes(service: AuthdService) -> Contract:
         principal = await service.login(NAME, attempt)
         return _ok() if principal is not None else _error()
 
-    async def subscribe(request: web.Request) -> web.Response:
-        hook = SubscribeHook.model_validate(await request.json())
+    async def granted(hook: SubscribeHook, refused_qos: int) -> list[dict[str, object]] | None:
+        """Each filter with its granted or refused QoS; None when the hook is refused as a whole."""
         if hook.mountpoint or not hook.topics:
-            return _error()
-        granted: list[dict[str, object]] = []
+            return None
+        answer: list[dict[str, object]] = []
         for item in hook.topics:
             allowed = await service.allowed(
                 NAME,
@@ -95,10 +98,16 @@ def routes(service: AuthdService) -> Contract:
                 topic=item.topic,
                 action=Action.SUBSCRIBE,
             )
-            granted.append({"topic": item.topic, "qos": item.qos if allowed else REFUSED_QOS})
-        if all(entry["qos"] == REFUSED_QOS for entry in granted):
-            return _error()
-        return _ok(topics=granted)
+            answer.append({"topic": item.topic, "qos": item.qos if allowed else refused_qos})
+        return None if all(entry["qos"] == refused_qos for entry in answer) else answer
+
+    async def subscribe(request: web.Request) -> web.Response:
+        topics = await granted(SubscribeHook.model_validate(await request.json()), REFUSED_QOS)
+        return _error() if topics is None else _ok(topics=topics)
+
+    async def subscribe_m5(request: web.Request) -> web.Response:
+        topics = await granted(SubscribeHook.model_validate(await request.json()), REFUSED_QOS_M5)
+        return _error() if topics is None else _ok(modifiers={"topics": topics})
 
     async def publish(request: web.Request) -> web.Response:
         hook = PublishHook.model_validate(await request.json())
@@ -115,5 +124,9 @@ def routes(service: AuthdService) -> Contract:
             Route(f"{PREFIX}/auth_on_register", register, _error),
             Route(f"{PREFIX}/auth_on_subscribe", subscribe, _error),
             Route(f"{PREFIX}/auth_on_publish", publish, _error),
+            # MQTT 5 sessions: the same decisions (the bodies add properties and clean_start).
+            Route(f"{PREFIX}/auth_on_register_m5", register, _error),
+            Route(f"{PREFIX}/auth_on_subscribe_m5", subscribe_m5, _error),
+            Route(f"{PREFIX}/auth_on_publish_m5", publish, _error),
         ],
     )
