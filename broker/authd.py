@@ -140,13 +140,18 @@ class AuthdServer:
         logger.info("authd listening on %s (contracts: %s)", self.url, ", ".join(section.contracts))
 
     async def _follow(self, revoker: AuthdRevoker) -> None:
-        # The follower needs the database to start; keep trying rather than die with it.
+        # The follower needs the database to start; keep trying rather than die with it, and say
+        # so once a minute, not at every retry.
         interval = self.settings.auth.revocation_poll_interval
+        loop = asyncio.get_running_loop()
+        quiet_until = 0.0
         while True:
             try:
                 await revoker.run()
             except RegistryUnavailableError as exc:
-                logger.warning("credential change feed unavailable, retrying: %s", exc)
+                if loop.time() >= quiet_until:
+                    logger.warning("credential change feed unavailable, retrying: %s", exc)
+                    quiet_until = loop.time() + 60
                 await asyncio.sleep(interval)
 
     async def stop(self) -> None:

@@ -24,7 +24,7 @@ from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.service import Outcome, ProvisioningService
-from tests.auth_support import ACCOUNT_PASSWORD, RawSession, make_account
+from tests.auth_support import ACCOUNT_PASSWORD, RawSession, hashed, make_account
 from tests.authd_support import SECRET, authd_process, write_authd_config
 from tests.helpers import broker_settings, free_port, run_mqttprov
 from tests.mqtt_clients import Client, assert_ok, provisioning_session
@@ -294,3 +294,25 @@ async def test_decommission_refuses_the_next_login_on_both_nodes_and_closes_the_
     for node in deployment.cluster.nodes:
         assert await asyncio.to_thread(login, node, creds) == REFUSED
     print(f"live connection closed {kicked_after:.1f}s after the decommission")
+
+
+async def test_a_rotated_account_is_closed_on_the_cluster_and_its_old_password_refused(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    accounts = AccountRegistry(registry.engine)
+    await make_account(accounts, "rotating", ["subscribe devices/+/telemetry"])
+    live = await asyncio.to_thread(connect, deployment.node_b, "rotating-1", "rotating", ACCOUNT_PASSWORD)
+    try:
+        assert await asyncio.to_thread(live.subscribe, "devices/+/telemetry") == 1
+        await accounts.rotate("rotating", hashed("rotated-password-0005"))
+        # The account still exists: only an authd that served it (and knows the old credential)
+        # can tell that this connection logged in with the old password.
+        assert await asyncio.to_thread(live.disconnected.wait, KICK_DEADLINE)
+    finally:
+        await asyncio.to_thread(live.close)
+    old = {"mqtt_client_id": "rotating-2", "mqtt_username": "rotating", "mqtt_password": ACCOUNT_PASSWORD}
+    for node in deployment.cluster.nodes:
+        assert await asyncio.to_thread(login, node, old) == REFUSED
+        assert (
+            await asyncio.to_thread(login, node, old | {"mqtt_password": "rotated-password-0005"}) == ACCEPTED
+        )
