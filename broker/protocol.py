@@ -7,6 +7,8 @@ as if the network had failed (so the will is published).
 amqtt 0.12.1 also forgets an outgoing QoS 1/2 message whose acknowledgement does not come (the
 connection was lost, or its fixed 5 s wait ran out). For a persistent session we keep it, so that
 the next connection of the session gets it again (MQTT 3.1.1 §4.4).
+
+Incoming messages are bounded too (see :meth:`KeepAliveHandler.handle_publish`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ import math
 from typing import Any
 
 from amqtt.mqtt.constants import QOS_1, QOS_2
+from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 logger = logging.getLogger(__name__)
@@ -34,10 +38,16 @@ class KeepAliveHandler(BrokerProtocolHandler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._expiry: asyncio.Task[None] | None = None
-        #: Deliveries to this client in progress at once before further ones are dropped.
+        #: Deliveries to this client in progress at once before further ones are dropped; also
+        #: the bound on incoming messages not yet finished (see handle_publish).
         self.max_queued = 1_000
         self._queued = 0
         self.dropped = 0
+        #: Incoming QoS 0 messages dropped, and connections ended, over the same bound.
+        self.dropped_incoming = 0
+        self.refused_incoming = 0
+        self._started = False
+        self._early_end: tuple[DisconnectPacket | None] | None = None
         #: Set once the broker has finished with this connection (will sent, session disconnected).
         self.finished = asyncio.Event()
 
@@ -93,6 +103,65 @@ class KeepAliveHandler(BrokerProtocolHandler):
             logger.warning("client %r: too many unacknowledged messages, dropping one", session.client_id)
             return
         session.inflight_out[message.packet_id] = message
+
+    async def start(self) -> None:
+        """amqtt's start, then any end of the connection that came while it was starting."""
+        await super().start()
+        self._started = True
+        if self._early_end is not None:
+            (packet,) = self._early_end
+            self._early_end = None
+            await super().handle_disconnect(packet)
+
+    async def stop(self) -> None:
+        """End the packet stream, then amqtt's stop (which cancels the reader task).
+
+        On Python 3.11 ``asyncio.wait_for`` loses a cancellation that lands while the read it
+        wraps completes, and amqtt's reader loop wraps every read in it: with packets already
+        buffered (a flood) the loop read on after stop(), and stop() waited for it forever.
+        """
+        if self.reader is not None:
+            self.reader.feed_eof()
+        await super().stop()
+
+    async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
+        """amqtt's, except that a DISCONNECT or lost link during :meth:`start` is not lost.
+
+        amqtt 0.12.1 creates the future the broker waits on for the end of the connection only
+        after ``start()`` (which already reads packets, and resends what a persistent session has
+        in flight) returns: an end signalled before that was dropped, leaving the session
+        "connected" and its tasks waiting forever on a closed socket.
+        """
+        if not self._started:
+            self._early_end = (disconnect,)
+            return
+        await super().handle_disconnect(disconnect)
+
+    async def handle_publish(self, publish_packet: PublishPacket) -> None:
+        """amqtt's, refusing a client that piles up incoming messages the broker has not finished.
+
+        amqtt 0.12.1 keeps every incoming QoS 2 message until its PUBREL, and queues every
+        incoming message for the broker without bound: an (even anonymous) client that never
+        sends PUBREL, or floods faster than the broker routes, grows the broker's memory.
+        """
+        session = self.session
+        if session is not None:
+            pending = session.delivered_message_queue.qsize() + len(session.inflight_in)
+            if pending >= self.max_queued:
+                if publish_packet.qos:
+                    # MQTT 3.1.1 has no receive maximum to announce; a client this far ahead of
+                    # its acknowledgements is broken or hostile: end it like a lost link.
+                    logger.warning(
+                        "client %r: %d incoming messages unfinished, closing the connection",
+                        session.client_id,
+                        pending,
+                    )
+                    self.refused_incoming += 1
+                    await self.handle_connection_closed()
+                    return
+                self.dropped_incoming += 1
+                return
+        await super().handle_publish(publish_packet)
 
     def handle_read_timeout(self) -> None:
         """amqtt calls this when nothing arrived within the (already 1.5 x) keep-alive."""

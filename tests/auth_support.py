@@ -82,6 +82,15 @@ async def eventually(read: Callable[[], Awaitable[T]], done: Callable[[T], bool]
         await asyncio.sleep(0.05)  # the polling interval against the deadline above
 
 
+def polled(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
+    """``read`` (plain, in-memory state) as the coroutine function :func:`eventually` wants."""
+
+    async def current() -> T:
+        return read()
+
+    return current
+
+
 class RawSession:
     """One MQTT connection on a plain socket: CONNECT, PINGREQ, and an abrupt end."""
 

@@ -22,8 +22,10 @@ from tests.auth_support import (
     ACCOUNT_PASSWORD,
     PASSWORD,
     RawSession,
+    eventually,
     make_account,
     make_device,
+    polled,
     settings,
 )
 from tests.bench.mqtt import remaining_length
@@ -713,3 +715,28 @@ async def test_a_take_over_hands_unacknowledged_messages_to_the_new_connection(w
         feeder.close()
         if new is not None:
             new.close()
+
+
+async def test_a_disconnect_while_messages_are_being_resent_ends_the_session(world: World) -> None:
+    # The resend happens while amqtt is still setting the connection up; a DISCONNECT (or a lost
+    # link) then was dropped and the session stayed "connected" on a closed socket for good.
+    topic = world.ns + "cmd"
+    device, (_p, code) = await asyncio.to_thread(world.device_wire, clean_session=False)
+    feeder = await asyncio.to_thread(world.account_wire, "feeder")
+    try:
+        assert code == 0
+        assert await asyncio.to_thread(device.subscribe, (topic, 1)) == [1]
+        await asyncio.to_thread(feeder.send, topic, b"pending", qos=1)
+        await asyncio.to_thread(device.expect, PUBLISH)
+        device.close()
+        device, (present, code) = await asyncio.to_thread(world.device_wire, clean_session=False)
+        assert (present, code) == (True, 0)
+        assert (await asyncio.to_thread(device.expect, PUBLISH)).dup
+        await asyncio.to_thread(device.sock.sendall, b"\xe0\x00")  # DISCONNECT, no PUBACK
+        assert await asyncio.to_thread(device.closed_by_server, WAIT)
+        session = world.server.broker.sessions[world.device.mqtt_username][0]
+        state = await eventually(polled(lambda: session.transitions.state), lambda s: s == "disconnected")
+        assert state == "disconnected"
+    finally:
+        device.close()
+        feeder.close()

@@ -13,11 +13,10 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -33,13 +32,13 @@ from tests.auth_support import (
     eventually,
     make_account,
     make_device,
+    polled,
     settings,
 )
 from tests.bench.mqtt import remaining_length
 from tests.helpers import connect_packet
 from tests.mqtt_clients import Client
 
-T = TypeVar("T")
 REPEATS = 3
 CONTROL_MAC = "02:00:00:00:aa:01"
 VICTIM_MAC = "02:00:00:00:aa:02"
@@ -350,7 +349,7 @@ async def test_a_protocol_violation_ends_a_device_session_and_publishes_its_will
         assert code == 0
         await asyncio.to_thread(session.sock.sendall, publish(b"devices/+/bad"))
         assert await asyncio.to_thread(session.closed_by_server, CLOSE_WITHIN)
-    found = await eventually(_value(lambda: _retained(harness, will_topic)), lambda data: data is not None)
+    found = await eventually(polled(lambda: _retained(harness, will_topic)), lambda data: data is not None)
     assert found == b"gone"
     connected = {
         client_id
@@ -537,7 +536,7 @@ async def test_a_subscriber_that_never_reads_has_a_bounded_queue(limited: Harnes
             await asyncio.to_thread(feeder.publish, topic, payload)
         session, handler = limited.server.broker.sessions[victim.mqtt_username]
         assert isinstance(handler, KeepAliveHandler)
-        dropped = await eventually(_value(lambda: handler.dropped), lambda n: n > 0)
+        dropped = await eventually(polled(lambda: handler.dropped), lambda n: n > 0)
         assert dropped > 0
         assert handler._queued <= 5
         assert len(session.inflight_out) <= 5
@@ -569,7 +568,7 @@ async def test_an_offline_persistent_session_queues_a_bounded_number_of_messages
         assert (await asyncio.to_thread(slow.sock.recv, 5)) == b"\x90\x03\x00\x01\x01"
         await asyncio.to_thread(slow.sock.sendall, b"\xe0\x00")  # DISCONNECT: the session stays
     session = limited.server.broker.sessions[victim.mqtt_username][0]
-    await eventually(_value(lambda: session.transitions.state), lambda state: state == "disconnected")
+    await eventually(polled(lambda: session.transitions.state), lambda state: state == "disconnected")
     with Client(port, "feeder", username="feeder", password=ACCOUNT_PASSWORD) as feeder:
         assert await asyncio.to_thread(feeder.connect) == 0
         for n in range(12):
@@ -583,8 +582,25 @@ async def test_an_offline_persistent_session_queues_a_bounded_number_of_messages
     assert session.attributes["mqttprov.dropped_while_offline"] == 7
 
 
-def _value(read: Callable[[], T]) -> Callable[[], Awaitable[T]]:
-    async def current() -> T:
-        return read()
+async def test_a_client_that_never_releases_qos2_messages_is_cut_off(limited: Harness) -> None:
+    # Anonymous is enough: a provisioning session sends QoS 2 requests and never sends PUBREL.
+    # Each would be held until its PUBREL; past max_queued_messages (5) the connection ends.
+    baseline = limited.snapshot()
+    flood = [publish(b"provision/request", b"{}" * 500, qos=2, packet_id=n) for n in range(1, 41)]
+    received = await asyncio.to_thread(exchange, limited.port, [PROVISIONING, *flood])
+    assert received.startswith(CONNACK_ACCEPTED)
+    pubrecs = received[len(CONNACK_ACCEPTED) :]
+    assert len(pubrecs) % 4 == 0
+    assert pubrecs == b"".join(b"\x50\x02" + struct.pack("!H", n) for n in range(1, len(pubrecs) // 4 + 1))
+    assert len(pubrecs) // 4 <= 5
+    await limited.assert_nothing_left(baseline)
 
-    return current
+
+@pytest.mark.parametrize(
+    "tail", [b"\xe0\x00", b""], ids=["disconnect-in-the-same-write", "eof-in-the-same-write"]
+)
+async def test_a_connection_that_ends_while_it_is_being_set_up_is_cleaned_up(
+    harness: Harness, tail: bytes
+) -> None:
+    # A persistent session with a message in flight makes setting up take a moment (it is resent).
+    await repeated(harness, [PROVISIONING + tail], CONNACK_ACCEPTED, half_close=True)
