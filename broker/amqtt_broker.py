@@ -164,6 +164,12 @@ class MqttprovBroker(Broker):
         fresh.password = None  # checked; amqtt would keep the plaintext for the session's lifetime
         if not authenticated:
             await self._refuse(writer, refusal_code(fresh))
+        if isinstance(principal_of(fresh), ProvisioningPrincipal):
+            # Anonymous: amqtt kept a provisioning session that asked for clean session 0 in its
+            # table forever after it left, with its subscription - one per MAC anyone cares to
+            # make up. As "anonymous" it is dropped on disconnect and never queued for (its
+            # replies are delivered directly, never through a queue).
+            fresh.is_anonymous = True
         handler.max_queued = self.limits.max_queued_messages
         await self.turns.take(fresh.client_id or "", fresh)
         try:

@@ -604,3 +604,21 @@ async def test_a_connection_that_ends_while_it_is_being_set_up_is_cleaned_up(
 ) -> None:
     # A persistent session with a message in flight makes setting up take a moment (it is resent).
     await repeated(harness, [PROVISIONING + tail], CONNACK_ACCEPTED, half_close=True)
+
+
+async def test_anonymous_sessions_cannot_leave_persistent_sessions_behind(harness: Harness) -> None:
+    # One stored session per made-up MAC would grow the session table (and every broadcast's
+    # subscription scan) without bound; an anonymous provisioning session is never kept.
+    baseline = harness.snapshot()
+    for n in range(10):
+        connect = connect_packet(f"02:00:00:00:f0:{n:02x}", clean_session=False)
+        reply_filter = f"provision/reply/02:00:00:00:f0:{n:02x}".encode()
+        steps = [connect, subscribe((reply_filter, 1)), b"\xe0\x00"]
+        received = await asyncio.to_thread(exchange, harness.port, steps)
+        assert received == CONNACK_ACCEPTED + b"\x90\x03\x00\x01\x01"
+    await harness.assert_nothing_left(baseline)
+    assert not any(
+        subscriber.client_id.startswith("02:00:00:00:f0")
+        for subscribers in harness.server.broker.subscriptions.values()
+        for subscriber, _qos in subscribers
+    )
