@@ -740,3 +740,26 @@ async def test_a_disconnect_while_messages_are_being_resent_ends_the_session(wor
     finally:
         device.close()
         feeder.close()
+
+
+async def test_subscribing_again_replaces_the_qos_and_resends_retained(world: World) -> None:
+    # [MQTT-3.8.4-3]: a SUBSCRIBE for a filter the session already has replaces that
+    # subscription (its QoS), and the retained messages are sent again.
+    topic = world.ns + "state"
+    device, (_p, code) = await asyncio.to_thread(world.device_wire)
+    try:
+        assert code == 0
+        await asyncio.to_thread(device.send, topic, b"kept", qos=2, retain=True)
+        assert await asyncio.to_thread(device.subscribe, (topic, 0)) == [0]
+        first = await asyncio.to_thread(device.expect, PUBLISH)
+        assert (first.payload, first.retain, first.qos) == (b"kept", True, 0)
+        assert await asyncio.to_thread(device.subscribe, (topic, 2)) == [2]
+        again = await asyncio.to_thread(device.expect, PUBLISH)
+        assert (again.payload, again.retain, again.qos) == (b"kept", True, 2)
+        await asyncio.to_thread(device.settle, again)
+        await asyncio.to_thread(device.publish, topic, b"new", qos=2)
+        got = await asyncio.to_thread(_own_flow_and_copy, device, 2)
+        assert (got.payload, got.qos) == (b"new", 2)
+        await asyncio.to_thread(device.settle, got)
+    finally:
+        device.close()
