@@ -192,7 +192,10 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         self._peer = peer
         self._max_packet_bytes = max_packet_bytes
         self._frame_timeout = frame_timeout
-        self._buffer = bytearray()
+        # Whole checked packets not yet read by amqtt; it reads field by field, so keep an
+        # offset rather than cutting the front off a large buffer for every field.
+        self._buffer = b""
+        self._pos = 0
         self._connected = False
         self._ended = False
         #: Why the stream was ended (None while every packet was well formed).
@@ -200,15 +203,17 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
 
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes of whole checked packets; fewer only when the stream has ended."""
-        while (n < 0 or len(self._buffer) < n) and not self._ended:
+        while (n < 0 or self._available() < n) and not self._ended:
             await self._next_packet()
-        if n < 0 or len(self._buffer) < n:
+        if n < 0 or self._available() < n:
             # amqtt reads exact counts: a short read is its end-of-stream (NoDataError).
-            data, self._buffer = bytes(self._buffer), bytearray()
-            return data
-        data = bytes(self._buffer[:n])
-        del self._buffer[:n]
+            n = self._available()
+        data = self._buffer[self._pos : self._pos + n]
+        self._pos += n
         return data
+
+    def _available(self) -> int:
+        return len(self._buffer) - self._pos
 
     def feed_eof(self) -> None:
         """End the stream here and underneath."""
@@ -245,7 +250,8 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
             self._reject(str(exc))
             return
         self._connected = True
-        self._buffer += first + header + body
+        self._buffer = self._buffer[self._pos :] + first + header + body
+        self._pos = 0
 
     async def _remaining_length(self) -> tuple[bytes | None, int]:
         encoded = bytearray()
