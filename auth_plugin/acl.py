@@ -11,10 +11,12 @@ from __future__ import annotations
 import enum
 
 from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal, ProvisioningPrincipal
-from provisioning.contract import REQUEST_TOPIC, mac_of_reply_filter
+from provisioning.contract import EVENT_PREFIX, REQUEST_TOPIC, mac_of_reply_filter
 from provisioning.topics import covers, matches
 
 PROVISION_ROOT = "provision/"
+#: The broker's own namespace: publishing there takes a rule that names it, never a wildcard.
+BROKER_ROOT = EVENT_PREFIX.split("/", 1)[0] + "/"
 
 
 class Action(enum.StrEnum):
@@ -58,5 +60,10 @@ def _account(principal: AccountPrincipal, topic: str, action: Action) -> bool:
     if action is Action.SUBSCRIBE:
         return any(covers(rule, topic) for rule in principal.subscribe)
     if action is Action.PUBLISH:
-        return any(matches(topic, rule) for rule in principal.publish)
+        # Back ends trust mqttprov/events/... to come from the broker: ``publish #`` must not
+        # let an account forge an enrolment, as ``#`` does not reach ``$SYS`` either.
+        rules = principal.publish
+        if topic.startswith(BROKER_ROOT):
+            rules = tuple(rule for rule in rules if rule.startswith(BROKER_ROOT))
+        return any(matches(topic, rule) for rule in rules)
     return any(matches(topic, rule) for rule in principal.subscribe)
