@@ -33,6 +33,10 @@ _FLAGS_TWO = {PUBREL, SUBSCRIBE, UNSUBSCRIBE}
 _FIXED_LENGTH = {PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2, PINGREQ: 0, DISCONNECT: 0}
 
 
+# How a 3.1.1 CONNECT body starts: protocol name "MQTT", level 4.
+_MQTT_311 = b"\x00\x04MQTT\x04"
+
+
 class Malformed(Exception):  # noqa: N818 - a verdict on a packet, never raised past this module
     """The packet breaks an MQTT 3.1.1 rule; ``str(exc)`` says which."""
 
@@ -251,6 +255,10 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
             return
         self._connected = True
         self._buffer = self._buffer[self._pos :] + first + header + body
+        if first[0] >> 4 == CONNECT and not body.startswith(_MQTT_311):
+            # Another protocol or version: amqtt refuses it (CONNACK 1) once it has read the
+            # fields it expects, which for MQTT 5 run past this packet. Nothing follows it.
+            self._ended = True
         self._pos = 0
 
     async def _remaining_length(self) -> tuple[bytes | None, int]:

@@ -228,6 +228,12 @@ PROVISIONING = connect_packet("02:00:00:00:bb:01")  # a well-formed anonymous pr
 _LONG_LENGTH = b"\x10\xff\xff\xff\xff\x01"  # five remaining-length bytes: more than MQTT allows
 _SHORTENED = PROVISIONING[:1] + bytes([PROVISIONING[1] - 4]) + PROVISIONING[2:]
 
+# A real MQTT 5 CONNECT: properties (session expiry 10 s) between keep-alive and client id.
+_MQTT5_CONNECT = frame(
+    0x10,
+    field(b"MQTT") + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x05\x11\x00\x00\x00\x0a" + field(b"m5"),
+)
+
 BEFORE_CONNECT: dict[str, tuple[list[bytes], bytes]] = {
     # case: (what is sent, everything the server sends before it closes the connection)
     "pingreq-first": ([b"\xc0\x00"], b""),
@@ -238,6 +244,7 @@ BEFORE_CONNECT: dict[str, tuple[list[bytes], bytes]] = {
     "protocol-name-garbage": ([connect_raw(b"02:00:00:00:bb:01", name=b"HTTP/1.1")], b""),
     "protocol-level-3": ([connect_raw(b"02:00:00:00:bb:01", level=3)], connack(1)),
     "protocol-level-5": ([connect_raw(b"02:00:00:00:bb:01", level=5)], connack(1)),
+    "mqtt5-connect-with-properties": ([_MQTT5_CONNECT], connack(1)),
     "remaining-length-five-bytes": ([_LONG_LENGTH + b"\x00" * 64], b""),
     "remaining-length-over-packet-limit": ([b"\x10" + remaining_length(200_000_000)], b""),
     "connect-fields-overrun-length": ([_SHORTENED], b""),
