@@ -62,7 +62,10 @@ class Device(Base):
     __tablename__ = "devices"
     __table_args__ = (
         CheckConstraint(f"status IN ({_STATUS_VALUES})", name="status_valid"),
-        Index("ix_devices_status", "status"),
+        # Pages are ordered by (created_at, id): with these, a page is an index range scan
+        # instead of a sort of every matching row (the registry benchmark at 100k devices).
+        Index("ix_devices_status_created", "status", "created_at", "id"),
+        Index("ix_devices_created", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

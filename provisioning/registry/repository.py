@@ -89,14 +89,15 @@ class DeviceRegistry(Repository):
             raise ProvisioningError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
         if offset < 0:
             raise ProvisioningError(f"offset must not be negative, not {offset}")
-        query = select(Device)
+        # Table rows, not ORM objects: a page is read-only, and the identity map only costs.
+        query = select(*Device.__table__.columns)
         counter = select(func.count()).select_from(Device)
         if status is not None:
             query = query.where(Device.status == status.value)
             counter = counter.where(Device.status == status.value)
         query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
         async with self._read() as session:
-            rows = (await session.scalars(query)).all()
+            rows = (await session.execute(query)).all()
             total = await session.scalar(counter) or 0
         return DevicePage(devices=[DeviceInfo.from_row(r) for r in rows], total=total)
 
