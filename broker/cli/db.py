@@ -1,13 +1,37 @@
-"""``mqttprov db``: database schema management."""
+"""``mqttprov db``: database schema management, and copying the registry to another database."""
 
 from __future__ import annotations
 
-import typer
+import sys
+from typing import Annotated
 
-from broker.cli.common import ConfigOption, JsonOption, open_registry, print_json, run, settings_from, stdout
+import typer
+from pydantic import ValidationError
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
+from rich.table import Table
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from broker.cli.common import (
+    EXIT_USAGE,
+    ConfigOption,
+    JsonOption,
+    fail,
+    open_registry,
+    print_json,
+    run,
+    settings_from,
+    stdout,
+)
+from config import DatabaseSettings
+from provisioning import ProvisioningError
+from provisioning.registry import create_engine
+from provisioning.registry.copy import RegistryCopyError, copy_registry, same_database
 from provisioning.registry.migrate import upgrade as run_upgrade
 
 app = typer.Typer(help="Manage the registry's database schema.", no_args_is_help=True)
+
+MASK = "***"
 
 
 @app.command("upgrade")
@@ -26,3 +50,106 @@ def upgrade(config: ConfigOption = None, as_json: JsonOption = False) -> None:
         stdout.print(f"database already at revision {after}")
     else:
         stdout.print(f"database upgraded from {before or 'empty'} to revision {after}")
+
+
+@app.command("copy")
+def copy(
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            metavar="URL",
+            help="The new, empty database (postgresql+asyncpg://USER@HOST/DB); migrated first.",
+            show_default=False,
+        ),
+    ],
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Copy the whole registry (devices with their password hashes, events, accounts, change feed)
+    from the configured database to an empty one, unchanged: devices keep their credentials.
+
+    Stop `mqttprov serve` first: rows written after the copy starts are not copied.
+    """
+    settings = settings_from(config)
+    source_url = settings.database.url
+    destination_url = _usable_url(to)
+    secrets = [url.password for url in (_parsed(source_url), _parsed(destination_url)) if url.password]
+    if same_database(source_url, destination_url):
+        fail(f"error: --to {masked_url(destination_url)} is the configured database itself", EXIT_USAGE)
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stdout,
+        transient=True,
+        disable=as_json or not sys.stdout.isatty(),
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def advance(table: str, done: int, total: int) -> None:
+        if table not in tasks:
+            tasks[table] = progress.add_task(table, total=total)
+        progress.update(tasks[table], completed=done)
+
+    async def work() -> dict[str, int]:
+        source = create_engine(source_url, pool_size=settings.database.pool_size)
+        destination = create_engine(destination_url)
+        try:
+            return await copy_registry(source, destination, progress=advance)
+        except ProvisioningError as exc:
+            # Driver messages may quote a URL: no password leaves this process.
+            raise RegistryCopyError(_scrubbed(str(exc), secrets)) from exc
+        finally:
+            await destination.dispose()
+            await source.dispose()
+
+    with progress:
+        tables = run(work)
+    if as_json:
+        print_json({"tables": tables})
+        return
+    summary = Table("table", "rows")
+    for name, rows in tables.items():
+        summary.add_row(name, str(rows))
+    stdout.print(summary)
+    stdout.print(
+        f"copied {sum(tables.values())} rows from {masked_url(source_url)} to {masked_url(destination_url)}; "
+        "row counts verified. Next: set database.url to the new database."
+    )
+
+
+def masked_url(url: str) -> str:
+    """``url`` without its password (``***`` when it cannot be parsed at all)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return MASK
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
+
+
+def _usable_url(url: str) -> str:
+    # Neither message quotes the URL: it may carry a password.
+    try:
+        DatabaseSettings(url=url)
+        make_url(url)
+    except (ValidationError, ArgumentError, ValueError):
+        fail(
+            "error: --to is not a database URL this version can use "
+            "(sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER[:PASSWORD]@HOST[:PORT]/DB)",
+            EXIT_USAGE,
+        )
+    return url
+
+
+def _parsed(url: str) -> URL:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        fail("error: database.url is not a valid database URL", EXIT_USAGE)
+
+
+def _scrubbed(message: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        message = message.replace(secret, MASK)
+    return message
