@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+import bcrypt
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.cache import VerifiedCache
@@ -32,6 +35,9 @@ from provisioning.topics import validate_filter
 logger = logging.getLogger(__name__)
 
 DEVICE_USERNAME_PREFIX = "device_"
+# bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
+_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_BCRYPT_DIGEST_CHARS = 31
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class Authenticator:
             )
         )
         self.stats = AuthStats()
-        self._dummy_hash: str | None = None
+        self._dummy_hash = unmatchable_hash(hasher.cost)
         self._background: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, attempt: ConnectAttempt) -> Decision:
@@ -323,6 +329,15 @@ class Authenticator:
             logger.error("could not record a login_refused event: %s", task.exception())
 
     async def _dummy(self) -> str:
-        if self._dummy_hash is None:
-            self._dummy_hash = await self._hasher.hash("mqttprov-dummy-password")
         return self._dummy_hash
+
+
+def unmatchable_hash(cost: int) -> str:
+    """A well-formed bcrypt hash at ``cost`` that no password matches, made without hashing.
+
+    Checking a password against it costs exactly one bcrypt run at ``cost``, as a real check
+    does. Hashing a dummy password on first use instead made the first unknown-username login
+    of a process cost two runs (a hash, then the check), and told that the name was unknown.
+    """
+    salt = bcrypt.gensalt(rounds=cost).decode("ascii")
+    return salt + "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(_BCRYPT_DIGEST_CHARS))

@@ -15,6 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
@@ -536,3 +537,86 @@ async def test_devices_a_dead_broker_left_online_are_set_offline_on_start(databa
     async with BrokerServer(settings(database_url)) as server:
         found = await server.registry.get(device.id)
     assert found.status is DeviceStatus.OFFLINE
+
+
+# -- 8. brute force and the login-timing side channel ----------------------------------------------
+
+
+async def test_brute_force_on_one_username_from_one_address_is_throttled_as_configured(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = settings(sqlite_url, throttle_after=3, lockout_after=6, max_refusal_delay=0.2)
+    async with BrokerServer(config) as server:
+        device = await make_device(server.registry, "02:00:00:00:08:01")
+        user, port = device.mqtt_username, port_of(server)
+        throttle = server.services.authenticator.throttle
+        held_back: list[float] = []
+        failed = throttle.failed
+
+        def recording(username: str, address: str | None) -> float:
+            delay = failed(username, address)
+            held_back.append(delay)
+            return delay
+
+        monkeypatch.setattr(throttle, "failed", recording)
+
+        def attempt(password: str, source: str) -> int:
+            return login_code(port, user, username=user, password=password, source=source)
+
+        codes = [await asyncio.to_thread(attempt, f"guess-{n}", "127.0.0.1") for n in range(6)]
+        checks = server.services.authenticator.stats.bcrypt_checks
+        locked = await asyncio.to_thread(attempt, PASSWORD, "127.0.0.1")
+        unchecked = server.services.authenticator.stats.bcrypt_checks == checks
+        device_elsewhere = await asyncio.to_thread(attempt, PASSWORD, "127.0.0.2")
+    assert codes == [BAD_CREDENTIALS] * 6
+    # Nothing for the first three, then doubling from 50 ms up to max_refusal_delay.
+    assert held_back == [0.0, 0.0, 0.0, 0.05, 0.1, 0.2]
+    assert locked == NOT_AUTHORIZED
+    assert unchecked  # a locked-out pair costs no bcrypt at all
+    assert device_elsewhere == ACCEPTED  # the real device behind another address is not locked out
+
+
+async def test_unknown_and_known_usernames_each_cost_one_bcrypt_check_of_the_same_cost(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The timing figure (python -m tests.bench --only login-timing) measures the medians; this
+    # pins the cause: one bcrypt run at the configured cost on every refusal path, never two.
+    runs: list[tuple[str, int]] = []
+    checkpw, hashpw = bcrypt.checkpw, bcrypt.hashpw
+
+    def counting_checkpw(password: bytes, hashed: bytes) -> bool:
+        runs.append(("checkpw", int(hashed[4:6])))
+        return checkpw(password, hashed)
+
+    def counting_hashpw(password: bytes, salt: bytes) -> bytes:
+        runs.append(("hashpw", int(salt[4:6])))
+        return hashpw(password, salt)
+
+    cases = {
+        # The first refusal of the process first: the dummy hash must not be made on first use.
+        "unknown device username": ("device_0123456789ab", "device_0123456789ab", PASSWORD),
+        "known device, wrong password": ("{device}", "{device}", "wrong-password"),
+        "unknown account name": ("nobody", "nobody", ACCOUNT_PASSWORD),
+        "known account, wrong password": ("backend", "backend", "wrong-password"),
+        "device with no credentials yet": ("{pending}", "{pending}", PASSWORD),
+    }
+    async with BrokerServer(settings(sqlite_url, max_refusal_delay=0.01)) as server:
+        device = await make_device(server.registry, "02:00:00:00:08:02")
+        pending = await server.registry.create_device("02:00:00:00:08:03", status=DeviceStatus.PENDING)
+        await make_account(server.accounts, "backend", ["subscribe devices/+/telemetry"])
+        names = {"device": device.mqtt_username, "pending": pending.mqtt_username}
+        monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
+        monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
+        seen: dict[str, list[tuple[str, int]]] = {}
+        for case, (client_id, username, password) in cases.items():
+            runs.clear()
+            code = await asyncio.to_thread(
+                login_code,
+                port_of(server),
+                client_id.format(**names),
+                username=username.format(**names),
+                password=password,
+            )
+            assert code == BAD_CREDENTIALS, case
+            seen[case] = list(runs)
+    assert seen == {case: [("checkpw", 4)] for case in cases}
