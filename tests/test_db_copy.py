@@ -32,6 +32,7 @@ from provisioning.registry.copy import (
 from provisioning.registry.migrate import current_revision, head_revision, upgrade
 from provisioning.topics import parse_rule
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, hashed, login_code, settings
+from tests.authd_support import authd_settings, running_authd
 from tests.helpers import free_port, preserved_logging, run_mqttprov, write_config
 from tests.mqtt_clients import ACCEPTED, enrol, provisioning_broker
 
@@ -188,6 +189,18 @@ async def test_every_row_arrives_unchanged(sqlite_url: str, postgres_url: str) -
         await engine.dispose()
 
 
+async def test_a_postgres_registry_copies_back_to_sqlite(
+    sqlite_url: str, postgres_url: str, tmp_path: Path
+) -> None:
+    await seed(sqlite_url)
+    await copy(sqlite_url, postgres_url)
+    back = f"sqlite+aiosqlite:///{tmp_path / 'back.db'}"
+
+    await copy(postgres_url, back, chunk_size=2)
+
+    assert await dump(back) == await dump(sqlite_url)
+
+
 async def test_inserts_after_the_copy_take_fresh_ids(sqlite_url: str, postgres_url: str) -> None:
     ids = await seed(sqlite_url)
     copied = await copy(sqlite_url, postgres_url)
@@ -302,14 +315,21 @@ def test_same_database(first: str, second: str, same: bool) -> None:
 # -- devices keep their logins --------------------------------------------------------------------
 
 
-async def test_an_enrolled_device_logs_in_on_a_broker_over_the_copy(
-    sqlite_url: str, postgres_url: str
-) -> None:
+async def enrolled_then_copied(sqlite_url: str, postgres_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two devices enrolled over MQTT on the embedded broker (SQLite), the second decommissioned,
+    the broker stopped, the registry copied to PostgreSQL; their ``ok`` replies."""
     async with provisioning_broker(sqlite_url) as embedded:
         creds = await enrol(embedded, "02:00:00:00:03:01")
         gone = await enrol(embedded, "02:00:00:00:03:02")
         await embedded.registry.decommission(uuid.UUID(gone["device_id"]))
     await copy(sqlite_url, postgres_url)
+    return creds, gone
+
+
+async def test_an_enrolled_device_logs_in_on_a_broker_over_the_copy(
+    sqlite_url: str, postgres_url: str
+) -> None:
+    creds, gone = await enrolled_then_copied(sqlite_url, postgres_url)
 
     async with BrokerServer(settings(postgres_url)) as server:
         port = server.settings.broker.port
@@ -434,3 +454,18 @@ def test_the_command_reports_an_unknown_database_without_its_password(
         "db", "copy", "--to", missing.render_as_string(hide_password=False), "--config", str(config_file)
     )
     assert_one_line_error(result, 1, 'destination database error: database "mqttprov_no_such_database"')
+
+
+async def test_an_enrolled_device_logs_in_through_authd_over_the_copy(
+    sqlite_url: str, postgres_url: str
+) -> None:
+    creds, gone = await enrolled_then_copied(sqlite_url, postgres_url)
+
+    async with running_authd(authd_settings(postgres_url)) as (_, client):
+        user, password = creds["mqtt_username"], creds["mqtt_password"]
+        assert await client.rabbit_user(user, password, user) == "allow"
+        assert await client.rabbit_user(user, password[::-1], user) == "deny"
+        gone_user = gone["mqtt_username"]
+        assert await client.rabbit_user(gone_user, gone["mqtt_password"], gone_user) == "deny"
+        emqx = {"clientid": user, "username": user, "password": password, "peerhost": "127.0.0.1"}
+        assert (await client.json("/emqx/authn", emqx)).json()["result"] == "allow"
