@@ -26,7 +26,15 @@ from tests.bench.context import FULL, QUICK, Context
 from tests.bench.results import FigureResult, Report, render_table
 
 #: Figure names in the order they run (kept here so parsing needs no heavy import).
-FIGURE_NAMES = ("warm-storm", "cold-storm", "provisioning", "throughput", "registry", "memory")
+FIGURE_NAMES = (
+    "warm-storm",
+    "cold-storm",
+    "provisioning",
+    "throughput",
+    "registry",
+    "memory",
+    "login-timing",
+)
 EXIT_CRASH = 1
 EXIT_INTERRUPTED = 130
 

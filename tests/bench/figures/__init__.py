@@ -22,6 +22,7 @@ def all_figures() -> list[Figure]:
     """Every figure, imported on demand (the modules pull in the product and amqtt)."""
     from tests.bench.figures import (  # noqa: PLC0415
         cold_storm,
+        login_timing,
         memory,
         provisioning_rate,
         registry,
@@ -29,7 +30,7 @@ def all_figures() -> list[Figure]:
         warm_storm,
     )
 
-    modules = [warm_storm, cold_storm, provisioning_rate, throughput, registry, memory]
+    modules = [warm_storm, cold_storm, provisioning_rate, throughput, registry, memory, login_timing]
     return [Figure(m.NAME, m.TITLE, m.run) for m in modules]
 
 
