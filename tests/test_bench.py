@@ -7,20 +7,24 @@ and writes both sides and a ratio.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from provisioning.mac import parse_mac
 from provisioning.registry import DeviceStatus
 from tests.bench import cli, plot
-from tests.bench.figures import all_figures
-from tests.bench.figures.common import summarize_storm
+from tests.bench.context import QUICK, Context
+from tests.bench.figures import all_figures, mosquitto_storm, rabbitmq_storm
+from tests.bench.figures.common import StormSummary, summarize_storm
+from tests.bench.figures.external import Side, cpu_row, storm_rows
 from tests.bench.fleet import mac_for, make_fleet
-from tests.bench.load import StormResult
+from tests.bench.load import Login, StormResult
 from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
 from tests.bench.results import (
     HEADERS,
@@ -315,3 +319,110 @@ def test_quick_throughput_figure_runs_and_writes_both_sides(tmp_path: Path) -> N
     assert row["reference"] > 0
     assert row["ratio"] == pytest.approx(row["ours"] / row["reference"])
     assert "| figure" in done.stdout
+
+
+# -- the external-broker figures (Mosquitto, RabbitMQ) ---------------------------------------------
+
+
+def test_the_external_broker_figures_run_last_and_parse() -> None:
+    assert cli.FIGURE_NAMES[-2:] == ("mosquitto-storm", "rabbitmq-storm")
+    options = cli.parse_args(["--only", "rabbitmq-storm,mosquitto-storm", "--only", "warm-storm"])
+    assert options.only == ("warm-storm", "mosquitto-storm", "rabbitmq-storm")
+
+
+def _summary(rate: float, refused: dict[int, int] | None = None) -> StormSummary:
+    return StormSummary(rate, 10, refused or {}, {}, 1.0, 0.0, 1.0, 1.0, 2.0)
+
+
+def test_external_storm_rows_compare_medians_with_the_goal() -> None:
+    logged: list[str] = []
+    ctx = Context(QUICK, quick=True, workdir=Path(), log=logged.append)
+    ours, reference = Side("ours"), Side("ref")
+    for rate in (100.0, 300.0, 200.0):
+        ours.record(ctx, "cold", 1, _summary(rate))
+    ours.record(ctx, "warm", 1, _summary(80.0, {4: 2}))
+    reference.record(ctx, "cold", 1, _summary(400.0))
+    reference.record(ctx, "warm", 1, _summary(100.0))
+    ours.record_cpu("warm", {"node a": 10.0, "authd": 5.0})
+    reference.record_cpu("warm", {"node a": 10.0})
+    cold, warm = storm_rows("Broker + us", ours, reference, "internal")
+    assert (cold.label, cold.ours, cold.reference, cold.ratio, cold.met) == (
+        "cold login storm, Broker + us",
+        200.0,
+        400.0,
+        0.5,
+        False,
+    )
+    assert cold.ours_samples == [100.0, 300.0, 200.0]
+    assert warm.ratio == pytest.approx(0.8)
+    assert warm.met is True
+    assert ours.problems == ["round 1 warm ours: 2 CONNACK 4"]
+    assert len(logged) == 6
+    cpu = cpu_row("Broker + us", ours, reference, "internal")
+    assert (cpu.ours, cpu.reference, cpu.goal) == (15.0, 10.0, None)
+    assert ours.cpu_notes() == ["CPU µs per login, ours, warm: node a 10, authd 5"]
+
+
+def test_a_storm_round_without_logins_gives_no_ratio() -> None:
+    cold, warm = storm_rows("x", Side("ours"), Side("ref"), "ref")
+    assert (cold.ours, cold.ratio, cold.met, warm.met) == (None, None, None, None)
+
+
+METRICS = """\
+# TYPE mqttprov_authd_request_seconds histogram
+mqttprov_authd_request_seconds_bucket{contract="emqx",le="0.001"} 7
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.001"} 50
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.0025"} 90
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.005"} 100
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="+Inf"} 100
+mqttprov_authd_request_seconds_sum{contract="rabbitmq"} 0.120000
+"""
+
+
+def test_authd_latency_buckets_are_read_and_interpolated() -> None:
+    after = rabbitmq_storm.parse_buckets(METRICS)
+    assert after == {0.001: 50, 0.0025: 90, 0.005: 100, math.inf: 100}
+    before = {0.001: 10, 0.0025: 10, 0.005: 10, math.inf: 10}
+    delta = rabbitmq_storm.bucket_delta(before, after)
+    assert delta == {0.001: 40, 0.0025: 80, 0.005: 90, math.inf: 90}
+    # Rank 45 of 90: the 5th of the 40 observations in (0.001, 0.0025].
+    assert rabbitmq_storm.histogram_quantile(delta, 0.5) == pytest.approx(0.001 + 0.0015 * 5 / 40)
+    # Rank 4.5: in the first bucket, interpolated from 0.
+    assert rabbitmq_storm.histogram_quantile(delta, 0.05) == pytest.approx(0.001 * 4.5 / 40)
+    # 89.1: in the (0.0025, 0.005] bucket, which holds 10.
+    assert rabbitmq_storm.histogram_quantile(delta, 0.99) == pytest.approx(0.0025 + 0.0025 * 9.1 / 10)
+    assert rabbitmq_storm.histogram_quantile({math.inf: 0}, 0.5) is None
+    # Past the highest finite bound: that bound (as Prometheus answers).
+    assert rabbitmq_storm.histogram_quantile({0.001: 1, math.inf: 10}, 0.99) == 0.001
+
+
+def test_latency_rows_take_the_median_over_rounds() -> None:
+    rows = rabbitmq_storm.latency_rows({"warm": [(0.5, 2.0, 2.0), (0.7, 4.0, 2.0)]})
+    assert [(row.label, row.ours, row.goal) for row in rows] == [
+        ("authd request p50 during the warm storm", pytest.approx(0.6), None),
+        ("authd request p99 during the warm storm", 3.0, None),
+    ]
+
+
+def test_internal_users_are_created_in_one_erlang_expression() -> None:
+    logins = [Login("device_ab12", "device_ab12", "pw-1"), Login("device_cd34", "device_cd34", "pw-2")]
+    expression = rabbitmq_storm.add_users_expression(logins)
+    assert '{<<"device_ab12">>, <<"pw-1">>}, {<<"device_cd34">>, <<"pw-2">>}' in expression
+    assert "rabbit_auth_backend_internal:add_user(U, P," in expression
+    assert expression.endswith("ok.")
+    with pytest.raises(ValueError, match="escaping"):
+        rabbitmq_storm.add_users_expression([Login("d", "d", 'pw">>, evil')])
+
+
+@pytest.mark.parametrize(
+    ("module", "probe"), [(rabbitmq_storm, "rabbitmq_missing"), (mosquitto_storm, "mosquitto_missing")]
+)
+def test_an_absent_broker_is_a_note_not_a_crash(
+    module: ModuleType, probe: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(module, probe, lambda: "/usr/lib/nothing not found")
+    result = module.run(Context(QUICK, quick=True, workdir=tmp_path, log=lambda _: None))
+    assert result.rows == []
+    assert result.error is None
+    assert len(result.notes) == 1
+    assert "not available: /usr/lib/nothing not found" in result.notes[0]

@@ -202,10 +202,14 @@ class MqttLink:
 
     async def _call(self, send: Any, what: str) -> list[int]:
         future: asyncio.Future[list[int]] = self._loop.create_future()
+        # Sent outside our lock: paho calls on_publish holding its own lock, and _settle then
+        # takes ours; holding ours around send() would take the two in the opposite order
+        # (a deadlock under concurrent publishes). An acknowledgement that wins the race lands
+        # in _early.
+        rc, mid = send()
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            raise ExternalBrokerError(f"not connected to {self.address} ({mqtt.error_string(rc)})")
         with self._lock:
-            rc, mid = send()
-            if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-                raise ExternalBrokerError(f"not connected to {self.address} ({mqtt.error_string(rc)})")
             early = self._early.pop(mid, None)
             if early is None:
                 self._pending[mid] = future

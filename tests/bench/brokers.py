@@ -130,6 +130,13 @@ async def _mqttprov(spec: BrokerSpec) -> AsyncIterator[Callable[[], dict[str, An
         yield stats
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time ``pid`` has used so far, from ``/proc/<pid>/stat``."""
+    fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class BrokerProcess:
     """A running broker under test; use as a context manager (stopped and reaped on exit)."""
 
@@ -199,14 +206,17 @@ class BrokerProcess:
 class Mosquitto:
     """A private Mosquitto on a free loopback port, anonymous; a context manager."""
 
-    def __init__(self, port: int, directory: Path, *, start_timeout: float = 15.0) -> None:
+    def __init__(
+        self, port: int, directory: Path, *, start_timeout: float = 15.0, connection_messages: bool = False
+    ) -> None:
         self.port = port
         conf = directory / f"mosquitto-{port}.conf"
         conf.write_text(
             f"listener {port} 127.0.0.1\n"
             "allow_anonymous true\n"
             "persistence false\n"
-            "connection_messages false\n"
+            # On: a line per connect and disconnect, as the dynamic-security node under test logs.
+            f"connection_messages {'true' if connection_messages else 'false'}\n"
             "log_dest stderr\n"  # unbuffered: stdout to a pipe is flushed only at exit
             "log_type information\n"
             "log_type error\n"

@@ -34,6 +34,8 @@ FIGURE_NAMES = (
     "registry",
     "memory",
     "login-timing",
+    "mosquitto-storm",
+    "rabbitmq-storm",
 )
 EXIT_CRASH = 1
 EXIT_INTERRUPTED = 130

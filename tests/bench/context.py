@@ -33,6 +33,16 @@ class Sizes:
     throughput_devices: int = 10
     #: bcrypt cost of the logins and provisioning figures.
     bcrypt_cost: int = 10
+    #: Devices issued on Mosquitto's dynamic security, and the reconnects of its warm storm.
+    mosquitto_devices: int = 1_000
+    mosquitto_reconnects: int = 10_000
+    #: Devices in the RabbitMQ figure (authd's registry and RabbitMQ's internal users), and reconnects.
+    rabbitmq_devices: int = 400
+    rabbitmq_reconnects: int = 2_000
+    #: Load processes of the external-broker storms (the brokers outrun one Python load process).
+    external_storm_processes: int = 2
+    #: Rounds per side of the external-broker figures (a cluster start is their fixed cost).
+    external_rounds: int = 2
 
     def as_json(self) -> dict[str, float]:
         """The sizes as plain data."""
@@ -51,6 +61,11 @@ QUICK = Sizes(
     registry_devices=5_000,
     registry_lookups=200,
     memory_connections=200,
+    mosquitto_devices=200,
+    mosquitto_reconnects=1_500,
+    rabbitmq_devices=30,
+    rabbitmq_reconnects=300,
+    external_rounds=1,
 )
 
 FULL = Sizes(

@@ -24,13 +24,25 @@ def all_figures() -> list[Figure]:
         cold_storm,
         login_timing,
         memory,
+        mosquitto_storm,
         provisioning_rate,
+        rabbitmq_storm,
         registry,
         throughput,
         warm_storm,
     )
 
-    modules = [warm_storm, cold_storm, provisioning_rate, throughput, registry, memory, login_timing]
+    modules = [
+        warm_storm,
+        cold_storm,
+        provisioning_rate,
+        throughput,
+        registry,
+        memory,
+        login_timing,
+        mosquitto_storm,
+        rabbitmq_storm,
+    ]
     return [Figure(m.NAME, m.TITLE, m.run) for m in modules]
 
 

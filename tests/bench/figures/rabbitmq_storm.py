@@ -1,0 +1,287 @@
+"""Login storms through a private two-node RabbitMQ cluster: ``mqttprov authd`` versus internal users.
+
+One cluster (tests/rabbitmq_cluster.py) serves both sides; only the authentication backend
+changes between them, switched on both nodes at run time (``application:set_env`` of
+``auth_backends``, which RabbitMQ reads at every login): ``rabbit_auth_backend_http`` asking a
+real ``mqttprov authd`` process, or ``rabbit_auth_backend_internal`` with the same usernames and
+passwords created as RabbitMQ users. Each round runs, interleaved: authd started fresh (cold
+cache), a cold storm (every device logs in once) through it, the same storm against internal
+users, then a warm storm (reconnects) on each. The storm is split over both nodes. authd's
+request latency comes from its ``/metrics`` histogram, read before and after each storm.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from provisioning.passwords import default_workers
+from tests.authd_support import SECRET, authd_process, write_authd_config
+from tests.bench.brokers import cpu_seconds
+from tests.bench.context import Context
+from tests.bench.figures.common import StormSummary, free_port, sqlite_url, summarize_storm
+from tests.bench.figures.external import Side, cpu_row, storm_rows
+from tests.bench.fleet import create_registry, make_fleet, seconds_per_check
+from tests.bench.load import Login, StormResult, StormTask
+from tests.bench.procs import run_load
+from tests.bench.results import FigureResult, Goal, Row, median
+from tests.rabbitmq_cluster import Cluster, rabbitmq_cluster, rabbitmq_missing
+
+NAME = "rabbitmq-storm"
+TITLE = "login storms through RabbitMQ with mqttprov authd"
+STORM_LIMIT = 120.0
+HTTP_BACKEND = "rabbit_auth_backend_http"
+INTERNAL_BACKEND = "rabbit_auth_backend_internal"
+#: authd's latency histogram for the RabbitMQ contract, one line per bucket.
+_BUCKET = re.compile(r'^mqttprov_authd_request_seconds_bucket\{contract="rabbitmq",le="([^"]+)"\} (\d+)')
+
+
+@dataclass
+class _Ours(Side):
+    """Our side, with authd's latency per storm kind: [(p50 ms, p99 ms, requests per login)]."""
+
+    latency: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+
+
+def run(ctx: Context) -> FigureResult:
+    """Start the cluster, create both sides' users, then interleaved cold and warm rounds."""
+    figure = FigureResult(NAME, TITLE)
+    missing = rabbitmq_missing()
+    if missing is not None:
+        figure.notes.append(f"RabbitMQ is not available: {missing}; no rows")
+        return figure
+    sizes = ctx.sizes
+    cost = sizes.bcrypt_cost
+    directory = ctx.workdir / NAME
+    (directory / "cluster").mkdir(parents=True)
+    ctx.log(f"creating {sizes.rabbitmq_devices} devices (bcrypt cost {cost})")
+    fleet = make_fleet(sizes.rabbitmq_devices, cost=cost)
+    url = sqlite_url(directory / "registry.db")
+    create_registry(url, fleet)
+    logins = fleet.logins()
+    reconnects = list(itertools.islice(itertools.cycle(logins), sizes.rabbitmq_reconnects))
+    port = free_port()
+    config = write_authd_config(
+        directory / "mqttprov.toml", url, port, auth={"bcrypt_cost": cost}, contracts=["rabbitmq"]
+    )
+    # The secret as the password of the URL's user info: RabbitMQ sends it as HTTP basic auth.
+    cluster = Cluster(directory / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}")
+    ours, reference = _Ours("authd"), Side("internal")
+    checks_ms: list[float] = []
+    # authd runs with [auth] bcrypt_workers unset: the default pool size.
+    workers = default_workers()
+    ctx.log("starting the two-node RabbitMQ cluster")
+    with rabbitmq_cluster(cluster):
+        ctx.log(f"creating {len(logins)} RabbitMQ internal users")
+        cluster.ctl(cluster.nodes[0], "eval", add_users_expression(logins))
+        for round_ in range(1, sizes.external_rounds + 1):
+            checks_ms.append(seconds_per_check(cost) * 1000)
+            with authd_process(config, port, directory) as authd_url:
+                authd_pid = _pid_of(config)
+                for kind, which in (("cold", logins), ("warm", reconnects)):
+                    _use_backend(cluster, HTTP_BACKEND)
+                    _measure(ctx, cluster, ours, (kind, round_), which, authd=(authd_url, authd_pid))
+                    _use_backend(cluster, INTERNAL_BACKEND)
+                    _measure(ctx, cluster, reference, (kind, round_), which, authd=None)
+            _use_backend(cluster, HTTP_BACKEND)
+    what = "RabbitMQ + authd"
+    figure.rows += storm_rows(what, ours, reference, "RabbitMQ internal users")
+    bounds = [workers * 1000 / ms for ms in checks_ms]
+    cold = ours.rates.get("cold", [])
+    figure.rows.append(
+        Row(
+            f"cold login storm through authd (bcrypt cost {cost})",
+            "logins/s",
+            median(cold),
+            median(bounds),
+            f"bcrypt bound, {workers} worker(s)",
+            Goal("ratio_at_least", 0.8),
+            cold,
+            bounds,
+        )
+    )
+    figure.rows += latency_rows(ours.latency)
+    figure.rows.append(cpu_row(what, ours, reference, "RabbitMQ internal users"))
+    load = (
+        f"{sizes.external_storm_processes} load process(es) split over both nodes, "
+        f"{sizes.storm_concurrency} concurrent raw-socket clients in all"
+    )
+    figure.processes = {
+        "RabbitMQ + authd": "broker: 2 RabbitMQ nodes (one Erlang VM each) + 1 `mqttprov authd` process "
+        f"(fresh each round: event loop + bcrypt worker threads); {load}",
+        "RabbitMQ internal users": f"broker: the same 2 RabbitMQ nodes; {load}",
+    }
+    figure.sizes = {
+        "devices": len(logins),
+        "reconnects_per_round": len(reconnects),
+        "rounds_per_side": sizes.external_rounds,
+        "concurrency": sizes.storm_concurrency,
+        "load_processes": sizes.external_storm_processes,
+    }
+    figure.notes += [
+        f"one bcrypt check at cost {cost}, measured in the bench process before each round: "
+        + ", ".join(f"{ms:.1f} ms" for ms in checks_ms),
+        (
+            "authd latency from its /metrics histogram (buckets 1, 2.5, 5, 10, 25, 50, 100 ms, ...), "
+            "interpolated within a bucket as Prometheus' histogram_quantile does"
+        ),
+        "authd requests per login: "
+        + ", ".join(f"{kind} {r:.1f}" for kind, samples in ours.latency.items() for _, _, r in samples),
+        *ours.cpu_notes(),
+        *reference.cpu_notes(),
+        (
+            "internal users: created with rabbit_auth_backend_internal:add_user/3 and set_permissions/6 "
+            "(what `rabbitmqctl add_user` and `set_permissions` call) in one `rabbitmqctl eval`"
+        ),
+        *ours.problems,
+        *reference.problems,
+    ]
+    return figure
+
+
+def add_users_expression(logins: Sequence[Login]) -> str:
+    """An Erlang expression for ``rabbitmqctl eval``: each login as an internal user with full
+    permissions on ``/`` (usernames and passwords of the bench fleet need no escaping)."""
+    for login in logins:
+        for text in (login.username or "", login.password or ""):
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
+                raise ValueError("a bench username or password with characters that need escaping")
+    users = ", ".join(f'{{<<"{login.username}">>, <<"{login.password}">>}}' for login in logins)
+    actor = '<<"mqttprov-bench">>'
+    return (
+        f"[begin ok = rabbit_auth_backend_internal:add_user(U, P, {actor}), "
+        f'ok = rabbit_auth_backend_internal:set_permissions(U, <<"/">>, <<".*">>, <<".*">>, <<".*">>, '
+        f"{actor}) end || {{U, P}} <- [{users}]], ok."
+    )
+
+
+def _use_backend(cluster: Cluster, module: str) -> None:
+    expression = f"rpc:multicall(application, set_env, [rabbit, auth_backends, [{module}]])."
+    out = cluster.ctl(cluster.nodes[0], "eval", expression)
+    if "[ok,ok]" not in out.replace(" ", ""):
+        raise RuntimeError(f"switching the auth backend to {module}: {out}")
+
+
+def _pid_of(config: Path) -> int:
+    """The ``mqttprov authd --config CONFIG`` process (ours: started by authd_process)."""
+    needle = str(config).encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"authd" in cmdline and needle in cmdline:
+                return int(entry.name)
+    raise RuntimeError(f"no authd process with {config}")
+
+
+def _node_pids(cluster: Cluster) -> list[int]:
+    return [int((node.directory / "rabbitmq.pid").read_text().strip()) for node in cluster.nodes]
+
+
+def _storm(cluster: Cluster, logins: list[Login], ctx: Context) -> StormSummary:
+    """The storm split over both nodes: one load process (or more) per node."""
+    sizes = ctx.sizes
+    processes = max(2, sizes.external_storm_processes)
+    per_process = max(1, sizes.storm_concurrency // processes)
+    tasks = [
+        StormTask(cluster.nodes[n % 2].mqtt_port, tuple(logins[n::processes]), per_process, STORM_LIMIT)
+        for n in range(processes)
+    ]
+    results: list[StormResult] = run_load(list(tasks), STORM_LIMIT + 60.0, label="rabbitmq-storm")
+    return summarize_storm(results)
+
+
+def _measure(
+    ctx: Context,
+    cluster: Cluster,
+    side: Side,
+    storm_id: tuple[str, int],
+    logins: list[Login],
+    *,
+    authd: tuple[str, int] | None,
+) -> None:
+    """One storm (kind, round); its rate, CPU per login and (ours) authd's latency go to ``side``."""
+    kind, round_ = storm_id
+    pids = dict(zip(("node a", "node b"), _node_pids(cluster), strict=True))
+    if authd is not None:
+        pids["authd"] = authd[1]
+    cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = read_buckets(authd[0]) if authd is not None else {}
+    result = _storm(cluster, logins, ctx)
+    logins_done = max(result.accepted, 1)
+    side.record_cpu(
+        kind, {n: (cpu_seconds(pid) - cpu_before[n]) * 1e6 / logins_done for n, pid in pids.items()}
+    )
+    extra = ""
+    if authd is not None and isinstance(side, _Ours):
+        delta = bucket_delta(before, read_buckets(authd[0]))
+        count = delta.get(float("inf"), 0)
+        p50, p99 = histogram_quantile(delta, 0.5), histogram_quantile(delta, 0.99)
+        if p50 is not None and p99 is not None:
+            side.latency.setdefault(kind, []).append((p50 * 1000, p99 * 1000, count / logins_done))
+            extra = f", authd p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {count} requests"
+    side.record(ctx, kind, round_, result, extra)
+
+
+def read_buckets(url: str) -> dict[float, int]:
+    """authd's cumulative latency buckets for the RabbitMQ contract: upper bound (s) -> count."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        return parse_buckets(answer.read().decode())
+
+
+def parse_buckets(text: str) -> dict[float, int]:
+    """The cumulative ``request_seconds`` buckets of contract ``rabbitmq`` in a /metrics text."""
+    buckets: dict[float, int] = {}
+    for line in text.splitlines():
+        match = _BUCKET.match(line)
+        if match:
+            bound = float("inf") if match[1] == "+Inf" else float(match[1])
+            buckets[bound] = int(match[2])
+    return buckets
+
+
+def bucket_delta(before: dict[float, int], after: dict[float, int]) -> dict[float, int]:
+    """What was observed between two readings of the cumulative buckets."""
+    return {bound: count - before.get(bound, 0) for bound, count in after.items()}
+
+
+def histogram_quantile(buckets: dict[float, int], q: float) -> float | None:
+    """The ``q`` quantile (0..1) of cumulative buckets, interpolated linearly within its bucket
+    (Prometheus' ``histogram_quantile``); the highest finite bound when it falls past it."""
+    total = buckets.get(float("inf"), 0)
+    if total == 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0
+    for bound in sorted(buckets):
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+        lower, below = bound, count
+    return lower
+
+
+def latency_rows(latency: dict[str, list[tuple[float, float, float]]]) -> list[Row]:
+    """authd's p50 and p99 per storm kind: the median over the rounds (no goal in issue 8)."""
+    rows: list[Row] = []
+    for kind, samples in latency.items():
+        for label, index in (("p50", 0), ("p99", 1)):
+            values = [sample[index] for sample in samples]
+            rows.append(
+                Row(
+                    f"authd request {label} during the {kind} storm",
+                    "ms",
+                    median(values),
+                    ours_samples=values,
+                )
+            )
+    return rows
