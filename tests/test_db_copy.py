@@ -34,7 +34,8 @@ from provisioning.topics import parse_rule
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, hashed, login_code, settings
 from tests.authd_support import authd_settings, running_authd
 from tests.helpers import free_port, preserved_logging, run_mqttprov, write_config
-from tests.mqtt_clients import ACCEPTED, enrol, provisioning_broker
+from tests.mosquitto_node import mosquitto_missing, mosquitto_stack
+from tests.mqtt_clients import ACCEPTED, NOT_AUTHORIZED, assert_ok, enrol, login, provisioning_broker
 
 # CONNACK for a wrong password (MQTT 3.1.1: "bad user name or password").
 BAD_CREDENTIALS = 4
@@ -469,3 +470,41 @@ async def test_an_enrolled_device_logs_in_through_authd_over_the_copy(
         assert await client.rabbit_user(gone_user, gone["mqtt_password"], gone_user) == "deny"
         emqx = {"clientid": user, "username": user, "password": password, "peerhost": "127.0.0.1"}
         assert (await client.json("/emqx/authn", emqx)).json()["result"] == "allow"
+
+
+@pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+async def test_a_copied_device_re_enrols_on_mosquitto_after_bridge_sync(
+    tmp_path: Path, sqlite_url: str, postgres_url: str
+) -> None:
+    mac = "02:00:00:00:04:01"
+    async with provisioning_broker(sqlite_url) as embedded:
+        old = await enrol(embedded, mac)
+        assert await asyncio.to_thread(login, embedded.settings.broker.port, old) == ACCEPTED
+    await copy(sqlite_url, postgres_url)
+
+    async with mosquitto_stack(tmp_path, postgres_url) as stack:
+        device_port, provision_port = stack.node.device_port, stack.node.provision_port
+        # Mosquitto cannot take the bcrypt hash: the device listener refuses the old login...
+        assert await asyncio.to_thread(login, device_port, old) == NOT_AUTHORIZED
+        # ...while the anonymous provisioning listener lets any login in (hence two addresses).
+        assert await asyncio.to_thread(login, provision_port, old) == ACCEPTED
+        # An active device asking again before the sync is refused: the reset is what lets it.
+        before = await asyncio.to_thread(stack.provision, mac)
+        assert before is not None
+        assert before["error_code"] == "ALREADY_PROVISIONED"
+
+        synced = await asyncio.to_thread(stack.cli, "bridge", "sync", "--grace", "0", "--json")
+        assert synced.returncode == 0, synced.stderr
+        assert [(s["action"], s["username"]) for s in json.loads(synced.stdout)["steps"]] == [
+            ("reset_device", old["mqtt_username"])
+        ]
+
+        # The firmware rule: refused, so it provisions again, and is sent to the device listener.
+        new = await asyncio.to_thread(stack.provision, mac)
+        assert new is not None
+        assert_ok(new)
+        assert (new["device_id"], new["mqtt_username"]) == (old["device_id"], old["mqtt_username"])
+        assert new["mqtt_password"] != old["mqtt_password"]
+        assert (new["mqtt_host"], new["mqtt_port"]) == ("127.0.0.1", device_port)
+        assert await asyncio.to_thread(login, device_port, new) == ACCEPTED
+        assert await asyncio.to_thread(login, device_port, old) == NOT_AUTHORIZED
