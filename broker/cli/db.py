@@ -29,7 +29,9 @@ from provisioning.registry import create_engine
 from provisioning.registry.copy import RegistryCopyError, copy_registry, same_database
 from provisioning.registry.migrate import upgrade as run_upgrade
 
-app = typer.Typer(help="Manage the registry's database schema.", no_args_is_help=True)
+app = typer.Typer(
+    help="Manage the registry's database: migrate its schema, copy it elsewhere.", no_args_is_help=True
+)
 
 MASK = "***"
 
