@@ -18,6 +18,8 @@ import pytest
 from amqtt.broker import Broker
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.protocol.handler import ProtocolHandler
+from amqtt.mqtt.publish import PublishPacket
+from amqtt.session import Session
 from paho.mqtt.enums import CallbackAPIVersion
 
 from broker import BrokerServer
@@ -342,3 +344,27 @@ async def test_a_subscriber_that_stops_reading_cannot_queue_without_bound(
         assert code == 0
     finally:
         sock.close()
+
+
+async def test_incoming_messages_past_the_bound_are_dropped_or_end_the_connection() -> None:
+    # The broker has not finished max_queued incoming messages yet (its queue is full): a QoS 0
+    # one is dropped and counted, a QoS 1/2 one ends the connection (here still being set up,
+    # so the end is kept for when it is).
+    session = Session()
+    session.client_id = "flooder"
+    handler = KeepAliveHandler(None, session)  # no plugin is reached on these paths
+    handler.max_queued = 3
+    for n in range(3):
+        session.delivered_message_queue.put_nowait(n)
+    await handler.handle_publish(_publish(qos=0, packet_id=None))
+    assert (handler.dropped_incoming, session.delivered_message_queue.qsize()) == (1, 3)
+    await handler.handle_publish(_publish(qos=1, packet_id=7))
+    assert handler.refused_incoming == 1
+    assert 7 not in session.inflight_in
+    assert handler._early_end == (None,)
+
+
+def _publish(*, qos: int, packet_id: int | None) -> PublishPacket:
+    return PublishPacket.build(
+        topic_name="t", message=b"x", packet_id=packet_id, dup_flag=False, qos=qos, retain=False
+    )
