@@ -508,3 +508,12 @@ async def test_a_copied_device_re_enrols_on_mosquitto_after_bridge_sync(
         assert (new["mqtt_host"], new["mqtt_port"]) == ("127.0.0.1", device_port)
         assert await asyncio.to_thread(login, device_port, new) == ACCEPTED
         assert await asyncio.to_thread(login, device_port, old) == NOT_AUTHORIZED
+
+
+def test_a_port_that_is_not_a_number_is_one_line(config_file: Path) -> None:
+    # make_url raises ValueError, not ArgumentError, for it: once an "internal error".
+    url = f"postgresql+asyncpg://postgres:{DB_PASSWORD}@127.0.0.1:notaport/x"
+    result = CliRunner().invoke(
+        app, ["db", "upgrade", "--config", str(config_file)], env={"MQTTPROV_DATABASE__URL": url}
+    )
+    assert_one_line_error(result, 1, "invalid database url")

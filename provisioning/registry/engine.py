@@ -20,7 +20,7 @@ def create_engine(url: str, *, pool_size: int = 5, echo: bool = False) -> AsyncE
     """Create the registry engine for ``url`` (``sqlite+aiosqlite://`` or ``postgresql+asyncpg://``)."""
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is not a number
         raise RegistryUnavailableError(f"invalid database url: {exc}") from exc
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(
