@@ -9,6 +9,7 @@ service accounts with narrow rules, so the ACL applies throughout.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -320,12 +321,15 @@ async def test_paho_sees_its_will_published_when_its_link_dies(world: World) -> 
         assert await asyncio.to_thread(watcher.connect) == 0
         assert await asyncio.to_thread(watcher.subscribe, world.ns + "#") == 1
         device = Client(world.port, user, username=user, password=PASSWORD, will=(will_topic, b"bye"))
-        assert await asyncio.to_thread(device.connect) == 0
-        sock = device._client.socket()
-        assert sock is not None
-        sock.close()  # the link dies; paho never sends DISCONNECT
-        got = await asyncio.to_thread(watcher.wait_for, lambda m: m.topic == will_topic)
-        device._client.loop_stop()
+        try:
+            assert await asyncio.to_thread(device.connect) == 0
+            sock = device._client.socket()
+            assert isinstance(sock, socket.socket)
+            sock.shutdown(socket.SHUT_RDWR)  # the link dies; paho never sends DISCONNECT
+            got = await asyncio.to_thread(watcher.wait_for, lambda m: m.topic == will_topic)
+            assert await asyncio.to_thread(device.disconnected.wait, WAIT)
+        finally:
+            device.close()
         assert got is not None
         assert got.payload == b"bye"
 
