@@ -32,7 +32,7 @@ from provisioning.registry.copy import (
 from provisioning.registry.migrate import current_revision, head_revision, upgrade
 from provisioning.topics import parse_rule
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, hashed, login_code, settings
-from tests.authd_support import authd_settings, running_authd
+from tests.authd_support import authd_settings, migrate, running_authd
 from tests.helpers import free_port, preserved_logging, run_mqttprov, write_config
 from tests.mosquitto_node import mosquitto_missing, mosquitto_stack
 from tests.mqtt_clients import ACCEPTED, NOT_AUTHORIZED, assert_ok, enrol, login, provisioning_broker
@@ -422,7 +422,7 @@ def test_the_command_refuses_a_non_empty_destination(
 
 
 def test_the_command_refuses_its_own_source(config_file: Path, sqlite_url: str) -> None:
-    asyncio.run(seed(sqlite_url))
+    asyncio.run(migrate(sqlite_url))
     result = invoke("db", "copy", "--to", sqlite_url, "--config", str(config_file))
     assert_one_line_error(result, 2, "is the configured database itself")
 
@@ -440,7 +440,7 @@ def test_the_command_refuses_its_own_source(config_file: Path, sqlite_url: str) 
 def test_the_command_fails_in_one_line(
     config_file: Path, sqlite_url: str, url: str, exit_code: int, expected: str
 ) -> None:
-    asyncio.run(seed(sqlite_url))
+    asyncio.run(migrate(sqlite_url))
     assert_one_line_error(
         invoke("db", "copy", "--to", url, "--config", str(config_file)), exit_code, expected
     )
@@ -449,7 +449,7 @@ def test_the_command_fails_in_one_line(
 def test_the_command_reports_an_unknown_database_without_its_password(
     config_file: Path, sqlite_url: str, postgres_url: str
 ) -> None:
-    asyncio.run(seed(sqlite_url))
+    asyncio.run(migrate(sqlite_url))
     missing = make_url(with_password(postgres_url)).set(database="mqttprov_no_such_database")
     result = invoke(
         "db", "copy", "--to", missing.render_as_string(hide_password=False), "--config", str(config_file)
