@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import inspect, select, update
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
@@ -30,6 +30,7 @@ from provisioning.registry.copy import (
     same_database,
 )
 from provisioning.registry.migrate import current_revision, head_revision, upgrade
+from provisioning.registry.models import Device
 from provisioning.topics import parse_rule
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, hashed, login_code, settings
 from tests.authd_support import authd_settings, migrate, running_authd
@@ -256,6 +257,28 @@ async def test_a_count_mismatch_commits_nothing(sqlite_url: str, postgres_url: s
 
     with pytest.raises(RegistryCopyError, match=r"table device_events: source has \d+ row\(s\), destination"):
         await copy(sqlite_url, postgres_url)
+    assert set((await counts(postgres_url)).values()) == {0}
+
+
+async def test_a_row_postgres_refuses_is_one_line_without_the_row(sqlite_url: str, postgres_url: str) -> None:
+    ids = await seed(sqlite_url)
+    engine = create_engine(sqlite_url)
+    try:
+        async with engine.begin() as conn:  # SQLite does not enforce VARCHAR lengths; PostgreSQL does
+            await conn.execute(
+                update(Device).where(Device.id == ids[DeviceStatus.ONLINE]).values(note="n" * 300)
+            )
+    finally:
+        await engine.dispose()
+    stored = (await dump(sqlite_url))["devices"]
+
+    with pytest.raises(RegistryCopyError) as failed:
+        await copy(sqlite_url, postgres_url)
+    message = str(failed.value)
+    assert message.startswith("destination database error: value too long"), message
+    assert "\n" not in message
+    assert not any(row["password_hash"] and row["password_hash"] in message for row in stored)
+    assert "n" * 300 not in message
     assert set((await counts(postgres_url)).values()) == {0}
 
 
