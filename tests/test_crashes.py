@@ -27,7 +27,7 @@ from tests.test_serve import ServeProcess, serving
 
 STORM_DEVICES = 200
 #: SIGKILL once this many devices have their ``ok``: well inside the storm, never before it.
-KILL_AFTER_OK = 100
+KILL_AFTER_OK = 70
 PRESENCE_DEVICES = 40
 KILL_AFTER_LOGINS = 120
 CLIENT_THREADS = 24
