@@ -22,7 +22,7 @@ from tests.bench import cli, plot
 from tests.bench.context import QUICK, Context
 from tests.bench.figures import all_figures, mosquitto_storm, rabbitmq_storm
 from tests.bench.figures.common import StormSummary, summarize_storm
-from tests.bench.figures.external import Side, cpu_row, storm_rows
+from tests.bench.figures.external import Side, cpu_row, login_latency_rows, storm_rows
 from tests.bench.fleet import mac_for, make_fleet
 from tests.bench.load import Login, StormResult
 from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
@@ -361,6 +361,14 @@ def test_external_storm_rows_compare_medians_with_the_goal() -> None:
     cpu = cpu_row("Broker + us", ours, reference, "internal")
     assert (cpu.ours, cpu.reference, cpu.goal) == (15.0, 10.0, None)
     assert ours.cpu_notes() == ["CPU µs per login, ours, warm: node a 10, authd 5"]
+    cold_p99, warm_p99 = login_latency_rows(ours, reference, "internal")
+    # Every summary above had a login p99 of 2 ms: three cold storms and one warm on our side.
+    assert (cold_p99.label, cold_p99.ours_samples, cold_p99.reference) == (
+        "device login p99 during the cold storm",
+        [2.0, 2.0, 2.0],
+        2.0,
+    )
+    assert (warm_p99.ours, warm_p99.goal) == (2.0, None)
 
 
 def test_a_storm_round_without_logins_gives_no_ratio() -> None:

@@ -37,8 +37,12 @@ class Sizes:
     mosquitto_devices: int = 1_000
     mosquitto_reconnects: int = 10_000
     #: Devices in the RabbitMQ figure (authd's registry and RabbitMQ's internal users), and reconnects.
-    rabbitmq_devices: int = 400
+    rabbitmq_devices: int = 300
     rabbitmq_reconnects: int = 2_000
+    #: Concurrent logins of the RabbitMQ cold storms (both sides): what one bcrypt worker checks
+    #: within authd's request_timeout (5 s) at cost 10 here; at 50, a third to a half of the
+    #: cold logins were answered "deny" after the timeout.
+    rabbitmq_cold_concurrency: int = 20
     #: Load processes of the external-broker storms (the brokers outrun one Python load process).
     external_storm_processes: int = 2
     #: Rounds per side of the external-broker figures (a cluster start is their fixed cost).

@@ -24,10 +24,14 @@ class Side:
     #: kind -> CPU microseconds per accepted login of all broker-side processes together.
     cpu_total_us: dict[str, list[float]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: kind -> the 99th percentile of the devices' CONNECT-to-CONNACK time, one per storm (ms).
+    login_p99_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, ctx: Context, kind: str, round_: int, result: StormSummary, extra: str = "") -> None:
         """Keep one storm's rate, log it, and remember refusals or errors."""
         self.rates.setdefault(kind, []).append(result.rate)
+        if result.p99_ms is not None:
+            self.login_p99_ms.setdefault(kind, []).append(result.p99_ms)
         ctx.log(
             f"round {round_} {kind} {self.label:9}: {result.accepted} logins in {result.seconds:.2f} s = "
             f"{result.rate:,.0f}/s{extra} {result.failures}"
@@ -75,3 +79,20 @@ def cpu_row(what: str, ours: Side, reference: Side, reference_label: str, kind: 
         reference.cpu_total_us.get(kind, []),
         note="user + system CPU of the broker-side processes over the storm / logins accepted",
     )
+
+
+def login_latency_rows(ours: Side, reference: Side, reference_label: str) -> list[Row]:
+    """The devices' login p99 (CONNECT to CONNACK) per storm kind, against the reference's."""
+    return [
+        Row(
+            f"device login p99 during the {kind} storm",
+            "ms",
+            median(ours.login_p99_ms.get(kind, [])),
+            median(reference.login_p99_ms.get(kind, [])),
+            reference_label,
+            None,
+            ours.login_p99_ms.get(kind, []),
+            reference.login_p99_ms.get(kind, []),
+        )
+        for kind in KINDS
+    ]
