@@ -219,6 +219,8 @@ def _measure(
     before = read_buckets(authd[0]) if authd is not None else {}
     sizes = ctx.sizes
     concurrency = sizes.rabbitmq_cold_concurrency if kind == "cold" else sizes.storm_concurrency
+    # Never more at once than there are devices: RabbitMQ would take over a live client id.
+    concurrency = min(concurrency, sizes.rabbitmq_devices)
     result = _storm(cluster, logins, ctx, concurrency)
     logins_done = max(result.accepted, 1)
     side.record_cpu(
