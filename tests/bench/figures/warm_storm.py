@@ -14,6 +14,7 @@ from tests.bench.results import FigureResult, Goal, Row, median
 
 NAME = "warm-storm"
 TITLE = "warm reconnect storm"
+WARM_UP_RETRIES = 3
 
 
 def run(ctx: Context) -> FigureResult:
@@ -55,6 +56,16 @@ def run(ctx: Context) -> FigureResult:
 
         warm = run_storm(ours.port, logins)
         ctx.log(f"warm-up (a cold storm): {warm.accepted} logins at {warm.rate:,.1f}/s {warm.failures}")
+        # A login refused in the warm-up (CONNACK 3 while the bcrypt workers are behind) is not
+        # cached, and would make the measured rounds partly cold: warm up until every device is.
+        for _ in range(WARM_UP_RETRIES):
+            if warm.accepted >= len(logins):
+                break
+            warm = run_storm(ours.port, logins)
+            ctx.log(f"warm-up again: {warm.accepted} of {len(logins)} accepted {warm.failures}")
+        else:
+            if warm.accepted < len(logins):
+                figure.notes.append(f"warm-up left {len(logins) - warm.accepted} devices uncached")
         before = ours.stats()
         samples: dict[str, list[float]] = {"ours": [], "amqtt": [], "mosquitto": []}
         problems: list[str] = []
