@@ -133,8 +133,12 @@ def _secret(value: SecretStr | None) -> bool:
 
 
 class ExternalSettings(_Section):
-    """``[external]``: a production broker mqttprov provisions devices on and keeps in step (Mosquitto)."""
+    """``[external]``: a production broker mqttprov provisions devices on (and keeps in step: Mosquitto)."""
 
+    #: Where the broker checks device passwords, hence where ``mqttprov worker`` puts a new one:
+    #: ``mosquitto`` (dynamic security: handed over through the bridge, needs ``admin_password``)
+    #: or ``registry`` (the broker asks ``mqttprov authd``: nothing to hand over, no admin login).
+    credentials: Literal["mosquitto", "registry"] = "mosquitto"
     #: ``mqtt://host:port`` or ``mqtts://host:port`` (TLS); the worker and the bridge connect here.
     broker: str = "mqtt://127.0.0.1:1883"
     #: The dynamic-security administrator the bridge logs in as (``mqttprov bridge``).
@@ -145,7 +149,8 @@ class ExternalSettings(_Section):
     worker_password: SecretStr | None = None
     #: CA bundle that signs the broker's certificate (``mqtts://``); unset: the system's.
     ca_file: Path | None = None
-    #: Workers share ``provision/request`` as ``$share/<group>/provision/request``; empty: plain.
+    #: Workers share ``provision/request`` as ``$share/<group>/provision/request``; empty: plain
+    #: (required on RabbitMQ 3.10, which has no shared subscriptions).
     shared_group: str = "mqttprov"
     #: Seconds one command to the broker (dynamic-security call, reply PUBACK) may take.
     request_timeout: Annotated[float, Field(gt=0, le=120)] = 5.0

@@ -9,24 +9,30 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import struct
+import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from broker.external import run_worker
 from config import Settings
 from provisioning.contract import OkReply, identity_from_client_id
+from provisioning.external.link import ExternalBrokerError, parse_broker_url
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.service import Outcome, ProvisioningService
 from tests.auth_support import ACCOUNT_PASSWORD, RawSession, hashed, make_account
 from tests.authd_support import SECRET, authd_process, write_authd_config
-from tests.helpers import broker_settings, free_port, run_mqttprov
+from tests.helpers import broker_settings, free_port, mqttprov_executable, run_mqttprov
 from tests.mqtt_clients import Client, assert_ok, provisioning_session
 from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_cluster, rabbitmq_missing
 
@@ -38,6 +44,16 @@ REFUSED = 4
 #: How long the kick of a live connection may take: the change feed (0.5 s poll on SQLite) plus
 #: one ``rabbitmqctl eval`` (an Erlang VM start: ~2 s measured here on two cores).
 KICK_DEADLINE = 10.0
+#: The provisioning worker's account (``external.worker_username``); it connects with client id
+#: ``mqttprov_worker-<pid>-<hex>``, which authd accepts for it (NAME-<anything>).
+WORKER = "mqttprov_worker"
+WORKER_RULES = [
+    "subscribe provision/request",
+    "publish provision/reply/+",
+    "publish mqttprov/events/device/+",
+]
+#: How long the worker may take to subscribe, answer or stop (a node's first bind can take seconds).
+WORKER_WAIT = 15.0
 
 
 @dataclass
@@ -163,7 +179,7 @@ def refused(node: Node, client_id: str, action: str, topic: str, **credentials: 
         return False
 
 
-def device_creds(creds: dict[str, Any]) -> dict[str, str]:
+def device_creds(creds: dict[str, Any]) -> dict[str, str | None]:
     """Keyword arguments of :func:`refused` for a device."""
     return {"username": creds["mqtt_username"], "password": creds["mqtt_password"]}
 
@@ -178,35 +194,129 @@ async def test_a_provisioned_device_logs_in_on_both_nodes(
         assert await asyncio.to_thread(login, node, creds, client_id="another-client-id") == REFUSED
 
 
-async def test_a_device_provisions_through_node_b_and_logs_in_on_node_a(
-    deployment: Deployment, registry: DeviceRegistry
-) -> None:
-    # A provisioning worker as part 3 of the design runs it: a service account on node a that
-    # reads provision/request and publishes the service's reply to provision/reply/<mac>.
-    rules = ["subscribe provision/request", "publish provision/reply/+"]
-    await make_account(AccountRegistry(registry.engine), "worker", rules)
-    mac = "02:00:00:00:0a:08"
-    worker = await asyncio.to_thread(connect, deployment.node_a, "worker-1", "worker", ACCOUNT_PASSWORD)
+async def worker_account(registry: DeviceRegistry, name: str = WORKER) -> None:
+    """The worker's service account with the rules authd requires (created once per module)."""
+    accounts = AccountRegistry(registry.engine)
+    if await accounts.find(name) is None:
+        await make_account(accounts, name, WORKER_RULES)
+
+
+def worker_settings(deployment: Deployment, **external: Any) -> Settings:
+    """``credentials = "registry"`` on node a, as docs/scaling-out.md shows it (shared_group empty)."""
+    base = broker_settings(deployment.database_url)
+    section = {
+        "credentials": "registry",
+        "broker": f"mqtt://127.0.0.1:{deployment.node_a.mqtt_port}",
+        "worker_username": WORKER,
+        "worker_password": ACCOUNT_PASSWORD,
+        "shared_group": "",
+    } | external
+    return Settings.model_validate(base.model_dump() | {"external": section})
+
+
+@asynccontextmanager
+async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
+    """:func:`broker.external.run_worker` until the block ends (subscribed on entry)."""
+    stop, ready = asyncio.Event(), asyncio.Event()
+    address = parse_broker_url(settings.external.broker)
+    task = asyncio.create_task(run_worker(settings, address, stop, ready), name="test-worker")
+    waiter = asyncio.create_task(ready.wait())
+    done, _ = await asyncio.wait({task, waiter}, timeout=WORKER_WAIT, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
     try:
-        assert await asyncio.to_thread(worker.subscribe, "provision/request") == 1
-        # The firmware's own session: anonymous, client id = MAC, its reply topic only.
-        device = await asyncio.to_thread(provisioning_session, deployment.node_b.mqtt_port, mac)
-        try:
-            await asyncio.to_thread(device.publish, "provision/request", {"mac": mac})
-            request = await asyncio.to_thread(worker.wait_for, lambda m: m.topic == "provision/request")
-            assert request is not None
-            outcome = await handled(registry, broker_settings(deployment.database_url), mac, request.payload)
-            await asyncio.to_thread(worker.publish, outcome.topic, outcome.reply.to_payload())
-            reply = await asyncio.to_thread(device.next_reply, 0)
-        finally:
-            await asyncio.to_thread(device.close)
+        if task in done:
+            task.result()
+        assert waiter in done, f"worker not subscribed within {WORKER_WAIT}s"
+        yield task
     finally:
-        await asyncio.to_thread(worker.close)
-    assert reply is not None
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), WORKER_WAIT)
+    assert task.exception() is None
+
+
+def snooper(node: Node, client_id: str, topic_filter: str, password: str) -> RawSession:
+    """A session of account ``spy`` (rules ``subscribe #``) that has sent SUBSCRIBE ``topic_filter``."""
+    session = RawSession(node.mqtt_port)
+    assert session.connect(client_id, username="spy", password=password) == ACCEPTED
+    session.sock.sendall(_packet(0x82, struct.pack("!H", 1) + _text(topic_filter) + b"\x01"))
+    return session
+
+
+def drained(session: RawSession, within: float = 5.0) -> bytes:
+    """Everything the broker sent ``session`` until it closed it (or ``within`` seconds passed)."""
+    received = b""
+    session.sock.settimeout(within)
+    try:
+        while chunk := session.sock.recv(4096):
+            received += chunk
+    except (TimeoutError, ConnectionResetError):
+        pass
+    finally:
+        session.close()
+    return received
+
+
+def enrol(node: Node, mac: str) -> dict[str, Any]:
+    """The firmware's own exchange: anonymous, client id = MAC; the ``ok`` reply's credentials."""
+    with provisioning_session(node.mqtt_port, mac) as device:
+        reply = device.request({"mac": mac}, timeout=WORKER_WAIT)
+    assert reply is not None, f"no reply for {mac}"
     assert reply.topic == f"provision/reply/{mac}"
     creds = reply.json()
     assert_ok(creds)
-    assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
+    return dict(creds)
+
+
+async def test_the_worker_provisions_a_device_on_node_b_that_logs_in_on_node_a(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    await worker_account(registry)
+    await make_account(AccountRegistry(registry.engine), "spy", ["subscribe #"])
+    mac = "02:00:00:00:0a:08"
+    cli = ("--config", str(deployment.config))
+    async with running_worker(worker_settings(deployment)):
+        # Sessions that would see every reply if the broker let them subscribe so wide.
+        spies = [
+            await asyncio.to_thread(snooper, deployment.node_a, "spy-1", "#", ACCOUNT_PASSWORD),
+            await asyncio.to_thread(
+                snooper, deployment.node_b, "spy-2", "provision/reply/#", ACCOUNT_PASSWORD
+            ),
+        ]
+        creds = await asyncio.to_thread(enrol, deployment.node_b, mac)
+        assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
+        for spy in spies:
+            assert await asyncio.to_thread(drained, spy) == b""  # refused: closed, not even a SUBACK
+
+        # An operator's reset: the old password is refused at once, the device enrols again.
+        done = await asyncio.to_thread(
+            run_mqttprov, "devices", "reset", mac, *cli, cwd=deployment.config.parent
+        )
+        assert done.returncode == 0, done.stderr
+        assert await asyncio.to_thread(login, deployment.node_a, creds) == REFUSED
+        again = await asyncio.to_thread(enrol, deployment.node_b, mac)
+        assert again["mqtt_username"] == creds["mqtt_username"]
+        assert again["mqtt_password"] != creds["mqtt_password"]
+        assert await asyncio.to_thread(login, deployment.node_a, again) == ACCEPTED
+        assert await asyncio.to_thread(login, deployment.node_a, creds) == REFUSED
+
+    done = await asyncio.to_thread(
+        run_mqttprov, "devices", "decommission", mac, *cli, cwd=deployment.config.parent
+    )
+    assert done.returncode == 0, done.stderr
+    # authd's verified-credential cache still holds this password until its change feed (0.5 s
+    # poll on SQLite) sees the decommission; a reset above changed the hash, so it was refused at once.
+    for node in deployment.cluster.nodes:
+        assert await refused_soon(node, again)
+
+
+async def refused_soon(node: Node, creds: dict[str, Any]) -> bool:
+    """True once a login with ``creds`` is refused on ``node``, trying until KICK_DEADLINE."""
+    deadline = time.monotonic() + KICK_DEADLINE
+    while await asyncio.to_thread(login, node, creds) != REFUSED:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.2)  # polling against the deadline above
+    return True
 
 
 async def test_telemetry_from_node_a_reaches_a_service_account_on_node_b(
@@ -316,3 +426,74 @@ async def test_a_rotated_account_is_closed_on_the_cluster_and_its_old_password_r
         assert (
             await asyncio.to_thread(login, node, old | {"mqtt_password": "rotated-password-0005"}) == ACCEPTED
         )
+
+
+async def test_a_shared_subscription_receives_nothing_on_rabbitmq(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    # RabbitMQ 3.10 has no shared subscriptions: it grants $share/<group>/provision/request as a
+    # literal filter that no request matches, hence shared_group = "" in docs/scaling-out.md.
+    await worker_account(registry)
+    mac = "02:00:00:00:0a:31"
+    with provisioning_session(deployment.node_b.mqtt_port, mac) as device:
+        async with running_worker(worker_settings(deployment, shared_group="mqttprov")):
+            assert await asyncio.to_thread(device.request, {"mac": mac}, 3) is None
+        async with running_worker(worker_settings(deployment)):  # the control: shared_group = ""
+            reply = await asyncio.to_thread(device.request, {"mac": mac}, WORKER_WAIT)
+    assert reply is not None
+    assert_ok(reply.json())
+
+
+async def test_the_worker_refuses_to_start_without_the_rules_it_needs(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    await make_account(AccountRegistry(registry.engine), "narrow_worker", WORKER_RULES[:2])
+    settings = worker_settings(deployment, worker_username="narrow_worker")
+    stop = asyncio.Event()
+    with pytest.raises(ExternalBrokerError, match="lacks 'publish mqttprov/events/device/"):
+        await run_worker(settings, parse_broker_url(settings.external.broker), stop)
+    settings = worker_settings(deployment, worker_username="nobody_here")
+    with pytest.raises(ExternalBrokerError, match="no service account 'nobody_here'"):
+        await run_worker(settings, parse_broker_url(settings.external.broker), stop)
+
+
+async def test_mqttprov_worker_serves_until_sigterm_and_logs_no_password(
+    deployment: Deployment, registry: DeviceRegistry, tmp_path: Path
+) -> None:
+    await worker_account(registry)
+    config = write_authd_config(tmp_path / "worker.toml", deployment.database_url, free_port())
+    external = {
+        "credentials": "registry",
+        "broker": f"mqtt://127.0.0.1:{deployment.node_a.mqtt_port}",
+        "worker_username": WORKER,
+        "shared_group": "",
+    }
+    with config.open("a", encoding="utf-8") as out:
+        out.write("[external]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in external.items()))
+    log = tmp_path / "worker.log"
+    env = {**os.environ, "MQTTPROV_EXTERNAL__WORKER_PASSWORD": ACCOUNT_PASSWORD}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [mqttprov_executable(), "worker", "--config", str(config)],
+            cwd=tmp_path,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        deadline = time.monotonic() + WORKER_WAIT
+        while "provisioning worker serving" not in log.read_text(errors="replace"):
+            assert process.poll() is None, log.read_text(errors="replace")
+            assert time.monotonic() < deadline, log.read_text(errors="replace")
+            await asyncio.sleep(0.1)  # polling the log against the deadline above
+        creds = await asyncio.to_thread(enrol, deployment.node_b, "02:00:00:00:0a:32")
+        assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 30)
+    text = log.read_text(errors="replace")
+    assert code == 0, text
+    assert "provisioning worker serving provision/request" in text
+    assert ACCOUNT_PASSWORD not in text
+    assert creds["mqtt_password"] not in text

@@ -11,9 +11,10 @@ from rich.table import Table
 
 from broker.cli.accounts import _account_json, _hash, _print_password
 from broker.cli.common import ConfigOption, JsonOption, fail, print_json, run, settings_from, stdout
+from broker.external import broker_address, until_signalled
 from broker.mosquitto.bridge import DynsecBridge
 from broker.mosquitto.layout import check_external_rules
-from broker.mosquitto.runtime import broker_address, open_bridge, run_bridge, sync, until_signalled
+from broker.mosquitto.runtime import open_bridge, run_bridge, sync
 from broker.mosquitto.sync import SyncReport
 from config import Settings
 from provisioning.errors import ProvisioningError

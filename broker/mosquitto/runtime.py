@@ -1,39 +1,28 @@
-"""Assemble and run the Mosquitto side: the bridge, the provisioning worker, and sync.
+"""Assemble and run the Mosquitto side: the bridge, the worker's hand-over to it, and sync.
 
-Each entry point owns what it opens (database engine, bcrypt pool, MQTT links) and closes it.
+Each entry point owns what it opens (database engine, MQTT links) and closes it. What a
+provisioning worker does on any broker is in :mod:`broker.external`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
-import os
-import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
+from broker.external import (
+    check_worker_settings,
+    log_startup,
+    serve_provisioning,
+    service_client_id,
+)
 from broker.mosquitto.bridge import DynsecBridge
 from broker.mosquitto.dynsec import DynsecClient
 from broker.mosquitto.sync import SyncReport, reconcile
 from config import Settings
-from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink, parse_broker_url
-from provisioning.external.worker import ProvisioningWorker
-from provisioning.passwords import PasswordHasher
+from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.service import ProvisioningService
-
-logger = logging.getLogger(__name__)
-
-
-def broker_address(settings: Settings, override: str | None) -> BrokerAddress:
-    """``--broker`` if given, else ``external.broker``."""
-    return parse_broker_url(override or settings.external.broker)
-
-
-def _client_id(role: str) -> str:
-    # Several bridges or workers may run at once: each session needs its own client id.
-    return f"mqttprov-{role}-{os.getpid()}-{os.urandom(3).hex()}"
 
 
 @contextlib.asynccontextmanager
@@ -48,7 +37,7 @@ async def open_bridge(settings: Settings, address: BrokerAddress) -> AsyncIterat
     try:
         link = MqttLink(
             address,
-            client_id=_client_id("bridge"),
+            client_id=service_client_id("mqttprov-bridge"),
             username=address.username or external.admin_username,
             password=secret.get_secret_value(),
             ca_file=external.ca_file,
@@ -85,48 +74,15 @@ async def run_bridge(
 async def run_worker(
     settings: Settings, address: BrokerAddress, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
-    """Serve ``provision/request`` on the external broker until ``stop`` (``ready``: subscribed)."""
-    external = settings.external
-    secret = external.worker_password
-    if secret is None or not secret.get_secret_value():
-        raise ExternalBrokerError("external.worker_password is not set (MQTTPROV_EXTERNAL__WORKER_PASSWORD)")
-    proof = settings.provisioning.auth
-    if proof == "device_key":
-        # The worker never sees a session's login; Mosquitto cannot derive per-MAC keys.
+    """``credentials = "mosquitto"``: serve provisioning, handing each password to Mosquitto first."""
+    if settings.external.credentials != "mosquitto":
         raise ExternalBrokerError(
-            "provisioning.auth = 'device_key' cannot be enforced on an external broker: "
-            "use 'none' or 'fleet_secret' (see docs/mosquitto.md)"
+            f"external.credentials is {settings.external.credentials!r}: this worker serves 'mosquitto'"
         )
-    for warning in settings.warnings():
-        logger.warning("%s", warning)
-    if proof == "fleet_secret":
-        logger.warning(
-            "provisioning.auth is 'fleet_secret': only Mosquitto can check it (a password_file with "
-            "user 'provision' on the provisioning listener); the worker cannot"
-        )
-    hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
-    try:
-        async with open_bridge(settings, address) as bridge:
-            service = ProvisioningService(bridge.devices, hasher, settings, credentials=bridge)
-            link = MqttLink(
-                address,
-                client_id=_client_id("worker"),
-                username=external.worker_username,
-                password=secret.get_secret_value(),
-                ca_file=external.ca_file,
-                timeout=external.request_timeout,
-            )
-            async with link:
-                worker = ProvisioningWorker(
-                    link,
-                    service,
-                    shared_group=external.shared_group,
-                    max_bytes=settings.provisioning.max_payload_bytes,
-                    ready=ready,
-                )
-                await _until(stop, worker.run())
-    finally:
-        hasher.close()
+    check_worker_settings(settings)
+    log_startup(settings)
+    async with open_bridge(settings, address) as bridge:
+        await serve_provisioning(settings, address, bridge.devices, stop, ready, credentials=bridge)
 
 
 async def sync(
@@ -137,32 +93,3 @@ async def sync(
         if not dry_run:
             await bridge.ensure_layout()
         return await reconcile(bridge, dry_run=dry_run, grace=grace)
-
-
-async def _until(stop: asyncio.Event, work: Awaitable[None]) -> None:
-    """Run ``work`` until it ends (an error propagates) or ``stop`` is set."""
-    task = asyncio.ensure_future(work)
-    waiter = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, waiter):
-            pending.cancel()
-        await asyncio.gather(task, waiter, return_exceptions=True)
-    if task.done() and not task.cancelled():
-        error = task.exception()
-        if error is not None:
-            raise error
-
-
-async def until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
-    """Run ``main(stop)``; SIGINT or SIGTERM sets ``stop``."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await main(stop)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
