@@ -16,6 +16,7 @@ from typing import Any
 from amqtt.broker import Broker
 
 from broker import BrokerServer
+from config import Settings
 from provisioning.registry import DeviceStatus
 from tests.auth_support import PASSWORD, login_code, make_device
 from tests.mqtt_clients import (
@@ -30,6 +31,7 @@ from tests.mqtt_clients import (
     login,
     provisioning_broker,
     provisioning_session,
+    provisioning_settings,
     request_provisioning,
 )
 
@@ -69,8 +71,10 @@ async def test_fifty_sessions_for_one_mac_leave_one_device_and_one_working_passw
     # arriving after the first commit are reissues: several ``ok`` replies, of which only the
     # one committed last may still log in.
     mac = "02:00:00:00:0a:01"
-    options: dict[str, Any] = {"mac_burst": 100, "reissue_cooldown": 0}
-    async with provisioning_broker(database_url, **options) as server:
+    base = provisioning_settings(database_url, mac_burst=100, reissue_cooldown=0)
+    # Every stale password is a failed login from 127.0.0.1: no throttling or lockout here.
+    unthrottled = base.auth.model_dump() | {"throttle_after": 1000, "lockout_after": 1000}
+    async with BrokerServer(Settings.model_validate(base.model_dump() | {"auth": unthrottled})) as server:
         port = server.settings.broker.port
         bodies = await asyncio.to_thread(one_mac_from_many_sessions, port, mac, SESSIONS_PER_MAC)
 
