@@ -1,8 +1,10 @@
 """authd as the HTTP auth backend of a real two-node RabbitMQ 3.10 cluster (tests/rabbitmq_cluster.py).
 
 One cluster and one ``mqttprov authd`` process serve the whole module (a node takes ~10 s to
-start). Devices are provisioned by the embedded provisioning service on the module's registry;
-MQTT clients are paho-mqtt or raw sockets, called from threads.
+start). Devices are provisioned by the real provisioning worker (``broker.external.run_worker``,
+``credentials = "registry"``) or, where a test is about something else, directly by the
+provisioning service on the module's registry; MQTT clients are paho-mqtt or raw sockets, called
+from threads.
 """
 
 from __future__ import annotations
