@@ -22,7 +22,14 @@ from tests.bench import cli, plot
 from tests.bench.context import QUICK, Context
 from tests.bench.figures import all_figures, mosquitto_storm, rabbitmq_storm
 from tests.bench.figures.common import StormSummary, summarize_storm
-from tests.bench.figures.external import Side, cpu_row, login_latency_rows, storm_rows
+from tests.bench.figures.external import (
+    Side,
+    cpu_row,
+    load_average,
+    load_note,
+    login_latency_rows,
+    storm_rows,
+)
 from tests.bench.fleet import mac_for, make_fleet
 from tests.bench.load import Login, StormResult
 from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
@@ -434,3 +441,9 @@ def test_an_absent_broker_is_a_note_not_a_crash(
     assert result.error is None
     assert len(result.notes) == 1
     assert "not available: /usr/lib/nothing not found" in result.notes[0]
+
+
+def test_the_load_note_names_both_load_averages_and_the_cpus() -> None:
+    note = load_note(7.25)
+    assert note.startswith(f"1-minute load average 7.2 at the start, {load_average():.1f} at the end")
+    assert f"on {os.cpu_count()} CPUs" in note

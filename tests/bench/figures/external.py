@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tests.bench.context import Context
 from tests.bench.figures.common import StormSummary
@@ -96,3 +98,17 @@ def login_latency_rows(ours: Side, reference: Side, reference_label: str) -> lis
         )
         for kind in KINDS
     ]
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (other work shares the cores with the storms)."""
+    return float(Path("/proc/loadavg").read_text(encoding="ascii").split()[0])
+
+
+def load_note(before: float) -> str:
+    """The load average over the figure: above the CPU count, the rates are noisy."""
+    return (
+        f"1-minute load average {before:.1f} at the start, {load_average():.1f} at the end, "
+        f"on {os.cpu_count()} CPUs: above the CPU count, other work competes with the storms and "
+        "the rates vary from run to run; the CPU per login does not"
+    )

@@ -27,7 +27,7 @@ from provisioning.registry import DeviceInfo, DeviceStatus
 from tests.bench.brokers import Mosquitto, cpu_seconds
 from tests.bench.context import Context
 from tests.bench.figures.common import StormSummary, free_port, sqlite_url, storm
-from tests.bench.figures.external import Side, cpu_row, storm_rows
+from tests.bench.figures.external import Side, cpu_row, load_average, load_note, storm_rows
 from tests.bench.fleet import Fleet, make_fleet
 from tests.bench.load import Login
 from tests.bench.results import FigureResult
@@ -48,6 +48,7 @@ def run(ctx: Context) -> FigureResult:
         figure.notes.append(f"Mosquitto with dynamic security is not available: {missing}; no rows")
         return figure
     sizes = ctx.sizes
+    load_before = load_average()
     fleet = make_fleet(sizes.mosquitto_devices, cost=sizes.bcrypt_cost)
     logins = fleet.logins()
     reconnects = list(itertools.islice(itertools.cycle(logins), sizes.mosquitto_reconnects))
@@ -100,6 +101,7 @@ def run(ctx: Context) -> FigureResult:
         ),
         *ours.problems,
         *reference.problems,
+        load_note(load_before),
     ]
     return figure
 

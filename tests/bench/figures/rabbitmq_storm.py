@@ -24,7 +24,14 @@ from tests.authd_support import SECRET, authd_process, write_authd_config
 from tests.bench.brokers import cpu_seconds
 from tests.bench.context import Context
 from tests.bench.figures.common import StormSummary, free_port, sqlite_url, summarize_storm
-from tests.bench.figures.external import Side, cpu_row, login_latency_rows, storm_rows
+from tests.bench.figures.external import (
+    Side,
+    cpu_row,
+    load_average,
+    load_note,
+    login_latency_rows,
+    storm_rows,
+)
 from tests.bench.fleet import create_registry, make_fleet, seconds_per_check
 from tests.bench.load import Login, StormResult, StormTask
 from tests.bench.procs import run_load
@@ -55,6 +62,7 @@ def run(ctx: Context) -> FigureResult:
         figure.notes.append(f"RabbitMQ is not available: {missing}; no rows")
         return figure
     sizes = ctx.sizes
+    load_before = load_average()
     cost = sizes.bcrypt_cost
     directory = ctx.workdir / NAME
     (directory / "cluster").mkdir(parents=True)
@@ -144,6 +152,7 @@ def run(ctx: Context) -> FigureResult:
         ),
         *ours.problems,
         *reference.problems,
+        load_note(load_before),
     ]
     return figure
 
