@@ -16,8 +16,9 @@ _RUNNERS: dict[str, Runner] = {"registry": run_registry_worker, "mosquitto": run
 def worker(config: ConfigOption = None, broker: BrokerOption = None) -> None:
     """Answer provision/request on the external broker (external.credentials: mosquitto or registry).
 
-    With "mosquitto" each new password goes to Mosquitto's dynamic security before the reply;
-    with "registry" the broker asks mqttprov authd, which checks the registry itself.
+    "mosquitto": each new password goes to Mosquitto's dynamic security before the reply.
+
+    "registry": the broker asks mqttprov authd, which checks the registry itself.
     """
     settings = settings_from(config)
     address = _address(settings, broker)
