@@ -220,7 +220,16 @@ class MqttLink:
         except TimeoutError as exc:
             with self._lock:
                 self._pending.pop(mid, None)
+            self._forget(mid)
             raise ExternalBrokerError(f"no {what} from {self.address} within {self.timeout:g}s") from exc
+
+    def _forget(self, mid: int) -> None:
+        # paho resends every unacknowledged QoS 1 message on each reconnect. One we have given up
+        # on (and reported as failed) must not go again: a broker that ends the connection over
+        # it (RabbitMQ does, for a refused PUBLISH) would see it, and end it, on every reconnect.
+        # paho 2 has no public call for this; the pin (<3) keeps these two attributes.
+        with self._client._out_message_mutex:
+            self._client._out_messages.pop(mid, None)
 
     async def close(self) -> None:
         """Disconnect and stop paho's network thread."""
