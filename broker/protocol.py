@@ -122,7 +122,10 @@ class KeepAliveHandler(BrokerProtocolHandler):
         """
         if self.reader is not None:
             self.reader.feed_eof()
-        await super().stop()
+        try:
+            await super().stop()
+        finally:
+            _close_transport(self.writer)
 
     async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
         """amqtt's, except that a DISCONNECT or lost link during :meth:`start` is not lost.
@@ -171,3 +174,12 @@ class KeepAliveHandler(BrokerProtocolHandler):
         logger.info("client %r silent past its keep-alive: disconnecting", client_id)
         # Abnormal end of the connection: the broker loop then publishes the will, as for a lost link.
         self._expiry = asyncio.ensure_future(self.handle_connection_closed())
+
+
+def _close_transport(writer: Any) -> None:
+    # amqtt's StreamWriterAdapter.close() drains before it closes: when the peer went away in the
+    # middle of a delivery the drain raises, amqtt logs it at DEBUG, and the transport is never
+    # closed (only collected, with a ResourceWarning). Close it for certain.
+    stream = getattr(writer, "_writer", None)
+    if isinstance(stream, asyncio.StreamWriter) and not stream.is_closing():
+        stream.close()
