@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import secrets
 import uuid
 from collections.abc import Awaitable, Callable
@@ -114,13 +115,17 @@ class Authenticator:
         accounts: AccountRegistry,
         hasher: PasswordHasher,
         settings: Settings,
+        *,
+        answer_within: float | None = None,
     ) -> None:
         self._registry = registry
         self._accounts = accounts
         self._hasher = hasher
         self._settings = settings
         self._template = settings.acl.device_template
-        self._connect_timeout = settings.broker.connect_timeout
+        #: How long a caller waits for an answer: a login that could not be checked sooner is
+        #: refused at once rather than checked for nobody (the CONNECT timeout, or less).
+        self._answer_within = min(settings.broker.connect_timeout, answer_within or math.inf)
         self.cache = VerifiedCache()
         auth = settings.auth
         self.throttle = LoginThrottle(
@@ -186,7 +191,7 @@ class Authenticator:
     async def _admit(self) -> bool:
         # Bound the queue by waiting time: refuse only a login that could not be checked before
         # its client gives up (the CONNECT timeout), never one that merely has to wait its turn.
-        if self._hasher.expected_wait() > self._connect_timeout:
+        if self._hasher.expected_wait() > self._answer_within:
             self.stats.overload_refusals += 1
             return False
         return True

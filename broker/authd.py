@@ -110,7 +110,7 @@ class AuthdServer:
         for warning in authd_warnings(section):
             logger.warning("%s", warning)
         tls = tls_context(section)
-        core = auth_core(self.settings)
+        core = auth_core(self.settings, answer_within=self.settings.authd.request_timeout)
         metrics = Metrics(core.authenticator.stats, core.hasher)
         cache = PrincipalCache()
         service = AuthdService(core.authenticator, metrics, cache)

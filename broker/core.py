@@ -34,13 +34,18 @@ class AuthCore:
         await self.registry.close()
 
 
-def auth_core(settings: Settings) -> AuthCore:
-    """Build the core from the settings (nothing is connected yet)."""
+def auth_core(settings: Settings, *, answer_within: float | None = None) -> AuthCore:
+    """Build the core from the settings (nothing is connected yet).
+
+    ``answer_within``: seconds a caller waits for a decision, when less than the CONNECT timeout
+    (authd's ``request_timeout``); logins that could not be checked in time are refused at once.
+    """
     engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
     registry = DeviceRegistry(engine)
     accounts = AccountRegistry(engine)
     hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
-    return AuthCore(registry, accounts, hasher, Authenticator(registry, accounts, hasher, settings))
+    authenticator = Authenticator(registry, accounts, hasher, settings, answer_within=answer_within)
+    return AuthCore(registry, accounts, hasher, authenticator)
 
 
 async def run_until_signalled(

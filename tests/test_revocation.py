@@ -1,5 +1,6 @@
 """The revocation follower against a real registry: in-process changes act at once, and a session
-that goes live just after its credential was dropped is checked again and thrown off."""
+that goes live just after its credential was dropped is checked again and thrown off; and the
+admission of logins by the time their caller waits."""
 
 from __future__ import annotations
 
@@ -8,12 +9,16 @@ from collections.abc import Iterable
 
 import pytest
 
+from auth_plugin.authenticator import ConnectAttempt
 from auth_plugin.cache import VerifiedCache
-from auth_plugin.principals import DevicePrincipal, Principal, credential_tag
+from auth_plugin.principals import SERVER_UNAVAILABLE, DevicePrincipal, Principal, credential_tag
 from auth_plugin.revocation import Revoker
+from broker.core import auth_core
 from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.migrate import upgrade
 from tests.auth_support import PASSWORD, make_device
+from tests.helpers import broker_settings
 
 
 class Sessions:
@@ -110,3 +115,24 @@ async def test_a_dropped_entry_whose_credential_is_still_current_keeps_its_sessi
 
     assert principal.username in sessions.live
     assert revoker.kicked == 0
+
+
+@pytest.mark.parametrize(("answer_within", "refused"), [(None, False), (1.0, True)])
+async def test_logins_that_could_not_be_checked_before_the_caller_gives_up_are_refused_at_once(
+    sqlite_url: str, answer_within: float | None, refused: bool
+) -> None:
+    # authd's callers give up after request_timeout (5 s), sooner than a CONNECT timeout (10 s):
+    # a check that would start after that is refused at once, not run for nobody.
+    core = auth_core(broker_settings(sqlite_url), answer_within=answer_within)
+    try:
+        await upgrade(core.registry.engine)
+        device = await make_device(core.registry, "02:00:00:00:0a:05")
+        # A backlog of the bcrypt workers (the fault injected): about 2 s until a new check starts.
+        core.hasher.seconds_per_check, core.hasher.pending = 0.5, 4 * core.hasher.workers
+        user = device.mqtt_username
+        decision = await core.authenticator.authenticate(ConnectAttempt(user, user, "wrong-password"))
+        core.hasher.pending = 0
+    finally:
+        await core.close()
+    assert (decision.code == SERVER_UNAVAILABLE) is refused
+    assert core.authenticator.stats.overload_refusals == int(refused)
