@@ -138,10 +138,12 @@ class MqttprovBroker(Broker):
         # has been authenticated, and only for as long as the client takes to send it.
         peer = f"{remote_address}:{remote_port}"
         try:
-            handler, fresh = await asyncio.wait_for(
-                KeepAliveHandler.init_from_connect(reader, writer, self.plugins_manager),
-                self.connect_timeout,
-            )
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the read in a task of
+            # its own, one more task per connection on the hot path of a reconnect storm.
+            async with asyncio.timeout(self.connect_timeout):
+                handler, fresh = await KeepAliveHandler.init_from_connect(
+                    reader, writer, self.plugins_manager
+                )
         except TimeoutError as exc:
             logger.info("closing %s: no CONNECT within %ss", peer, self.connect_timeout)
             await writer.close()
