@@ -99,6 +99,11 @@ def _account_principal(record: AccountCredentials, tag: str) -> AccountPrincipal
     )
 
 
+def _account_client_id(name: str, client_id: str) -> bool:
+    """A service account connects as NAME or NAME-<anything> (several connections per back end)."""
+    return client_id == name or client_id.startswith(name + "-")
+
+
 def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
     topic = attempt.will_topic
     if not topic or "+" in topic or "#" in topic:
@@ -208,7 +213,7 @@ class Authenticator:
                 self._audit(principal.device_id, "client id differs from username")
                 return Decision(None, "client id must equal the username")
             return Decision(principal, "device credentials (cached)")
-        if client_id != username and not client_id.startswith(username + "-"):
+        if not _account_client_id(username, client_id):
             return Decision(None, "client id must be the account name or NAME-<anything>")
         return Decision(principal, "service account (cached)")
 
@@ -265,7 +270,7 @@ class Authenticator:
         if not verified:
             return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
         client_id = attempt.client_id or ""
-        if client_id != username and not client_id.startswith(username + "-"):
+        if not _account_client_id(username, client_id):
             return Decision(None, "client id must be the account name or NAME-<anything>")
         principal = _account_principal(record, tag)
         self.cache.accept(username, tag, principal)
@@ -294,8 +299,7 @@ class Authenticator:
         if not username:
             return None
         account = await self._accounts.find(username)
-        client = client_id or ""
-        if account is None or (client != username and not client.startswith(username + "-")):
+        if account is None or not _account_client_id(username, client_id or ""):
             return None
         return _account_principal(account, credential_tag(account.password_hash))
 

@@ -5,6 +5,8 @@ admission of logins by the time their caller waits."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Iterable
 
 import pytest
@@ -56,7 +58,7 @@ async def test_a_change_made_in_this_process_drops_the_cache_entry_before_the_ca
     registry: DeviceRegistry, accounts: AccountRegistry
 ) -> None:
     cache = VerifiedCache()
-    Revoker(registry, accounts, cache, Sessions())
+    revoker = Revoker(registry, accounts, cache, Sessions())
     principal = await _principal(registry, "02:00:00:00:0a:01")
     cache.remember(principal.username, principal.tag, PASSWORD)
     cache.accept(principal.username, principal.tag, principal)
@@ -65,6 +67,7 @@ async def test_a_change_made_in_this_process_drops_the_cache_entry_before_the_ca
 
     assert cache.principal(principal.username, PASSWORD) is None
     assert not cache.holds(principal.username, principal.tag)
+    assert revoker.kicked == 0  # nothing was live
 
 
 async def test_a_session_that_goes_live_after_its_credential_was_dropped_is_kicked(
@@ -136,3 +139,16 @@ async def test_logins_that_could_not_be_checked_before_the_caller_gives_up_are_r
         await core.close()
     assert (decision.code == SERVER_UNAVAILABLE) is refused
     assert core.authenticator.stats.overload_refusals == int(refused)
+
+
+async def test_the_change_watcher_does_not_keep_a_follower_alive(
+    registry: DeviceRegistry, accounts: AccountRegistry
+) -> None:
+    revoker = Revoker(registry, accounts, VerifiedCache(), Sessions())
+    gone = weakref.ref(revoker)
+    del revoker
+    gc.collect()
+    assert gone() is None
+    # Commits after it went still work (and tell nobody).
+    device = await make_device(registry, "02:00:00:00:0a:06")
+    await registry.decommission(device.id)

@@ -21,13 +21,28 @@ _CHANGED_KEY = "mqttprov.changed_usernames"
 
 ChangeWatcher = Callable[[frozenset[str]], None]
 # Watchers per engine (one engine per process, shared by every repository): told right after a
-# commit that changed credentials, so this process need not wait for its own change feed.
-_watchers: weakref.WeakKeyDictionary[object, list[ChangeWatcher]] = weakref.WeakKeyDictionary()
+# commit that changed credentials, so this process need not wait for its own change feed. Held
+# weakly: a watcher's owner holds the engine, and a strong reference here would keep both alive.
+_watchers: weakref.WeakKeyDictionary[object, list[weakref.WeakMethod[ChangeWatcher]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def watch_changes(engine: AsyncEngine, watcher: ChangeWatcher) -> None:
-    """Call ``watcher`` with the changed usernames after each commit through ``engine``."""
-    _watchers.setdefault(engine.sync_engine, []).append(watcher)
+    """Call the bound method ``watcher`` with the changed usernames after each commit through
+    ``engine``, for as long as its object lives."""
+    _watchers.setdefault(engine.sync_engine, []).append(weakref.WeakMethod(watcher))
+
+
+def _tell_watchers(engine: AsyncEngine, changed: frozenset[str]) -> None:
+    watchers = _watchers.get(engine.sync_engine)
+    if not watchers:
+        return
+    watchers[:] = [ref for ref in watchers if ref() is not None]
+    for ref in watchers:
+        watcher = ref()
+        if watcher is not None:
+            watcher(changed)
 
 
 class Repository:
@@ -63,8 +78,7 @@ class Repository:
                 yield session
             changed: set[str] | None = session.info.pop(_CHANGED_KEY, None)
         if changed:
-            for watcher in _watchers.get(self._engine.sync_engine, ()):
-                watcher(frozenset(changed))
+            _tell_watchers(self._engine, frozenset(changed))
 
     async def changes_since(self, last_id: int, *, limit: int = 1000) -> list[tuple[int, str, str]]:
         """Credential changes after ``last_id``, oldest first: ``(id, username, kind)``."""
