@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from config import Settings
+from tests.bench.mqtt import remaining_length
 
 
 def free_port() -> int:
@@ -73,16 +74,7 @@ def connect_packet(
         payload += text(password)
     variable = text("MQTT") + bytes([4, flags]) + struct.pack("!H", keep_alive)
     body = variable + payload
-    return bytes([0x10]) + _remaining_length(len(body)) + body
-
-
-def _remaining_length(length: int) -> bytes:
-    out = bytearray()
-    while True:
-        digit, length = length % 128, length // 128
-        out.append(digit | (0x80 if length else 0))
-        if not length:
-            return bytes(out)
+    return bytes([0x10]) + remaining_length(len(body)) + body
 
 
 def connack_code(host: str, port: int, client_id: str = "probe", timeout: float = 5.0, **kw: Any) -> int:
