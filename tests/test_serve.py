@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -18,6 +19,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
 from broker import BrokerServer, ServeError
+from broker.core import run_until_signalled
 from broker.logs import configure_logging
 from provisioning import RegistryUnavailableError
 from provisioning.registry import DeviceRegistry, DeviceStatus, create_engine
@@ -207,6 +209,36 @@ def test_serve_logging_drops_tracebacks_of_client_resets(capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert "ConnectionResetError" not in err
     assert "ValueError: a real bug" in err
+
+
+class _Service:
+    """The smallest service: says when it has been entered."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+
+    async def __aenter__(self) -> _Service:
+        self.entered.set()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+async def test_a_started_service_exempts_its_start_up_heap_from_collection() -> None:
+    # Every full collection would walk start-up's objects again: a serving process freezes
+    # them once it is up (broker.core.settle_heap), so a reconnect storm does not pay for them.
+    gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+    service, stop = _Service(), asyncio.Event()
+    running = asyncio.create_task(run_until_signalled(service, stop))
+    try:
+        await asyncio.wait_for(service.entered.wait(), 5.0)
+        assert gc.get_freeze_count() > 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, 5.0)
+        gc.unfreeze()  # this is the test process: leave its collector as it was
 
 
 # -- mqttprov serve as a process ---------------------------------------------------------------
