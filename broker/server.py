@@ -20,8 +20,8 @@ from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.registry.migrate import upgrade
 from provisioning.registry.presence import PresenceStore
+from provisioning.registry.revisions import upgrade_if_behind
 from provisioning.service import ProvisioningService
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class BrokerServer:
         check_tls_files(self.settings.broker)
         running = self._assemble()
         try:
-            await upgrade(running.registry.engine)
+            await upgrade_if_behind(running.registry.engine)
             await running.services.presence.start_clean()
             broker = MqttprovBroker(
                 amqtt_config(self.settings, running.services),

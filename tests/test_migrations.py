@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import threading
 from collections.abc import AsyncIterator
 from importlib.resources import files
@@ -14,13 +16,15 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import inspect
+from alembic.util import CommandError
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from provisioning import RegistryUnavailableError
 from provisioning.registry import Base, DeviceRegistry, create_engine
 from provisioning.registry.migrate import alembic_config, current_revision, head_revision, upgrade
+from provisioning.registry.revisions import head_of, packaged_head, stored_revisions, upgrade_if_behind
 
 
 @pytest.fixture
@@ -112,3 +116,133 @@ def test_migrations_are_package_data() -> None:
     assert (migrations / "versions" / "0001_initial.py").is_file()
     assert (migrations / "env.py").is_file()
     assert (migrations / "script.py.mako").is_file()
+
+
+# -- start-up without Alembic when the database is at head -------------------------------------
+
+
+def test_packaged_head_is_alembics_head() -> None:
+    # The revision files as read without Alembic must name the head Alembic would: a new
+    # migration that this reader sees otherwise fails here, not on a broker's start-up.
+    assert packaged_head() == head_revision()
+
+
+def _revision_file(directory: Path, name: str, revision: str, down: str | tuple[str, ...] | None) -> None:
+    (directory / name).write_text(
+        f'"""{name}"""\n\nrevision: str = {revision!r}\ndown_revision = {down!r}\n', encoding="utf-8"
+    )
+
+
+def test_head_of_one_line_of_revisions(tmp_path: Path) -> None:
+    (tmp_path / "__init__.py").write_text("", encoding="utf-8")
+    _revision_file(tmp_path, "0002_b.py", "0002", "0001")
+    _revision_file(tmp_path, "0001_a.py", "0001", None)
+    _revision_file(tmp_path, "0003_c.py", "0003", "0002")
+
+    assert head_of(tmp_path) == "0003"
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(("0003_c.py", "0003", "0001"), id="branch"),
+        pytest.param(("0003_c.py", "0003", ("0001", "0002")), id="merge"),
+        pytest.param(("0003_c.py", "0003", "0009"), id="missing-down-revision"),
+        pytest.param(("0003_c.py", "0002", "0001"), id="revision-twice"),
+    ],
+)
+def test_head_of_anything_but_one_line_is_left_to_alembic(
+    tmp_path: Path, extra: tuple[str, str, str | tuple[str, ...]]
+) -> None:
+    _revision_file(tmp_path, "0001_a.py", "0001", None)
+    _revision_file(tmp_path, "0002_b.py", "0002", "0001")
+    _revision_file(tmp_path, *extra)
+
+    assert head_of(tmp_path) is None
+
+
+def test_head_of_a_file_without_literal_revisions_is_left_to_alembic(tmp_path: Path) -> None:
+    _revision_file(tmp_path, "0001_a.py", "0001", None)
+    (tmp_path / "0002_b.py").write_text('revision = "00" + "02"\ndown_revision = "0001"\n', encoding="utf-8")
+
+    assert head_of(tmp_path) is None
+
+
+def test_head_of_no_revisions_is_left_to_alembic(tmp_path: Path) -> None:
+    assert head_of(tmp_path) is None
+
+
+async def test_start_up_migrates_an_empty_database(engine: AsyncEngine) -> None:
+    assert await upgrade_if_behind(engine) == (None, head_revision())
+    assert await current_revision(engine) == head_revision()
+
+
+async def test_start_up_migrates_a_database_behind_head(engine: AsyncEngine) -> None:
+    await upgrade(engine, "0003")
+
+    assert await upgrade_if_behind(engine) == ("0003", head_revision())
+    assert await current_revision(engine) == head_revision()
+
+
+async def _record_revision(engine: AsyncEngine, sql: str) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(text(sql))
+
+
+async def test_start_up_refuses_a_database_ahead_of_head(engine: AsyncEngine) -> None:
+    # Written by a newer mqttprov: Alembic refuses it, at start-up as in `mqttprov db upgrade`.
+    await upgrade(engine)
+    await _record_revision(engine, "UPDATE alembic_version SET version_num = '9999'")
+
+    for migrate in (upgrade_if_behind, upgrade):
+        with pytest.raises(CommandError, match="Can't locate revision identified by '9999'"):
+            await migrate(engine)
+    assert await stored_revisions(engine) == ("9999",)
+
+
+async def test_several_recorded_revisions_are_refused(engine: AsyncEngine) -> None:
+    await upgrade(engine)
+    await _record_revision(engine, "INSERT INTO alembic_version (version_num) VALUES ('0001')")
+
+    with pytest.raises(RegistryUnavailableError, match="several revisions"):
+        await current_revision(engine)
+    with pytest.raises(RegistryUnavailableError, match="several revisions"):
+        await upgrade_if_behind(engine)
+
+
+_START_AT_HEAD = """
+import asyncio, sys
+import broker
+from provisioning.registry import create_engine
+from provisioning.registry.revisions import upgrade_if_behind
+
+async def main() -> None:
+    engine = create_engine(sys.argv[1])
+    try:
+        print(await upgrade_if_behind(engine))
+    finally:
+        await engine.dispose()
+
+asyncio.run(main())
+print(sorted({name.split(".")[0] for name in sys.modules} & {"alembic", "mako", "pygments"}))
+"""
+
+
+async def test_broker_start_up_at_head_imports_no_alembic(sqlite_url: str) -> None:
+    eng = create_engine(sqlite_url)
+    try:
+        await upgrade(eng)
+    finally:
+        await eng.dispose()
+    head = head_revision()
+
+    done = subprocess.run(
+        [sys.executable, "-c", _START_AT_HEAD, sqlite_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str((head, head)), "[]"]

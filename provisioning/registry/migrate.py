@@ -1,4 +1,8 @@
-"""Run the packaged Alembic migrations on the registry's own engine."""
+"""Run the packaged Alembic migrations on the registry's own engine.
+
+Imported only where the schema may change (``mqttprov db``, a start-up whose database is not at
+head: :func:`provisioning.registry.revisions.upgrade_if_behind`): Alembic is heavy.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import logging
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import SQLAlchemyError
@@ -14,10 +17,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry.engine import WRITE_OPTION
+from provisioning.registry.revisions import current_revision
 
 logger = logging.getLogger(__name__)
 
 SCRIPT_LOCATION = "provisioning:migrations"
+
+__all__ = ["SCRIPT_LOCATION", "alembic_config", "current_revision", "head_revision", "upgrade"]
 
 
 def alembic_config() -> Config:
@@ -33,19 +39,6 @@ def head_revision() -> str:
     if head is None:  # pragma: no cover - the package always ships revisions
         raise RegistryUnavailableError("no migrations are packaged")
     return head
-
-
-async def current_revision(engine: AsyncEngine) -> str | None:
-    """The revision the database is at, or None for an empty database."""
-
-    def _read(conn: Connection) -> str | None:
-        return MigrationContext.configure(conn).get_current_revision()
-
-    try:
-        async with engine.connect() as conn:
-            return await conn.run_sync(_read)
-    except (SQLAlchemyError, OSError) as exc:
-        raise RegistryUnavailableError(f"database unavailable: {exc}") from exc
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
