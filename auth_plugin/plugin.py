@@ -1,4 +1,8 @@
-"""Thin amqtt adapters: the auth plugin and the topic plugin over :mod:`auth_plugin`'s services."""
+"""Thin amqtt adapters: the auth plugin and the topic plugin over :mod:`auth_plugin`'s services.
+
+Session start and end (presence) are not amqtt events here: the broker calls
+:class:`auth_plugin.sessions.SessionHooks` directly.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from amqtt.plugins.base import BaseAuthPlugin, BasePlugin, BaseTopicPlugin
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
-from auth_plugin.presence import PresenceRecorder
-from auth_plugin.principals import DevicePrincipal, bind_principal, principal_of, set_refusal_code
-from auth_plugin.revocation import Revoker
+from auth_plugin.principals import bind_principal, principal_of, set_refusal_code
 
 logger = logging.getLogger(__name__)
 
@@ -81,31 +83,3 @@ class MqttprovTopicPlugin(BaseTopicPlugin):
             return allows(principal_of(session), topic, Action(str(action)))
         except ValueError:
             return False
-
-
-class MqttprovPresencePlugin(BasePlugin[Any]):
-    """Session lifecycle: presence of devices (written behind), and a last revocation check."""
-
-    @dataclass
-    class Config:
-        """The recorder and the revocation follower doing the work."""
-
-        presence: Any = None
-        revoker: Any = None
-
-    async def on_broker_client_connected(self, *, client_id: str, client_session: Session) -> None:
-        """amqtt hook after a CONNACK 0."""
-        principal = principal_of(client_session)
-        revoker: Revoker | None = self.config.revoker
-        if principal is not None and revoker is not None:
-            revoker.confirm(client_id, principal)
-        if isinstance(principal, DevicePrincipal):
-            recorder: PresenceRecorder = self.config.presence
-            recorder.online(principal.device_id)
-
-    async def on_broker_client_disconnected(self, *, client_id: str, client_session: Session) -> None:  # noqa: ARG002
-        """amqtt hook when a session's connection ended."""
-        principal = principal_of(client_session)
-        if isinstance(principal, DevicePrincipal):
-            recorder: PresenceRecorder = self.config.presence
-            recorder.offline(principal.device_id)

@@ -16,6 +16,7 @@
   not sent retained messages again, and a take-over that completes before the new connection
   uses the session;
 - read only whole, well-formed packets (see :mod:`broker.framing`).
+- tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from auth_plugin.principals import (
     principal_of,
     refusal_code,
 )
+from auth_plugin.sessions import SessionHooks
 from broker.framing import FramingReader
 from broker.protocol import KeepAliveHandler, grace
 from broker.turns import ClientIdTurns
@@ -80,9 +82,16 @@ class ConnectionLimits:
 class MqttprovBroker(Broker):
     """amqtt's broker with the session controls and retained-message rules mqttprov relies on."""
 
-    def __init__(self, config: dict[str, Any], *, limits: ConnectionLimits | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        limits: ConnectionLimits | None = None,
+        session_hooks: SessionHooks | None = None,
+    ) -> None:
         super().__init__(config)
         self.limits = limits or ConnectionLimits()
+        self._session_hooks = session_hooks
         self.connect_timeout = self.limits.connect_timeout
         self._open = 0
         self._open_by_address: Counter[str] = Counter()
@@ -259,7 +268,18 @@ class MqttprovBroker(Broker):
         client_session.attributes.pop(_CONNECTING, None)
         # From here on the connection can be taken over: let the next CONNECT for its id in.
         self.turns.give_back(client_session)
-        await super()._client_message_loop(client_session, handler)
+        hooks = self._session_hooks
+        if hooks is None:
+            await super()._client_message_loop(client_session, handler)
+            return
+        # Called here rather than as amqtt's client_connected/client_disconnected events (a task
+        # per call); the end is recorded however the loop ends, a shutdown's cancel included. A
+        # take-over ends the old loop before the new connection gets here (see _adopt).
+        hooks.started(client_session.client_id, client_session)
+        try:
+            await super()._client_message_loop(client_session, handler)
+        finally:
+            hooks.ended(client_session)
 
     async def _authenticate(self, session: Session, _: Any) -> bool:
         # Already decided in _initialize_client_session; amqtt asks again on the adopted session.

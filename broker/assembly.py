@@ -61,10 +61,6 @@ def plugin_config(services: Services) -> dict[str, dict[str, Any]]:
     return {
         "auth_plugin.plugin.MqttprovAuthPlugin": {"authenticator": services.authenticator},
         "auth_plugin.plugin.MqttprovTopicPlugin": {},
-        "auth_plugin.plugin.MqttprovPresencePlugin": {
-            "presence": services.presence,
-            "revoker": services.revoker,
-        },
         "provisioning.plugin.ProvisioningPlugin": {
             "service": services.provisioning,
             "sessions": services.sessions,

@@ -12,6 +12,7 @@ from amqtt.errors import BrokerError
 
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
+from auth_plugin.sessions import SessionHooks
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
 from broker.core import auth_core, run_until_signalled
@@ -120,6 +121,7 @@ class BrokerServer:
                     max_queued_messages=self.settings.broker.max_queued_messages,
                     max_packet_bytes=self.settings.broker.max_packet_bytes,
                 ),
+                session_hooks=SessionHooks(running.services.presence, running.revoker),
             )
             running.link.broker = broker
             try:

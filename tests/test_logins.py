@@ -486,6 +486,47 @@ async def test_presence_follows_a_device_online_and_offline(database_url: str) -
     assert offline.last_seen_at >= online.last_seen_at
 
 
+async def test_a_take_over_leaves_the_device_online(database_url: str) -> None:
+    # The old connection's end is recorded before the new one goes live, never after it.
+    async with BrokerServer(settings(database_url)) as server:
+        device = await make_device(server.registry, "02:00:00:00:07:03")
+        user = device.mqtt_username
+        first = Client(port_of(server), user, username=user, password=PASSWORD)
+        second = Client(port_of(server), user, username=user, password=PASSWORD)
+        try:
+            assert await asyncio.to_thread(first.connect) == ACCEPTED
+            assert await asyncio.to_thread(second.connect) == ACCEPTED
+            assert await asyncio.to_thread(second.subscribe, f"devices/{device.id}/#") == 1
+            await server.services.presence.flush()
+            found = await server.registry.get(device.id)
+        finally:
+            await asyncio.to_thread(first.close)
+            await asyncio.to_thread(second.close)
+    assert found.status is DeviceStatus.ONLINE
+
+
+async def test_devices_connected_at_shutdown_are_left_offline(database_url: str) -> None:
+    async with BrokerServer(settings(database_url)) as server:
+        device = await make_device(server.registry, "02:00:00:00:07:04")
+        user = device.mqtt_username
+        client = Client(port_of(server), user, username=user, password=PASSWORD)
+        try:
+            assert await asyncio.to_thread(client.connect) == ACCEPTED
+            assert await asyncio.to_thread(client.subscribe, f"devices/{device.id}/#") == 1
+            await server.services.presence.flush()
+            online = await server.registry.get(device.id)
+            await server.stop()  # with the device still connected
+        finally:
+            await asyncio.to_thread(client.close)
+    registry = DeviceRegistry(create_engine(database_url))
+    try:
+        after = await registry.get(device.id)
+    finally:
+        await registry.close()
+    assert online.status is DeviceStatus.ONLINE
+    assert after.status is DeviceStatus.OFFLINE
+
+
 async def test_thirty_logins_are_written_in_a_couple_of_batches(database_url: str) -> None:
     async with BrokerServer(settings(database_url)) as server:
         devices = [await make_device(server.registry, f"02:00:00:00:07:{i:02x}") for i in range(16, 46)]
