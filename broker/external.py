@@ -21,7 +21,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 
 from auth_plugin.acl import Action
-from auth_plugin.authd.policy import external_allows
 from auth_plugin.principals import AccountPrincipal
 from config import Settings
 from provisioning.contract import EVENT_PREFIX, REPLY_PREFIX, REQUEST_TOPIC, event_topic
@@ -117,6 +116,10 @@ async def check_worker_account(accounts: AccountRegistry, settings: Settings) ->
         raise ExternalBrokerError(
             f"no service account {name!r} in the registry: mqttprov accounts add {name} {wanted}"
         )
+    # Imported here, not at the top: the auth_plugin.authd package loads aiohttp (~10 MB), which
+    # neither the worker, the bridge nor `mqttprov serve` (whose CLI loads this module) uses.
+    from auth_plugin.authd.policy import external_allows  # noqa: PLC0415
+
     rules = found.account.allow
     principal = AccountPrincipal(
         name=name,

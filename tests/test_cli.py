@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import tomllib
 import uuid
 from collections.abc import Iterator
@@ -415,6 +417,18 @@ def test_unmigrated_postgres_database_says_run_db_upgrade(postgres_url: str) -> 
 
 
 # -- the installed script ----------------------------------------------------------------------
+
+
+def test_script_loads_no_library_only_other_commands_use() -> None:
+    # Every command, `mqttprov serve` included, loads the whole command tree: Alembic (db) and
+    # aiohttp (authd) must be imported by the commands that use them, or each broker carries
+    # ~20 MB it never uses.
+    code = "import sys, broker.cli; print(*sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+
+    loaded = {name.split(".")[0] for name in done.stdout.split()}
+    assert "typer" in loaded
+    assert not loaded & {"alembic", "mako", "pygments", "aiohttp"}
 
 
 def test_script_version(tmp_path: Path) -> None:

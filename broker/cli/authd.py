@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 
-from broker.authd import run_authd
 from broker.cli.common import ConfigOption, run, settings_from
 
 
 def authd(config: ConfigOption = None) -> None:
     """Answer the auth callbacks of RabbitMQ, EMQX, VerneMQ and mosquitto-go-auth until SIGINT/SIGTERM."""
+    # Imported here, not at the top: aiohttp (~10 MB) is for authd only, and every command,
+    # `mqttprov serve` included, loads this module.
+    from broker.authd import run_authd  # noqa: PLC0415
+
     settings = settings_from(config)
     run(lambda: run_authd(settings), log_level=logging.INFO)

@@ -1,4 +1,8 @@
-"""``mqttprov db``: database schema management, and copying the registry to another database."""
+"""``mqttprov db``: database schema management, and copying the registry to another database.
+
+Alembic is imported by the commands that use it, not here: every command, ``mqttprov serve``
+included, loads this module, and Alembic (with Mako and Pygments) would add ~10 MB to the broker.
+"""
 
 from __future__ import annotations
 
@@ -26,8 +30,6 @@ from broker.cli.common import (
 from config import DatabaseSettings
 from provisioning import ProvisioningError
 from provisioning.registry import create_engine
-from provisioning.registry.copy import RegistryCopyError, copy_registry, same_database
-from provisioning.registry.migrate import upgrade as run_upgrade
 
 app = typer.Typer(
     help="Manage the registry's database: migrate its schema, copy it elsewhere.", no_args_is_help=True
@@ -39,6 +41,8 @@ MASK = "***"
 @app.command("upgrade")
 def upgrade(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Create or migrate the registry's tables to this version's schema (safe to repeat)."""
+    from provisioning.registry.migrate import upgrade as run_upgrade  # noqa: PLC0415 - Alembic
+
     settings = settings_from(config)
 
     async def work() -> tuple[str | None, str]:
@@ -73,6 +77,12 @@ def copy(
 
     Stop `mqttprov serve` first: rows written after the copy starts are not copied.
     """
+    from provisioning.registry.copy import (  # noqa: PLC0415 - Alembic
+        RegistryCopyError,
+        copy_registry,
+        same_database,
+    )
+
     settings = settings_from(config)
     source_url = settings.database.url
     destination_url = _usable_url(to)
