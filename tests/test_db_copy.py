@@ -22,6 +22,7 @@ from broker.cli import app
 from provisioning.registry import Actor, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.copy import (
+    DERIVED_TABLES,
     DestinationNotEmptyError,
     RegistryCopyError,
     SameDatabaseError,
@@ -37,6 +38,7 @@ from tests.authd_support import authd_settings, migrate, running_authd
 from tests.helpers import free_port, preserved_logging, run_mqttprov, write_config
 from tests.mosquitto_node import mosquitto_missing, mosquitto_stack
 from tests.mqtt_clients import ACCEPTED, NOT_AUTHORIZED, assert_ok, enrol, login, provisioning_broker
+from tests.status_counts_support import status_counts_at
 
 # CONNACK for a wrong password (MQTT 3.1.1: "bad user name or password").
 BAD_CREDENTIALS = 4
@@ -185,10 +187,15 @@ async def test_every_row_arrives_unchanged(sqlite_url: str, postgres_url: str) -
         assert await current_revision(engine) == head_revision()
         async with engine.connect() as conn:
             names = await conn.run_sync(lambda sync: set(inspect(sync).get_table_names()))
-        # Every table the migrations create is copied (a new one without a model would not be).
-        assert names - {"alembic_version"} == set(copied)
+        # Every table the migrations create is copied (a new one without a model would not be),
+        # or derived from the copied ones by the destination's triggers.
+        assert names - {"alembic_version"} - DERIVED_TABLES == set(copied)
     finally:
         await engine.dispose()
+    # Counted once (by the triggers as the devices arrived), folded to one row per status.
+    source, destination = await status_counts_at(sqlite_url), await status_counts_at(postgres_url)
+    assert destination.kept == destination.counted == source.kept == source.counted
+    assert destination.rows == len(destination.counted)
 
 
 async def test_a_postgres_registry_copies_back_to_sqlite(
@@ -201,6 +208,8 @@ async def test_a_postgres_registry_copies_back_to_sqlite(
     await copy(postgres_url, back, chunk_size=2)
 
     assert await dump(back) == await dump(sqlite_url)
+    copied = await status_counts_at(back)
+    assert copied.kept == copied.counted == (await status_counts_at(sqlite_url)).counted
 
 
 async def test_inserts_after_the_copy_take_fresh_ids(sqlite_url: str, postgres_url: str) -> None:
@@ -258,6 +267,22 @@ async def test_a_count_mismatch_commits_nothing(sqlite_url: str, postgres_url: s
     with pytest.raises(RegistryCopyError, match=r"table device_events: source has \d+ row\(s\), destination"):
         await copy(sqlite_url, postgres_url)
     assert set((await counts(postgres_url)).values()) == {0}
+
+
+async def test_a_destination_without_status_triggers_commits_nothing(sqlite_url: str, tmp_path: Path) -> None:
+    await seed(sqlite_url)
+    destination = f"sqlite+aiosqlite:///{tmp_path / 'copy.db'}"
+    engine = create_engine(destination)
+    try:
+        await upgrade(engine)
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql("DROP TRIGGER devices_status_count_insert")
+    finally:
+        await engine.dispose()
+
+    with pytest.raises(RegistryCopyError, match="wrong device counts per status"):
+        await copy(sqlite_url, destination)
+    assert set((await counts(destination)).values()) == {0}
 
 
 async def test_a_row_postgres_refuses_is_one_line_without_the_row(sqlite_url: str, postgres_url: str) -> None:

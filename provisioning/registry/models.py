@@ -1,4 +1,5 @@
-"""SQLAlchemy models of the device registry: ``devices`` and the append-only ``device_events``."""
+"""SQLAlchemy models of the device registry: ``devices``, the append-only ``device_events`` and
+the tables that serve them."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, CheckConstraint, DateTime, Index, Integer, MetaData, String, Uuid
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Uuid,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names so that Alembic migrations agree on every backend.
@@ -83,6 +94,25 @@ class Device(Base):
     # When the current credentials were issued (drives the reissue cool-down).
     credentials_issued_at: Mapped[datetime | None] = mapped_column(default=None)
     note: Mapped[str | None] = mapped_column(String(256), default=None)
+
+
+class DeviceStatusCount(Base):
+    """A signed change of the number of devices in one status, appended by triggers on ``devices``.
+
+    The number of devices in a status is the sum of its rows; see
+    :mod:`provisioning.registry.status_counts` (the triggers, reading, compaction).
+    """
+
+    __tablename__ = "device_status_counts"
+    __table_args__ = (Index("ix_device_status_counts_status", "status"),)
+
+    # 64 bits: every status change takes two ids, so a busy fleet would run out of 32 bits.
+    # SQLite's 64-bit rowid is an INTEGER PRIMARY KEY only when spelled INTEGER.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=True
+    )
+    status: Mapped[str] = mapped_column(String(16))
+    n: Mapped[int] = mapped_column(Integer)
 
 
 class DeviceEvent(Base):
