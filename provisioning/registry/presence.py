@@ -11,6 +11,7 @@ from sqlalchemy import Table, bindparam, or_, update
 
 from provisioning.registry.events import fold_device_events
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Device, DeviceStatus
+from provisioning.registry.status_counts import compact
 from provisioning.registry.transactions import Repository
 
 _ACTIVE = [s.value for s in ACTIVE_STATUSES]
@@ -49,7 +50,11 @@ class PresenceStore(Repository):
         ]
         async with self._write() as session:
             if rows:
-                await (await session.connection()).execute(statement, rows)
+                conn = await session.connection()
+                await conn.execute(statement, rows)
+                # Fold the status deltas this batch's triggers just wrote (and any before them):
+                # the broker is the busiest writer, and pages sum what is left.
+                await compact(conn)
             await fold_device_events(session, dict(logins), "login", actor=Actor.DEVICE)
 
     async def mark_all_offline(self) -> int:
@@ -62,4 +67,5 @@ class PresenceStore(Repository):
         )
         async with self._write() as session:
             result = await session.execute(statement)
+            await compact(await session.connection())
             return int(getattr(result, "rowcount", 0) or 0)
