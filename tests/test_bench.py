@@ -21,7 +21,7 @@ from provisioning.registry import DeviceStatus
 from tests.bench import cli, plot
 from tests.bench.context import QUICK, Context
 from tests.bench.figures import all_figures, mosquitto_storm, rabbitmq_storm
-from tests.bench.figures.common import StormSummary, summarize_storm
+from tests.bench.figures.common import StormSummary, free_port, mqttprov_settings, sqlite_url, summarize_storm
 from tests.bench.figures.external import (
     Side,
     cpu_row,
@@ -45,6 +45,8 @@ from tests.bench.results import (
     ratio,
     render_table,
 )
+from tests.bench.served import ServedBroker, ServedKind
+from tests.helpers import connack_code
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -447,3 +449,20 @@ def test_the_load_note_names_both_load_averages_and_the_cpus() -> None:
     note = load_note(7.25)
     assert note.startswith(f"1-minute load average 7.2 at the start, {load_average():.1f} at the end")
     assert f"on {os.cpu_count()} CPUs" in note
+
+
+@pytest.mark.parametrize(("kind", "connack"), [("mqttprov", 5), ("amqtt-anonymous", 0)])
+def test_a_served_broker_runs_as_its_users_start_it_and_stops(
+    tmp_path: Path, kind: ServedKind, connack: int
+) -> None:
+    port = free_port()
+    settings = (
+        mqttprov_settings(sqlite_url(tmp_path / "served.db"), port, cost=4) if kind == "mqttprov" else None
+    )
+    with ServedBroker(kind, port, tmp_path, settings=settings) as broker:
+        assert broker.rss_kib() > 10_000  # the interpreter running the broker, not a wrapper
+        # Listening once started: an anonymous CONNECT is refused by ours, accepted by amqtt.
+        assert connack_code("127.0.0.1", port) == connack
+    assert not Path(f"/proc/{broker.pid}").exists()
+    if kind == "mqttprov":  # amqtt logs the probe's dropped connection as an error
+        assert broker.log_summary() == []

@@ -132,6 +132,25 @@ async def _mqttprov(spec: BrokerSpec) -> AsyncIterator[Callable[[], dict[str, An
         yield stats
 
 
+_LEVELS = ("WARNING", "ERROR", "CRITICAL")
+
+
+def log_summary(name: str, log_file: Path, limit: int = 3) -> list[str]:
+    """The lines of ``log_file`` that name WARNING or a worse level: a count and the first few."""
+    if not log_file.is_file():
+        return []
+    records = [
+        line
+        for line in log_file.read_text(encoding="utf-8", errors="replace").splitlines()
+        if any(level in line for level in _LEVELS)
+    ]
+    if not records:
+        return []
+    distinct = list(dict.fromkeys(line[:160] for line in records))
+    shown = [f"  {line}{'...' if len(line) == 160 else ''}" for line in distinct[:limit]]
+    return [f"{name} broker logged {len(records)} warning(s)/error(s), e.g.:", *shown]
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time ``pid`` has used so far, from ``/proc/<pid>/stat``."""
     fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
@@ -170,18 +189,7 @@ class BrokerProcess:
 
     def log_summary(self, limit: int = 3) -> list[str]:
         """What the broker logged (WARNING and above): a count and the first distinct lines, cut short."""
-        if not self.log_file.is_file():
-            return []
-        records = [
-            line
-            for line in self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()
-            if line.startswith(("WARNING ", "ERROR ", "CRITICAL "))
-        ]
-        if not records:
-            return []
-        distinct = list(dict.fromkeys(line[:160] for line in records))
-        shown = [f"  {line}{'...' if len(line) == 160 else ''}" for line in distinct[:limit]]
-        return [f"{self.spec.kind} broker logged {len(records)} warning(s)/error(s), e.g.:", *shown]
+        return log_summary(self.spec.kind, self.log_file, limit)
 
     def stop(self) -> None:
         """Shut the broker down cleanly; kill it if it does not stop in time (idempotent)."""

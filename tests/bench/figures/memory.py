@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from tests.bench.brokers import BrokerProcess, BrokerSpec
+from typing import Any
+
 from tests.bench.context import Context
 from tests.bench.figures.common import free_port, mqttprov_settings, sqlite_url
 from tests.bench.fleet import create_registry, make_fleet
 from tests.bench.load import IdleResult, IdleTask, Login
 from tests.bench.procs import LoadProcess
 from tests.bench.results import FigureResult, Goal, Row, median
+from tests.bench.served import ServedBroker, ServedKind
 
 NAME = "memory"
 TITLE = "memory at idle authenticated connections"
@@ -34,12 +36,11 @@ def run(ctx: Context) -> FigureResult:
     for number in range(1, sizes.rounds + 1):
         for side in ("ours", "amqtt"):
             port = free_port()
-            spec = (
-                BrokerSpec("mqttprov", port, mqttprov_settings(url, port, cost=MEMORY_COST))
-                if side == "ours"
-                else BrokerSpec("amqtt-anonymous", port)
+            kind: ServedKind = "mqttprov" if side == "ours" else "amqtt-anonymous"
+            settings = mqttprov_settings(url, port, cost=MEMORY_COST) if side == "ours" else None
+            before, after, held = _measure(
+                ctx, kind=kind, port=port, settings=settings, logins=logins, logs=logs
             )
-            before, after, held = _measure(ctx, spec, logins, logs)
             totals[side].append(after / 1024)
             per_connection[side].append((after - before) / max(held.connected, 1))
             ctx.log(
@@ -76,12 +77,15 @@ def run(ctx: Context) -> FigureResult:
     ]
     load = f"1 load process opening {count:,} connections, {_CONCURRENCY} at a time, keep-alive 600 s"
     figure.processes = {
-        "mqttprov": f"broker: 1 fresh process per round; {load}",
-        "amqtt anonymous": f"broker: 1 fresh process per round; {load}",
+        "mqttprov": f"broker: `mqttprov serve --config FILE`, 1 fresh process per round; {load}",
+        "amqtt anonymous": f"broker: amqtt's `amqtt -c FILE`, 1 fresh process per round; {load}",
     }
     figure.sizes = {"connections": count, "rounds_per_side": sizes.rounds}
     figure.notes += [
-        "RSS is VmRSS of the broker process (/proc/<pid>/status); per connection = (with - before) / count",
+        (
+            "each broker started as its users start it (its command-line script); RSS is VmRSS of "
+            "that process (/proc/<pid>/status) once it listens; per connection = (with - before) / count"
+        ),
         f"stored hashes at bcrypt cost {MEMORY_COST} to keep set-up short (memory does not depend on it)",
         *logs,
     ]
@@ -89,13 +93,17 @@ def run(ctx: Context) -> FigureResult:
 
 
 def _measure(
-    ctx: Context, spec: BrokerSpec, logins: list[Login], logs: list[str]
+    ctx: Context,
+    *,
+    kind: ServedKind,
+    port: int,
+    settings: dict[str, Any] | None,
+    logins: list[Login],
+    logs: list[str],
 ) -> tuple[int, int, IdleResult]:
-    with BrokerProcess(spec, ctx.workdir) as broker:
+    with ServedBroker(kind, port, ctx.workdir, settings=settings) as broker:
         before = broker.rss_kib()
-        holder = LoadProcess(
-            IdleTask(broker.port, tuple(logins), _CONCURRENCY, TIME_LIMIT), f"idle-{spec.kind}"
-        )
+        holder = LoadProcess(IdleTask(broker.port, tuple(logins), _CONCURRENCY, TIME_LIMIT), f"idle-{kind}")
         try:
             holder.expect("ready", 60.0)
             holder.send("go")

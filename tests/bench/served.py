@@ -1,0 +1,124 @@
+"""Brokers started the way their users start them: ``mqttprov serve`` and amqtt's ``amqtt`` script.
+
+Memory is a property of the whole process a user runs, command-line layer included, so the
+memory figure measures these rather than a broker object inside a bench process (whose own
+modules would weigh on both sides).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from tests.bench.brokers import ANONYMOUS_PLUGIN, log_summary
+from tests.bench.procs import BenchCrashError, rss_kib
+from tests.helpers import write_config
+
+ServedKind = Literal["mqttprov", "amqtt-anonymous"]
+_POLL = 0.05
+
+
+def _script(name: str) -> str:
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise BenchCrashError(f"{name} is not installed next to {sys.executable}")
+    return found
+
+
+class ServedBroker:
+    """``mqttprov serve --config FILE`` or ``amqtt -c FILE`` on a free loopback port; a context manager."""
+
+    def __init__(
+        self,
+        kind: ServedKind,
+        port: int,
+        directory: Path,
+        *,
+        settings: dict[str, Any] | None = None,
+        start_timeout: float = 60.0,
+    ) -> None:
+        self.kind = kind
+        self.port = port
+        self.log_file = directory / f"served-{kind}-{port}.log"
+        if kind == "mqttprov":
+            if settings is None:
+                raise ValueError("mqttprov needs its settings")
+            config = write_config(directory / f"mqttprov-{port}.toml", settings)
+            argv = [_script("mqttprov"), "serve", "--config", str(config)]
+        else:
+            config = directory / f"amqtt-{port}.yaml"
+            amqtt_config = {
+                "listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{port}"}},
+                "plugins": {ANONYMOUS_PLUGIN: {"allow_anonymous": True}},
+            }
+            config.write_text(json.dumps(amqtt_config), encoding="utf-8")  # JSON is YAML
+            argv = [_script("amqtt"), "-c", str(config)]
+        with self.log_file.open("wb") as log:
+            self._process = subprocess.Popen(
+                argv,
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # Ctrl-C is ours to handle; we stop it in __exit__
+            )
+        try:
+            self._wait_listening(start_timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The broker's process id (the console script runs in the interpreter itself)."""
+        return self._process.pid
+
+    def rss_kib(self) -> int:
+        """The broker process's resident set size in KiB."""
+        return rss_kib(self.pid)
+
+    def _wait_listening(self, timeout: float) -> None:
+        # What each logs once its listener is open; not a probe connection, which amqtt would log
+        # as a failed session and which would count in the broker's own figures.
+        needle = "broker started" if self.kind == "mqttprov" else "Listener 'default' bind to"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log_file.read_text(encoding="utf-8", errors="replace"):
+                return
+            if self._process.poll() is not None:
+                raise BenchCrashError(f"{self.kind} exited with {self._process.returncode}:\n{self._tail()}")
+            time.sleep(_POLL)  # the bench, not a test: a log file has nothing to wait on
+        raise BenchCrashError(f"{self.kind} not listening on {self.port} within {timeout}s:\n{self._tail()}")
+
+    def _tail(self, lines: int = 10) -> str:
+        text = self.log_file.read_text(encoding="utf-8", errors="replace")
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def log_summary(self, limit: int = 3) -> list[str]:
+        """What the broker logged at WARNING and above: a count and the first distinct lines."""
+        return log_summary(self.kind, self.log_file, limit)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within 30 s (idempotent)."""
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(30.0)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(10.0)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
