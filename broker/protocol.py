@@ -8,7 +8,8 @@ amqtt 0.12.1 also forgets an outgoing QoS 1/2 message whose acknowledgement does
 connection was lost, or its fixed 5 s wait ran out). For a persistent session we keep it, so that
 the next connection of the session gets it again (MQTT 3.1.1 §4.4).
 
-Incoming messages are bounded too (see :meth:`KeepAliveHandler.handle_publish`).
+Incoming messages are bounded too (see :meth:`KeepAliveHandler.handle_publish`), and a CONNECT
+makes a :class:`broker.session.BrokerSession` (see :meth:`KeepAliveHandler.init_from_connect`).
 """
 
 from __future__ import annotations
@@ -18,13 +19,29 @@ import logging
 import math
 from typing import Any
 
+from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.errors import MQTTError
+from amqtt.events import MQTTEvents
+from amqtt.mqtt.connack import (
+    BAD_USERNAME_PASSWORD,
+    IDENTIFIER_REJECTED,
+    UNACCEPTABLE_PROTOCOL_VERSION,
+    ConnackPacket,
+)
+from amqtt.mqtt.connect import ConnectPacket
 from amqtt.mqtt.constants import QOS_1, QOS_2
 from amqtt.mqtt.disconnect import DisconnectPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
+from amqtt.utils import format_client_message
+
+from broker.session import BrokerSession
 
 logger = logging.getLogger(__name__)
+
+#: The protocol level of MQTT 3.1.1, the only one amqtt 0.12.1 speaks.
+_MQTT_311 = 4
 
 
 def grace(keep_alive: int) -> int:
@@ -50,6 +67,65 @@ class KeepAliveHandler(BrokerProtocolHandler):
         self._early_end: tuple[DisconnectPacket | None] | None = None
         #: Set once the broker has finished with this connection (will sent, session disconnected).
         self.finished = asyncio.Event()
+
+    @classmethod
+    async def init_from_connect(
+        cls, reader: ReaderAdapter, writer: WriterAdapter, plugins_manager: Any, loop: Any = None
+    ) -> tuple[KeepAliveHandler, BrokerSession]:
+        """amqtt 0.12.1's, the same checks and answers, making a :class:`BrokerSession`.
+
+        amqtt's version names its session class inside the function; this copy differs only
+        there (and reads the peer before the checks that need it).
+        """
+        connect = await ConnectPacket.from_stream(reader)
+        await plugins_manager.fire_event(MQTTEvents.PACKET_RECEIVED, packet=connect)
+        if connect.variable_header is None or connect.payload is None:
+            raise MQTTError("CONNECT packet: variable header or payload not initialized.")
+        if connect.payload.client_id is None:
+            raise MQTTError("[[MQTT-3.1.3-3]] : Client identifier must be present")
+        if connect.variable_header.will_flag and (
+            connect.payload.will_topic is None or connect.payload.will_message is None
+        ):
+            raise MQTTError("Will flag set, but will topic/message not present in payload")
+        if connect.variable_header.reserved_flag:
+            raise MQTTError("[MQTT-3.1.2-3] CONNECT reserved flag must be set to 0")
+        if connect.proto_name != "MQTT":
+            raise MQTTError(f'[MQTT-3.1.2-1] Incorrect protocol name: "{connect.proto_name}"')
+        remote_address, remote_port = writer.get_peer_info() or (None, None)
+        client = format_client_message(address=remote_address, port=remote_port)
+        refusal: tuple[int, str | None] | None = None
+        if connect.proto_level != _MQTT_311:
+            refusal = UNACCEPTABLE_PROTOCOL_VERSION, f"Invalid protocol from {client}: {connect.proto_level}"
+        elif not connect.username_flag and connect.password_flag:
+            refusal = BAD_USERNAME_PASSWORD, None  # [MQTT-3.1.2-22]
+        elif connect.username_flag and connect.username is None:
+            refusal = BAD_USERNAME_PASSWORD, f"Invalid username from {client}"
+        elif connect.password_flag and connect.password is None:
+            refusal = BAD_USERNAME_PASSWORD, f"Invalid password from {client}"
+        elif connect.clean_session_flag is False and connect.payload.client_id_is_random:
+            refusal = IDENTIFIER_REJECTED, f"[MQTT-3.1.3-8] [MQTT-3.1.3-9] {client}: No client Id provided"
+        if refusal is not None:
+            code, message = refusal
+            connack = ConnackPacket.build(0, code)  # [MQTT-3.2.2-4] session present 0
+            await plugins_manager.fire_event(MQTTEvents.PACKET_SENT, packet=connack)
+            await connack.to_stream(writer)
+            await writer.close()
+            raise MQTTError(message)
+        session = BrokerSession()
+        session.client_id = connect.client_id
+        session.clean_session = connect.clean_session_flag
+        session.will_flag = connect.will_flag
+        session.will_retain = connect.will_retain_flag
+        session.will_qos = connect.will_qos
+        session.will_topic = connect.will_topic
+        session.will_message = connect.will_message
+        session.username = connect.username
+        session.password = connect.password
+        session.remote_address = remote_address
+        session.remote_port = remote_port
+        session.ssl_object = writer.get_ssl_info()
+        session.keep_alive = max(connect.keep_alive, 0)
+        return cls(plugins_manager, loop=loop), session
 
     async def mqtt_publish(
         self,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+from transitions import MachineError
+
 from auth_plugin.plugin import MqttprovTopicPlugin
 from broker import BrokerServer
+from broker.session import BrokerSession
 from tests.auth_support import PASSWORD, RawSession, eventually, make_device, polled
 
 
@@ -32,3 +36,44 @@ async def test_a_connection_whose_last_drain_fails_still_has_its_transport_close
     session.close()
 
     assert await eventually(polled(stream.is_closing), bool)
+
+
+async def test_connections_get_sessions_without_a_state_machine_object(broker: BrokerServer) -> None:
+    # amqtt names its session class inside init_from_connect; our copy must be the one called.
+    device = await make_device(broker.registry, "02:00:00:00:0c:02")
+    user = device.mqtt_username
+    raw = RawSession(broker.settings.broker.port)
+    try:
+        assert await asyncio.to_thread(raw.connect, user, username=user, password=PASSWORD) == 0
+        session, _handler = broker.broker._sessions[user]
+        assert isinstance(session, BrokerSession)
+        assert session.transitions.state == "connected"
+        assert "transitions" not in vars(session)
+    finally:
+        raw.close()
+
+
+def test_a_broker_session_follows_amqtts_life_cycle_rules() -> None:
+    session = BrokerSession()
+    states = session.transitions
+    assert (states.state, states.is_new(), states.is_connected()) == ("new", True, False)
+    assert states.connect() is True
+    assert session.transitions.is_connected()
+    assert session.last_connect_time is not None
+    assert session.last_disconnect_time is None
+    # A second connect while connected is what amqtt's take-over path catches.
+    with pytest.raises(MachineError):
+        session.transitions.connect()
+    assert session.transitions.disconnect() is True
+    assert session.transitions.is_disconnected()
+    assert session.last_disconnect_time is not None
+    assert session.transitions.disconnect() is True  # disconnected -> disconnected is allowed
+    assert session.transitions.connect() is True  # a persistent session resumes
+    assert session.last_disconnect_time is None
+    assert "state=connected" in repr(session)
+
+
+def test_a_new_session_may_be_disconnected() -> None:
+    session = BrokerSession()
+    session.transitions.disconnect()
+    assert session.transitions.state == "disconnected"
