@@ -187,6 +187,10 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
 
     Waiting for a packet to *start* is bounded by whoever reads (amqtt's keep-alive, our CONNECT
     timeout); once its first byte is in, the rest must arrive within ``frame_timeout``.
+
+    Over TCP and TLS it reads what has arrived from the socket's stream in one call and cuts
+    packets out of it, so a packet already received costs no further waits or timers; over
+    websockets (amqtt's reader has no such stream) it reads a packet's header byte by byte.
     """
 
     def __init__(
@@ -200,6 +204,11 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         # offset rather than cutting the front off a large buffer for every field.
         self._buffer = b""
         self._pos = 0
+        # amqtt's StreamReaderAdapter keeps the asyncio stream as ``_reader`` (amqtt 0.12.1).
+        stream = getattr(inner, "_reader", None)
+        self._stream = stream if isinstance(stream, asyncio.StreamReader) else None
+        #: Bytes read from the stream and not yet cut into packets.
+        self._raw = bytearray()
         self._connected = False
         self._ended = False
         #: Why the stream was ended (None while every packet was well formed).
@@ -225,29 +234,13 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         self._inner.feed_eof()
 
     async def _next_packet(self) -> None:
-        first = await self._exactly(1)
-        if first is None:
+        if self._stream is not None:
+            packet = await self._cut_packet(self._stream)
+        else:
+            packet = await self._read_packet()
+        if packet is None:
             return
-        try:
-            async with asyncio.timeout(self._frame_timeout):
-                header, length = await self._remaining_length()
-                if header is None:
-                    return
-                if length > self._max_packet_bytes:
-                    self._reject(
-                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
-                    )
-                    return
-                body = await self._exactly(length) if length else b""
-        except TimeoutError:
-            self._reject(f"a packet not complete within {self._frame_timeout}s")
-            return
-        except asyncio.CancelledError:
-            # Cancelled mid-packet (a keep-alive expiry): what follows would be out of step.
-            self._ended = True
-            raise
-        if body is None:
-            return
+        first, header, body = packet
         try:
             check_packet(first[0], body, connected=self._connected)
         except Malformed as exc:
@@ -260,6 +253,70 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
             # fields it expects, which for MQTT 5 run past this packet. Nothing follows it.
             self._ended = True
         self._pos = 0
+
+    async def _cut_packet(self, stream: asyncio.StreamReader) -> tuple[bytes, bytes, bytes] | None:
+        """The next packet as (first byte, remaining-length bytes, body), from what was read."""
+        raw = self._raw
+        deadline: float | None = None
+        while True:
+            if raw:
+                header_end, length = _remaining_length_in(raw)
+                if header_end < 0:
+                    self._reject("remaining length longer than four bytes")
+                    return None
+                if header_end and length > self._max_packet_bytes:
+                    self._reject(
+                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
+                    )
+                    return None
+                if header_end and len(raw) >= header_end + length:
+                    packet = bytes(raw[: header_end + length])
+                    del raw[: header_end + length]
+                    return packet[:1], packet[1:header_end], packet[header_end:]
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self._frame_timeout
+            try:
+                if deadline is None:
+                    chunk = await stream.read(_READ_SIZE)
+                else:
+                    async with asyncio.timeout_at(deadline):
+                        chunk = await stream.read(_READ_SIZE)
+            except TimeoutError:
+                self._reject(f"a packet not complete within {self._frame_timeout}s")
+                return None
+            except (ConnectionError, OSError):
+                chunk = b""
+            if not chunk:
+                self._ended = True
+                return None
+            raw += chunk
+
+    async def _read_packet(self) -> tuple[bytes, bytes, bytes] | None:
+        """The next packet read field by field from a reader without a stream (websockets)."""
+        first = await self._exactly(1)
+        if first is None:
+            return None
+        try:
+            async with asyncio.timeout(self._frame_timeout):
+                header, length = await self._remaining_length()
+                if header is None:
+                    return None
+                if length > self._max_packet_bytes:
+                    self._reject(
+                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
+                    )
+                    return None
+                body = await self._exactly(length) if length else b""
+        except TimeoutError:
+            self._reject(f"a packet not complete within {self._frame_timeout}s")
+            return None
+        except asyncio.CancelledError:
+            # Cancelled mid-packet (a keep-alive expiry): what follows would be out of step.
+            self._ended = True
+            raise
+        if body is None:
+            return None
+        return first, header, body
 
     async def _remaining_length(self) -> tuple[bytes | None, int]:
         encoded = bytearray()
@@ -293,3 +350,23 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         self._ended = True
         self.violation = reason
         logger.info("closing %s: malformed packet: %s", self._peer, reason)
+
+
+#: How much one read from the socket's stream takes at most (what has arrived, up to this).
+_READ_SIZE = 65_536
+
+
+def _remaining_length_in(raw: bytearray) -> tuple[int, int]:
+    """Where the packet in ``raw`` (first byte at 0) starts its body, and the body's length.
+
+    ``(0, 0)`` while the remaining-length bytes are incomplete; ``(-1, 0)`` when they run past
+    four bytes.
+    """
+    value, multiplier = 0, 1
+    for index in range(1, min(len(raw), 5)):
+        byte = raw[index]
+        value += (byte & 0x7F) * multiplier
+        if not byte & 0x80:
+            return index + 1, value
+        multiplier *= 128
+    return (-1, 0) if len(raw) >= 5 else (0, 0)
