@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -79,6 +79,24 @@ class ConnectionLimits:
     max_packet_bytes: int = 1_048_576
 
 
+def _broadcast_topics(plugins: Iterable[Any]) -> frozenset[str] | None:
+    """The only topics whose broadcast any plugin acts on, or None when some plugin wants them all.
+
+    amqtt runs every event as a task per listening plugin. A listener that declares
+    ``broadcast_topics`` (the provisioning plugin: ``provision/request``) acts on those alone,
+    so when every listener declares them, a message on any other topic fires no event at all.
+    """
+    topics: set[str] = set()
+    for plugin in plugins:
+        if not hasattr(plugin, f"on_{BrokerEvents.MESSAGE_BROADCAST.value}"):
+            continue
+        declared = getattr(plugin, "broadcast_topics", None)
+        if not isinstance(declared, frozenset):
+            return None
+        topics |= declared
+    return frozenset(topics)
+
+
 class MqttprovBroker(Broker):
     """amqtt's broker with the session controls and retained-message rules mqttprov relies on."""
 
@@ -103,6 +121,7 @@ class MqttprovBroker(Broker):
             (only,) = topic_plugins
             if isinstance(only, MqttprovTopicPlugin):
                 self._acl_check = only.check
+        self._broadcast_topics = _broadcast_topics(self.plugins_manager.plugins)
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         # amqtt 0.12.1 runs each check as one task per topic plugin and gathers them, for every
@@ -418,9 +437,10 @@ class MqttprovBroker(Broker):
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
             logger.debug("client %r may not publish to %r", client_id, topic)
             return True
-        await self.plugins_manager.fire_event(
-            BrokerEvents.MESSAGE_BROADCAST, client_id=client_id, message=app_message
-        )
+        if self._broadcast_topics is None or topic in self._broadcast_topics:
+            await self.plugins_manager.fire_event(
+                BrokerEvents.MESSAGE_BROADCAST, client_id=client_id, message=app_message
+            )
         await self._broadcast_message(client_session, topic, app_message.data, app_message.qos)
         if app_message.publish_packet and app_message.publish_packet.retain_flag:
             await self.retain_message(client_session, topic, app_message.data, app_message.qos)

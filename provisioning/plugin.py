@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from amqtt.plugins.base import BasePlugin
 
@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 class ProvisioningPlugin(BasePlugin[Any]):
     """Handles requests in the broadcast hook: it fires only for publishes the ACL let through."""
+
+    #: The only topic whose broadcasts this plugin acts on: the broker fires the event for no other.
+    broadcast_topics: ClassVar[frozenset[str]] = frozenset({REQUEST_TOPIC})
 
     @dataclass
     class Config:

@@ -9,7 +9,9 @@ from transitions import MachineError
 
 from auth_plugin.plugin import MqttprovTopicPlugin
 from broker import BrokerServer
+from broker.amqtt_broker import _broadcast_topics
 from broker.session import BrokerSession
+from provisioning.contract import REQUEST_TOPIC
 from tests.auth_support import PASSWORD, RawSession, eventually, make_device, polled
 
 
@@ -17,6 +19,12 @@ async def test_topic_checks_go_straight_to_the_acl(broker: BrokerServer) -> None
     # amqtt keeps its topic plugins in ``plugins_manager._topic_plugins``; if that moves, the
     # broker silently falls back to amqtt's task-per-check path and this fails.
     assert broker.broker._acl_check is MqttprovTopicPlugin.check
+
+
+async def test_only_provisioning_requests_fire_amqtts_broadcast_event(broker: BrokerServer) -> None:
+    # The provisioning plugin is the only broadcast listener and declares its one topic: any other
+    # message skips amqtt's task per event. A plugin without the declaration would get them all.
+    assert broker.broker._broadcast_topics == frozenset({REQUEST_TOPIC})
 
 
 async def test_a_connection_whose_last_drain_fails_still_has_its_transport_closed(
@@ -77,3 +85,22 @@ def test_a_new_session_may_be_disconnected() -> None:
     session = BrokerSession()
     session.transitions.disconnect()
     assert session.transitions.state == "disconnected"
+
+
+class _WantsEveryBroadcast:
+    async def on_broker_message_broadcast(self, **_: object) -> None:
+        return None
+
+
+class _WantsOneTopic(_WantsEveryBroadcast):
+    broadcast_topics = frozenset({"provision/request"})
+
+
+class _DoesNotListen:
+    pass
+
+
+def test_broadcast_events_are_narrowed_only_when_every_listener_declares_its_topics() -> None:
+    assert _broadcast_topics([_WantsOneTopic(), _DoesNotListen()]) == frozenset({"provision/request"})
+    assert _broadcast_topics([_WantsOneTopic(), _WantsEveryBroadcast()]) is None
+    assert _broadcast_topics([_DoesNotListen()]) == frozenset()
