@@ -168,6 +168,15 @@ def test_head_of_a_file_without_literal_revisions_is_left_to_alembic(tmp_path: P
     assert head_of(tmp_path) is None
 
 
+def test_head_of_a_file_that_assigns_its_revision_twice_is_left_to_alembic(tmp_path: Path) -> None:
+    _revision_file(tmp_path, "0001_a.py", "0001", None)
+    (tmp_path / "0002_b.py").write_text(
+        'revision = "0002"\ndown_revision = "0001"\nrevision = "0003"\n', encoding="utf-8"
+    )
+
+    assert head_of(tmp_path) is None
+
+
 def test_head_of_no_revisions_is_left_to_alembic(tmp_path: Path) -> None:
     assert head_of(tmp_path) is None
 

@@ -8,7 +8,8 @@ database is already at head never imports Alembic; anything else goes to Alembic
 
 from __future__ import annotations
 
-import ast
+import re
+from functools import cache
 from importlib.resources import files
 from importlib.resources.abc import Traversable
 
@@ -23,6 +24,7 @@ from provisioning.errors import RegistryUnavailableError
 VERSION_TABLE = table("alembic_version", column("version_num"))
 
 
+@cache
 def packaged_head() -> str | None:
     """The newest revision this version ships, read from its revision files; None when in doubt."""
     return head_of(files("provisioning.migrations") / "versions")
@@ -50,21 +52,27 @@ def head_of(versions: Traversable) -> str | None:
     return heads.pop()
 
 
+# ``revision: str = "0005"`` at the start of a line, as Alembic writes it (annotation optional).
+_ASSIGNMENT = re.compile(r"^(revision|down_revision)[ \t]*(?::[^=\n]*)?=[ \t]*(.*?)[ \t]*$", re.MULTILINE)
+_LITERAL = re.compile(r"""^(?:"([^"\\]*)"|'([^'\\]*)'|(None))$""")
+#: Stands for "not a plain literal" (or assigned twice): neither a string nor None.
+_DOUBT = object()
+
+
 def _constants(source: str) -> dict[str, object]:
-    """The module-level ``NAME = literal`` (or ``NAME: type = literal``) assignments of ``source``."""
+    """``revision`` and ``down_revision`` of a revision file: a string, None, or a doubt marker.
+
+    Read by pattern, not with :mod:`ast` (whose parser is not safe to run while other threads
+    build ASTs on Python 3.11): a value that is not one plain string literal or None is doubt.
+    """
     found: dict[str, object] = {}
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1:
-            target, value = node.targets[0], node.value
-        elif isinstance(node, ast.AnnAssign) and node.value is not None:
-            target, value = node.target, node.value
+    for name, value in _ASSIGNMENT.findall(source):
+        literal = _LITERAL.match(value)
+        if name in found or literal is None:
+            found[name] = _DOUBT
         else:
-            continue
-        if isinstance(target, ast.Name):
-            try:
-                found[target.id] = ast.literal_eval(value)
-            except ValueError:
-                continue
+            double, single, none = literal.groups()
+            found[name] = None if none else (double if double is not None else single)
     return found
 
 
