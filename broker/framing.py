@@ -229,16 +229,20 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         return len(self._buffer) - self._pos
 
     def feed_eof(self) -> None:
-        """End the stream here and underneath."""
+        """End the stream here: amqtt gets no further packet, whatever has arrived or arrives.
+
+        Not passed on to the socket's stream: asyncio asserts when data arrives after its
+        ``feed_eof`` (the transport then fails, and amqtt's close raises that). A read still
+        waiting on the socket ends when amqtt's stop cancels its reader task.
+        """
         self._ended = True
-        self._inner.feed_eof()
 
     async def _next_packet(self) -> None:
         if self._stream is not None:
             packet = await self._cut_packet(self._stream)
         else:
             packet = await self._read_packet()
-        if packet is None:
+        if packet is None or self._ended:  # ended while the packet was arriving: drop it
             return
         first, header, body = packet
         try:

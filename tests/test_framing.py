@@ -98,3 +98,15 @@ async def test_the_end_of_the_stream_mid_packet_is_a_short_read() -> None:
     reader = framing(stream)
     assert await asyncio.wait_for(reader.read(len(packet)), 5.0) == b""
     assert reader.violation is None  # a lost link, not a malformed packet
+
+
+async def test_after_feed_eof_nothing_more_is_handed_over_and_the_socket_may_still_send() -> None:
+    stream = asyncio.StreamReader()
+    first, second = connect_packet("c1"), subscribe_packet("a/#")
+    stream.feed_data(first + second)
+    reader = framing(stream)
+    assert await reader.read(len(first)) == first
+    reader.feed_eof()  # what the handler's stop() does
+    # asyncio asserts on data after its own feed_eof; ours leaves the socket's stream open.
+    stream.feed_data(publish_packet("a/b", b"late"))
+    assert await asyncio.wait_for(reader.read(len(second)), 5.0) == b""
