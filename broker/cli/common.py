@@ -14,6 +14,8 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from broker.errors import ServeError
 from broker.logs import configure_logging
@@ -108,3 +110,16 @@ def open_registry(settings: Settings) -> AbstractAsyncContextManager[DeviceRegis
 def print_json(data: Any) -> None:
     """Machine-readable output: one JSON document on stdout."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+#: What a secret is shown as.
+MASK = "***"
+
+
+def masked_url(url: str) -> str:
+    """``url`` without its password (``***`` when it cannot be parsed at all)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        return MASK
+    return url if parsed.password is None else parsed.render_as_string(hide_password=True)

@@ -6,15 +6,11 @@ from typing import Any
 
 import typer
 from pydantic import SecretStr
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
-from broker.cli.common import ConfigOption, JsonOption, print_json, settings_from, stdout
+from broker.cli.common import MASK, ConfigOption, JsonOption, masked_url, print_json, settings_from, stdout
 from config import Settings
 
 app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
-
-MASK = "***"
 
 
 def masked(settings: Settings) -> dict[str, Any]:
@@ -24,18 +20,8 @@ def masked(settings: Settings) -> dict[str, Any]:
         for key, value in section:
             if isinstance(value, SecretStr):
                 data[section_name][key] = MASK if value.get_secret_value() else ""
-    data["database"]["url"] = _masked_url(settings.database.url)
+    data["database"]["url"] = masked_url(settings.database.url)
     return data
-
-
-def _masked_url(url: str) -> str:
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return MASK
-    if parsed.password is None:
-        return url
-    return parsed.render_as_string(hide_password=True)
 
 
 def _toml_value(value: Any) -> str:

@@ -18,9 +18,11 @@ from sqlalchemy.exc import ArgumentError
 
 from broker.cli.common import (
     EXIT_USAGE,
+    MASK,
     ConfigOption,
     JsonOption,
     fail,
+    masked_url,
     open_registry,
     print_json,
     run,
@@ -34,8 +36,6 @@ from provisioning.registry import create_engine
 app = typer.Typer(
     help="Manage the registry's database: migrate its schema, copy it elsewhere.", no_args_is_help=True
 )
-
-MASK = "***"
 
 
 @app.command("upgrade")
@@ -129,15 +129,6 @@ def copy(
         f"copied {sum(tables.values())} rows from {masked_url(source_url)} to {masked_url(destination_url)}; "
         "row counts verified. Next: set database.url to the new database."
     )
-
-
-def masked_url(url: str) -> str:
-    """``url`` without its password (``***`` when it cannot be parsed at all)."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return MASK
-    return url if parsed.password is None else parsed.render_as_string(hide_password=True)
 
 
 def _usable_url(url: str) -> str:
