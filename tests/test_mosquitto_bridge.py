@@ -227,6 +227,30 @@ async def test_sync_repairs_what_happened_while_the_bridge_was_down(stack: Stack
     assert clean.stdout.startswith("checked 1 devices, 0 accounts, 4 Mosquitto clients; did 0 steps")
 
 
+async def test_a_starting_bridge_disables_what_was_revoked_while_it_was_down(stack: Stack) -> None:
+    port = stack.node.device_port
+    retired = await call(stack.provision, "aa:bb:cc:00:00:61")
+    lost = await call(stack.provision, "aa:bb:cc:00:00:62")
+    kept = await call(stack.provision, "aa:bb:cc:00:00:63")
+    assert retired is not None
+    assert lost is not None
+    assert kept is not None
+    await stack.stop("bridge")
+    await stack.devices.decommission(assert_ok(retired))
+    async with _admin(stack) as dynsec:
+        await dynsec.delete_client(lost["mqtt_username"])
+    assert await call(login, port, retired) == ACCEPTED  # nobody has told Mosquitto yet
+
+    await stack.start("bridge")
+    assert await call(login, port, retired) == NOT_AUTHORIZED
+    assert await call(login, port, kept) == ACCEPTED
+    # Taking access away is safe to do unasked; resetting a device Mosquitto lost is not (it must
+    # enrol again): that stays `bridge sync`.
+    record = await stack.devices.find_credentials_by_username(lost["mqtt_username"])
+    assert record is not None
+    assert record.password_hash is not None
+
+
 # -- service accounts -----------------------------------------------------------------------------
 
 

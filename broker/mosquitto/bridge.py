@@ -209,13 +209,14 @@ class DynsecBridge:
                     username,
                 )
 
-    async def follow(self, stop: asyncio.Event) -> None:
-        """Follow the registry's change feed until ``stop`` is set.
+    async def follow(self, stop: asyncio.Event, *, since: int | None = None) -> None:
+        """Follow the registry's change feed after change ``since`` (default: the newest) until
+        ``stop`` is set.
 
         Stopping between rounds, never by cancelling one: a query cut off mid-way would leave
         its database connection to the garbage collector.
         """
-        last = await self.devices.last_change_id()
+        last = await self.devices.last_change_id() if since is None else since
         logger.info("bridge following the credential change feed from change %d", last)
         while not stop.is_set():
             try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 from broker.external import (
@@ -23,6 +24,8 @@ from config import Settings
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
@@ -63,12 +66,25 @@ async def open_bridge(settings: Settings, address: BrokerAddress) -> AsyncIterat
 async def run_bridge(
     settings: Settings, address: BrokerAddress, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
-    """Set up the layout, then follow the change feed until ``stop`` (``ready`` set once set up)."""
+    """Set up the layout, catch up, then follow the change feed until ``stop`` (``ready`` set once
+    caught up).
+
+    Catching up: revocations made while no bridge ran (a device decommissioned, an account
+    removed) are in the change feed *before* where following starts, so every client the registry
+    no longer backs is disabled first. Devices Mosquitto lost are left to ``bridge sync``, which
+    resets them: that is the operator's call.
+    """
     async with open_bridge(settings, address) as bridge:
         await bridge.ensure_layout()
+        since = await bridge.devices.last_change_id()
+        caught_up = await reconcile(bridge, reset_devices=False)
+        if caught_up.steps:
+            logger.info(
+                "bridge start: disabled %d client(s) the registry no longer backs", len(caught_up.steps)
+            )
         if ready is not None:
             ready.set()
-        await bridge.follow(stop)
+        await bridge.follow(stop, since=since)
 
 
 async def run_worker(

@@ -54,9 +54,15 @@ class SyncReport:
         return asdict(self)
 
 
-async def reconcile(bridge: DynsecBridge, *, dry_run: bool = False, grace: float = 10.0) -> SyncReport:
+async def reconcile(
+    bridge: DynsecBridge, *, dry_run: bool = False, grace: float = 10.0, reset_devices: bool = True
+) -> SyncReport:
     """Compare both sides and repair what can be repaired; ``grace``: skip credentials issued
-    that many seconds ago or less (a worker may be handing them over right now)."""
+    that many seconds ago or less (a worker may be handing them over right now).
+
+    ``reset_devices=False`` only takes access away (disables clients the registry does not back)
+    and never resets a device in the registry: what ``bridge run`` does on its own at start.
+    """
     report = SyncReport(dry_run=dry_run)
     clients = {client.username: client for client in await bridge.dynsec.list_clients()}
     report.clients_checked = len(clients)
@@ -68,7 +74,7 @@ async def reconcile(bridge: DynsecBridge, *, dry_run: bool = False, grace: float
         if issued is not None and utcnow() - issued < timedelta(seconds=grace):
             continue
         problem = _mismatch(clients.get(device.mqtt_username), tag)
-        if problem is not None:
+        if problem is not None and reset_devices:
             await _step(report, SyncStep("reset_device", device.mqtt_username, problem), bridge, device)
     for account in await bridge.accounts.list_accounts():
         report.accounts_checked += 1
