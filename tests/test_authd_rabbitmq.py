@@ -388,6 +388,47 @@ async def test_acl_refusals_on_the_cluster(deployment: Deployment, registry: Dev
         assert await asyncio.to_thread(session.connect, "not-a-mac") == REFUSED
 
 
+def _lost_with_will(node: Node, creds: dict[str, Any], topic: str, message: bytes) -> int:
+    """Log in with a will on ``topic``, then drop the link (the broker publishes the will)."""
+    session = RawSession(node.mqtt_port)
+    try:
+        return session.connect(
+            creds["mqtt_client_id"],
+            username=creds["mqtt_username"],
+            password=creds["mqtt_password"],
+            will=(topic, message),
+        )
+    finally:
+        session.close()
+
+
+async def test_a_will_outside_the_devices_namespace_is_not_delivered(
+    deployment: Deployment, registry: DeviceRegistry
+) -> None:
+    settings = broker_settings(deployment.database_url)
+    creds = await provisioned(registry, settings, "02:00:00:00:0a:20")
+    other = await provisioned(registry, settings, "02:00:00:00:0a:21")
+    await make_account(AccountRegistry(registry.engine), "willreader", ["subscribe devices/#"])
+    reader = await asyncio.to_thread(
+        connect, deployment.node_b, "willreader-1", "willreader", ACCOUNT_PASSWORD
+    )
+    own, foreign = creds["topic_prefix"] + "status", other["topic_prefix"] + "commands"
+    try:
+        assert await asyncio.to_thread(reader.subscribe, "devices/#") == 1
+        a = deployment.node_a
+        # A will in its own namespace is delivered (the positive control) ...
+        assert await asyncio.to_thread(_lost_with_will, a, creds, own, b"gone-1") == ACCEPTED
+        assert await asyncio.to_thread(reader.wait_for, lambda m: m.payload == b"gone-1") is not None
+        # ... one into another device's namespace is not: RabbitMQ 3.10 accepts the CONNECT and
+        # asks authd's topic check when it publishes the will, which refuses it.
+        assert await asyncio.to_thread(_lost_with_will, a, creds, foreign, b"forged") == ACCEPTED
+        assert await asyncio.to_thread(_lost_with_will, a, creds, own, b"gone-2") == ACCEPTED
+        assert await asyncio.to_thread(reader.wait_for, lambda m: m.payload == b"gone-2") is not None
+        assert [m.topic for m in reader.messages if m.payload == b"forged"] == []
+    finally:
+        await asyncio.to_thread(reader.close)
+
+
 async def test_decommission_refuses_the_next_login_on_both_nodes_and_closes_the_live_one(
     deployment: Deployment, registry: DeviceRegistry
 ) -> None:
