@@ -17,6 +17,8 @@
   uses the session;
 - read only whole, well-formed packets (see :mod:`broker.framing`).
 - tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends.
+- fire amqtt's broadcast event only for the topics its listeners declare (see
+  :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`).
 """
 
 from __future__ import annotations
