@@ -321,6 +321,15 @@ class Authenticator:
             return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
 
+    async def settle(self, within: float = 5.0) -> None:
+        """Wait (up to ``within`` seconds) for background writes still in flight.
+
+        Called before the engine is disposed: a write cut off there would leave its database
+        connection to the garbage collector, and its event unwritten.
+        """
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=within)
+
     def _audit(self, device_id: uuid.UUID, reason: str) -> None:
         """A folded ``login_refused`` event, written in the background (never delays the answer)."""
         task = asyncio.get_running_loop().create_task(

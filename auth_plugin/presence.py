@@ -27,6 +27,7 @@ class PresenceRecorder:
         self._latest: dict[uuid.UUID, Presence] = {}
         self._logins: dict[uuid.UUID, int] = {}
         self._wake = asyncio.Event()
+        self._stopping = False
         self.batches_written = 0
 
     def online(self, device_id: uuid.UUID) -> None:
@@ -56,12 +57,20 @@ class PresenceRecorder:
             return
         self.batches_written += 1
 
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after the batch in progress is written (never cut off: a
+        cancelled write would lose the batch it had taken); the owner then flushes once more."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Write behind until cancelled; a final flush happens in :meth:`stop`."""
-        while True:
+        """Write behind until :meth:`request_stop` (or until cancelled)."""
+        while not self._stopping:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
             self._wake.clear()
+            if self._stopping:
+                break
             await self.flush()
 
     async def start_clean(self) -> None:

@@ -55,20 +55,33 @@ class Revoker:
         self._interval = interval
         self._wake = asyncio.Event()
         self._rechecks: set[asyncio.Task[None]] = set()
+        self._stopping = False
         self.kicked = 0
         # Changes made by this process: drop the entries now, and read the feed now to kick.
         watch_changes(devices.engine, self._changed_here)
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stopping
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after the round in progress (a query is never cut off)."""
+        self._stopping = True
+        self._wake.set()
+
     async def run(self) -> None:
-        """Follow the feed until cancelled."""
+        """Follow the feed until :meth:`request_stop` (or until cancelled)."""
         last = await self._devices.last_change_id()
         listener = await self._listen()
         unavailable = False
         try:
-            while True:
+            while not self._stopping:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._interval)
                 self._wake.clear()
+                if self._stopping:
+                    break
                 try:
                     changes = await self._devices.changes_since(last)
                 except RegistryUnavailableError as exc:

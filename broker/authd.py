@@ -25,7 +25,7 @@ from auth_plugin.authd import (
     vernemq,
 )
 from auth_plugin.authd.app import build_app
-from broker.core import AuthCore, auth_core, run_until_signalled
+from broker.core import AuthCore, auth_core, end_background, run_until_signalled
 from broker.errors import ServeError
 from config import AuthdSettings, Settings
 from provisioning.errors import RegistryUnavailableError
@@ -145,7 +145,7 @@ class AuthdServer:
         interval = self.settings.auth.revocation_poll_interval
         loop = asyncio.get_running_loop()
         quiet_until = 0.0
-        while True:
+        while not revoker.stopping:
             try:
                 await revoker.run()
             except RegistryUnavailableError as exc:
@@ -159,8 +159,7 @@ class AuthdServer:
         running, self._running = self._running, None
         if running is None:
             return
-        running.task.cancel()
-        await asyncio.gather(running.task, return_exceptions=True)
+        await end_background(running.task, running.revoker.request_stop)
         try:
             await running.runner.cleanup()
         finally:

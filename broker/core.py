@@ -8,6 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 
@@ -30,9 +31,12 @@ class AuthCore:
     authenticator: Authenticator
 
     async def close(self) -> None:
-        """Stop the bcrypt workers and dispose the engine."""
-        self.hasher.close()
-        await self.registry.close()
+        """Let background writes finish, stop the bcrypt workers and dispose the engine."""
+        try:
+            await self.authenticator.settle()
+        finally:
+            self.hasher.close()
+            await self.registry.close()
 
 
 def auth_core(settings: Settings, *, answer_within: float | None = None) -> AuthCore:
@@ -68,6 +72,26 @@ async def run_until_signalled(
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+#: How long a background loop gets to finish its round once asked to stop, before it is cancelled.
+STOP_TIMEOUT = 5.0
+
+
+async def end_background(
+    task: asyncio.Task[None], request_stop: Callable[[], None], *, within: float = STOP_TIMEOUT
+) -> None:
+    """Ask a background loop to return after its round in progress, and wait for it.
+
+    Cancelled only when it has not returned within ``within`` seconds (a database that hangs): a
+    query cut off mid-way leaves its connection to the garbage collector, and a write loses
+    what it was writing.
+    """
+    request_stop()
+    _, pending = await asyncio.wait({task}, timeout=within)
+    if pending:
+        task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def settle_heap() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -15,7 +16,7 @@ from auth_plugin.revocation import Revoker
 from auth_plugin.sessions import SessionHooks
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
-from broker.core import auth_core, run_until_signalled
+from broker.core import auth_core, end_background, run_until_signalled
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
@@ -39,7 +40,8 @@ class _Running:
     revoker: Revoker
     link: BrokerLink
     broker: MqttprovBroker | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    #: Background loops, each with the call that asks it to stop.
+    tasks: list[tuple[asyncio.Task[None], Callable[[], None]]] = field(default_factory=list)
 
 
 class BrokerServer:
@@ -135,8 +137,14 @@ class BrokerServer:
             await running.registry.close()
             raise
         running.tasks = [
-            asyncio.create_task(running.revoker.run(), name="mqttprov-revocation"),
-            asyncio.create_task(running.services.presence.run(), name="mqttprov-presence"),
+            (
+                asyncio.create_task(running.revoker.run(), name="mqttprov-revocation"),
+                running.revoker.request_stop,
+            ),
+            (
+                asyncio.create_task(running.services.presence.run(), name="mqttprov-presence"),
+                running.services.presence.request_stop,
+            ),
         ]
         self._running = running
         self.listeners = listeners(self.settings.broker)
@@ -157,11 +165,10 @@ class BrokerServer:
             if running.broker is not None:
                 await running.broker.shutdown()
         finally:
-            for task in running.tasks:
-                task.cancel()
-            await asyncio.gather(*running.tasks, return_exceptions=True)
+            await asyncio.gather(*(end_background(task, stop) for task, stop in running.tasks))
             try:
                 await running.services.presence.flush()
+                await running.services.authenticator.settle()
             finally:
                 running.hasher.close()
                 await running.registry.close()

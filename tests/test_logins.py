@@ -18,8 +18,10 @@ from pathlib import Path
 import bcrypt
 import pytest
 
+from auth_plugin.authenticator import ConnectAttempt
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from broker import BrokerServer
+from broker.core import auth_core
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
@@ -525,6 +527,32 @@ async def test_devices_connected_at_shutdown_are_left_offline(database_url: str)
         await registry.close()
     assert online.status is DeviceStatus.ONLINE
     assert after.status is DeviceStatus.OFFLINE
+
+
+async def test_a_refusal_recorded_in_the_background_is_written_before_the_core_closes(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    await upgrade(engine)
+    registry = DeviceRegistry(engine)
+    try:
+        device = await make_device(registry, "02:00:00:00:07:05")
+    finally:
+        await registry.close()
+    core = auth_core(settings(database_url))
+    user = device.mqtt_username
+    decision = await core.authenticator.authenticate(
+        ConnectAttempt(client_id=user, username=user, password="wrong-password", address="127.0.0.1")
+    )
+    await core.close()  # at once: the login_refused event is still being written
+
+    registry = DeviceRegistry(create_engine(database_url))
+    try:
+        events = await registry.events(device.id)
+    finally:
+        await registry.close()
+    assert not decision.accepted
+    assert [(e.kind, e.count) for e in events if e.kind == "login_refused"] == [("login_refused", 1)]
 
 
 async def test_thirty_logins_are_written_in_a_couple_of_batches(database_url: str) -> None:
