@@ -16,7 +16,7 @@ from auth_plugin.revocation import Revoker
 from auth_plugin.sessions import SessionHooks
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
-from broker.core import auth_core, end_background, run_until_signalled
+from broker.core import AuthCore, auth_core, end_background, run_until_signalled
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
@@ -33,9 +33,7 @@ logger = logging.getLogger(__name__)
 class _Running:
     """Everything a started server owns, released in :meth:`BrokerServer.stop`."""
 
-    registry: DeviceRegistry
-    accounts: AccountRegistry
-    hasher: PasswordHasher
+    core: AuthCore
     services: Services
     revoker: Revoker
     link: BrokerLink
@@ -63,12 +61,12 @@ class BrokerServer:
     @property
     def registry(self) -> DeviceRegistry:
         """The registry this server uses (valid while started)."""
-        return self._state().registry
+        return self._state().core.registry
 
     @property
     def accounts(self) -> AccountRegistry:
         """The service-account registry (valid while started)."""
-        return self._state().accounts
+        return self._state().core.accounts
 
     @property
     def broker(self) -> MqttprovBroker:
@@ -85,25 +83,23 @@ class BrokerServer:
     @property
     def hasher(self) -> PasswordHasher:
         """The bcrypt worker pool (valid while started)."""
-        return self._state().hasher
+        return self._state().core.hasher
 
     def _assemble(self) -> _Running:
         settings = self.settings
         core = auth_core(settings)
-        registry, accounts, hasher = core.registry, core.accounts, core.hasher
-        authenticator = core.authenticator
+        registry, authenticator = core.registry, core.authenticator
         link = BrokerLink()
-        revoker = Revoker(
-            registry, accounts, authenticator.cache, link, interval=settings.auth.revocation_poll_interval
-        )
+        interval = settings.auth.revocation_poll_interval
+        revoker = Revoker(registry, core.accounts, authenticator.cache, link, interval=interval)
         services = Services(
             authenticator=authenticator,
-            provisioning=ProvisioningService(registry, hasher, settings, sessions=link),
+            provisioning=ProvisioningService(registry, core.hasher, settings, sessions=link),
             sessions=link,
             presence=PresenceRecorder(PresenceStore(registry.engine)),
             revoker=revoker,
         )
-        return _Running(registry, accounts, hasher, services, revoker, link)
+        return _Running(core, services, revoker, link)
 
     async def start(self) -> None:
         """Migrate the registry and open every listener; :class:`ServeError` on failure."""
@@ -112,7 +108,7 @@ class BrokerServer:
         check_tls_files(self.settings.broker)
         running = self._assemble()
         try:
-            await upgrade_if_behind(running.registry.engine)
+            await upgrade_if_behind(running.core.registry.engine)
             await running.services.presence.start_clean()
             broker = MqttprovBroker(
                 amqtt_config(self.settings, running.services),
@@ -133,8 +129,7 @@ class BrokerServer:
                 raise ServeError(f"cannot start the broker: {_root_cause(exc)}") from exc
             running.broker = broker
         except BaseException:
-            running.hasher.close()
-            await running.registry.close()
+            await running.core.close()
             raise
         running.tasks = [
             (
@@ -168,10 +163,8 @@ class BrokerServer:
             await asyncio.gather(*(end_background(task, stop) for task, stop in running.tasks))
             try:
                 await running.services.presence.flush()
-                await running.services.authenticator.settle()
             finally:
-                running.hasher.close()
-                await running.registry.close()
+                await running.core.close()
         logger.info("broker stopped")
 
     async def __aenter__(self) -> Self:
