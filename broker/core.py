@@ -99,10 +99,10 @@ def settle_heap() -> None:
 
     A started process holds a few hundred thousand objects that live as long as it does (the
     modules, SQLAlchemy's and pydantic's schemas, compiled statements, the settings), and every
-    full collection would walk them all again. amqtt makes thousands of short-lived objects per
-    connection (a ``transitions`` state machine each), so a reconnect storm triggers a full
-    collection every few hundred connections: measured, ~0.3 ms of the loop per reconnect,
-    a third of a warm reconnect's cost. Frozen, a full collection walks only what came after.
+    full collection would walk them all again. amqtt makes many short-lived objects per
+    connection, so a reconnect storm triggers a full collection every few hundred connections:
+    measured before the freeze, about 0.3 ms of the loop per reconnect (docs/benchmarks.md).
+    Frozen, a full collection walks only what came after.
     """
     gc.collect()
     gc.freeze()
