@@ -97,12 +97,17 @@ def _recv_exactly(sock: socket.socket, count: int) -> bytes:
     return buf
 
 
+def console_script(name: str) -> str:
+    """An installed console script (``mqttprov``, amqtt's ``amqtt``) next to this interpreter."""
+    found = shutil.which(name, path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError(f"{name} is not installed next to {sys.executable}")
+    return found
+
+
 def mqttprov_executable() -> str:
     """The installed ``mqttprov`` console script next to this interpreter."""
-    found = shutil.which("mqttprov", path=str(Path(sys.executable).parent))
-    if found is None:
-        raise RuntimeError(f"mqttprov is not installed next to {sys.executable}")
-    return found
+    return console_script("mqttprov")
 
 
 def run_mqttprov(

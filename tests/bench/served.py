@@ -8,10 +8,8 @@ modules would weigh on both sides).
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import TracebackType
@@ -19,17 +17,10 @@ from typing import Any, Literal, Self
 
 from tests.bench.brokers import ANONYMOUS_PLUGIN, log_summary
 from tests.bench.procs import BenchCrashError, rss_kib
-from tests.helpers import write_config
+from tests.helpers import console_script, write_config
 
 ServedKind = Literal["mqttprov", "amqtt-anonymous"]
 _POLL = 0.05
-
-
-def _script(name: str) -> str:
-    found = shutil.which(name, path=str(Path(sys.executable).parent))
-    if found is None:
-        raise BenchCrashError(f"{name} is not installed next to {sys.executable}")
-    return found
 
 
 class ServedBroker:
@@ -51,7 +42,7 @@ class ServedBroker:
             if settings is None:
                 raise ValueError("mqttprov needs its settings")
             config = write_config(directory / f"mqttprov-{port}.toml", settings)
-            argv = [_script("mqttprov"), "serve", "--config", str(config)]
+            argv = [console_script("mqttprov"), "serve", "--config", str(config)]
         else:
             config = directory / f"amqtt-{port}.yaml"
             amqtt_config = {
@@ -59,7 +50,7 @@ class ServedBroker:
                 "plugins": {ANONYMOUS_PLUGIN: {"allow_anonymous": True}},
             }
             config.write_text(json.dumps(amqtt_config), encoding="utf-8")  # JSON is YAML
-            argv = [_script("amqtt"), "-c", str(config)]
+            argv = [console_script("amqtt"), "-c", str(config)]
         with self.log_file.open("wb") as log:
             self._process = subprocess.Popen(
                 argv,
