@@ -188,9 +188,9 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
     Waiting for a packet to *start* is bounded by whoever reads (amqtt's keep-alive, our CONNECT
     timeout); once its first byte is in, the rest must arrive within ``frame_timeout``.
 
-    Over TCP and TLS it reads what has arrived from the socket's stream in one call and cuts
-    packets out of it, so a packet already received costs no further waits or timers; over
-    websockets (amqtt's reader has no such stream) it reads a packet's header byte by byte.
+    It cuts packets out of what it has read: over TCP and TLS whatever has arrived on the
+    socket's stream, so a packet already received costs no further waits or timers; over
+    websockets (amqtt's reader has no such stream) the header byte by byte, then the rest.
     """
 
     def __init__(
@@ -238,10 +238,7 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         self._ended = True
 
     async def _next_packet(self) -> None:
-        if self._stream is not None:
-            packet = await self._cut_packet(self._stream)
-        else:
-            packet = await self._read_packet()
+        packet = await self._cut_packet()
         if packet is None or self._ended:  # ended while the packet was arriving: drop it
             return
         first, header, body = packet
@@ -258,96 +255,64 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
             self._ended = True
         self._pos = 0
 
-    async def _cut_packet(self, stream: asyncio.StreamReader) -> tuple[bytes, bytes, bytes] | None:
+    async def _cut_packet(self) -> tuple[bytes, bytes, bytes] | None:
         """The next packet as (first byte, remaining-length bytes, body), from what was read."""
-        raw = self._raw
         deadline: float | None = None
-        while True:
-            if raw:
-                header_end, length = _remaining_length_in(raw)
-                if header_end < 0:
-                    self._reject("remaining length longer than four bytes")
-                    return None
-                if header_end and length > self._max_packet_bytes:
-                    self._reject(
-                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
-                    )
-                    return None
-                if header_end and len(raw) >= header_end + length:
-                    packet = bytes(raw[: header_end + length])
-                    del raw[: header_end + length]
-                    return packet[:1], packet[1:header_end], packet[header_end:]
-                if deadline is None:
-                    deadline = asyncio.get_running_loop().time() + self._frame_timeout
+        while (need := self._needed()) > 0:
+            if self._raw and deadline is None:
+                deadline = asyncio.get_running_loop().time() + self._frame_timeout
             try:
                 if deadline is None:
-                    chunk = await stream.read(_READ_SIZE)
+                    chunk = await self._more(need)
                 else:
                     async with asyncio.timeout_at(deadline):
-                        chunk = await stream.read(_READ_SIZE)
+                        chunk = await self._more(need)
             except TimeoutError:
                 self._reject(f"a packet not complete within {self._frame_timeout}s")
                 return None
-            except (ConnectionError, OSError):
+            except (asyncio.IncompleteReadError, ConnectionError, OSError):
                 chunk = b""
+            except asyncio.CancelledError:
+                if self._stream is None and self._raw:
+                    # Cancelled mid-packet (a keep-alive expiry) on a reader that may have
+                    # consumed part of a message: what follows would be out of step.
+                    self._ended = True
+                raise
             if not chunk:
                 self._ended = True
                 return None
-            raw += chunk
+            self._raw += chunk
+        if need < 0:
+            return None
+        raw = self._raw
+        header_end, length = _remaining_length_in(raw)
+        packet = bytes(raw[: header_end + length])
+        del raw[: header_end + length]
+        return packet[:1], packet[1:header_end], packet[header_end:]
 
-    async def _read_packet(self) -> tuple[bytes, bytes, bytes] | None:
-        """The next packet read field by field from a reader without a stream (websockets)."""
-        first = await self._exactly(1)
-        if first is None:
-            return None
-        try:
-            async with asyncio.timeout(self._frame_timeout):
-                header, length = await self._remaining_length()
-                if header is None:
-                    return None
-                if length > self._max_packet_bytes:
-                    self._reject(
-                        f"remaining length {length} over the limit of {self._max_packet_bytes} bytes"
-                    )
-                    return None
-                body = await self._exactly(length) if length else b""
-        except TimeoutError:
-            self._reject(f"a packet not complete within {self._frame_timeout}s")
-            return None
-        except asyncio.CancelledError:
-            # Cancelled mid-packet (a keep-alive expiry): what follows would be out of step.
-            self._ended = True
-            raise
-        if body is None:
-            return None
-        return first, header, body
+    def _needed(self) -> int:
+        """Bytes still missing from the packet at the front of what was read: 0 when it is whole,
+        -1 once it is rejected (a remaining length that is malformed or over the limit)."""
+        raw = self._raw
+        if not raw:
+            return 1
+        header_end, length = _remaining_length_in(raw)
+        if header_end < 0:
+            self._reject("remaining length longer than four bytes")
+            return -1
+        if not header_end:
+            return 1
+        if length > self._max_packet_bytes:
+            self._reject(f"remaining length {length} over the limit of {self._max_packet_bytes} bytes")
+            return -1
+        return max(header_end + length - len(raw), 0)
 
-    async def _remaining_length(self) -> tuple[bytes | None, int]:
-        encoded = bytearray()
-        value, multiplier = 0, 1
-        while True:
-            byte = await self._exactly(1)
-            if byte is None:
-                return None, 0
-            encoded += byte
-            value += (byte[0] & 0x7F) * multiplier
-            if not byte[0] & 0x80:
-                return bytes(encoded), value
-            if len(encoded) == 4:
-                self._reject("remaining length longer than four bytes")
-                return None, 0
-            multiplier *= 128
-
-    async def _exactly(self, count: int) -> bytes | None:
-        if self._ended:
-            return None
-        try:
-            data: bytes = await self._inner.read(count)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
-            data = b""
-        if len(data) < count:
-            self._ended = True
-            return None
+    async def _more(self, need: int) -> bytes:
+        """What has arrived on the socket's stream (up to :data:`_READ_SIZE`), or, from a reader
+        without one (websockets), the ``need`` bytes that complete the header or the packet."""
+        if self._stream is not None:
+            return await self._stream.read(_READ_SIZE)
+        data: bytes = await self._inner.read(need)
         return data
 
     def _reject(self, reason: str) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from amqtt.adapters import StreamReaderAdapter
+from amqtt.adapters import BufferReader, StreamReaderAdapter
 
 from broker.framing import FramingReader
 from tests.bench.mqtt import connect_packet, publish_packet, remaining_length, subscribe_packet
@@ -110,3 +110,26 @@ async def test_after_feed_eof_nothing_more_is_handed_over_and_the_socket_may_sti
     # asyncio asserts on data after its own feed_eof; ours leaves the socket's stream open.
     stream.feed_data(publish_packet("a/b", b"late"))
     assert await asyncio.wait_for(reader.read(len(second)), 5.0) == b""
+
+
+async def test_a_reader_without_a_socket_stream_gets_the_same_packets_and_limits() -> None:
+    # amqtt's websocket reader has no asyncio stream: the header is read byte by byte, then the
+    # rest of the packet exactly. BufferReader is amqtt's own reader of that kind over bytes.
+    packets = [connect_packet("c1"), subscribe_packet("a/#"), publish_packet("a/b", b"x" * 300)]
+    reader = FramingReader(
+        BufferReader(b"".join(packets)), peer="test", max_packet_bytes=1_000, frame_timeout=FRAME_TIMEOUT
+    )
+    for packet in packets:
+        assert await reader.read(len(packet)) == packet
+    assert await reader.read(2) == b""  # the end of the bytes
+    assert reader.violation is None
+
+    oversized = FramingReader(
+        BufferReader(connect_packet("c1") + publish_packet("a/b", b"x" * 2_000)),
+        peer="test",
+        max_packet_bytes=1_000,
+        frame_timeout=FRAME_TIMEOUT,
+    )
+    assert await oversized.read(len(connect_packet("c1"))) == connect_packet("c1")
+    assert await oversized.read(2) == b""
+    assert oversized.violation == "remaining length 2005 over the limit of 1000 bytes"
