@@ -98,6 +98,23 @@ class AuthSettings(_Section):
     max_refusal_delay: Annotated[float, Field(ge=0, le=30)] = 2.0
     #: How often each broker polls the credential change feed (PostgreSQL also wakes it by NOTIFY).
     revocation_poll_interval: Annotated[float, Field(gt=0, le=2)] = 0.5
+    #: Keep a keyed verifier (HMAC-SHA256) of every credential that passed a bcrypt check in the
+    #: registry: later logins of it, after a restart and in every process, cost an HMAC, not bcrypt.
+    verifiers: bool = True
+    #: The verifier key (at least 32 characters). Every process sharing a registry must use the
+    #: same one; unset, it is read from (or created in) ``verifier_key_file``.
+    verifier_key: SecretStr | None = None
+    #: Where the verifier key is kept when ``verifier_key`` is unset: created with mode 0600 on
+    #: first start. Default: ``mqttprov-verifier.key`` beside an SQLite database file, else in the
+    #: working directory.
+    verifier_key_file: Path | None = None
+
+    @field_validator("verifier_key")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 32:
+            raise ValueError("verifier_key must be at least 32 characters (e.g. `openssl rand -hex 32`)")
+        return value
 
 
 class ProvisioningSettings(_Section):
@@ -118,6 +135,9 @@ class ProvisioningSettings(_Section):
     address_requests_per_minute: Annotated[int, Field(ge=1)] = 1000
     address_burst: Annotated[int, Field(ge=1)] = 100
     max_concurrent: Annotated[int, Field(ge=1, le=10000)] = 256
+    #: Pre-generated credentials (password and bcrypt hash) kept in memory only, filled from idle
+    #: bcrypt time, so that an enrolment burst does not wait for one hash per request; 0: off.
+    credential_pool_size: Annotated[int, Field(ge=0, le=10000)] = 128
 
     @model_validator(mode="after")
     def _proof_needs_its_secret(self) -> ProvisioningSettings:
