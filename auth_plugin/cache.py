@@ -8,15 +8,20 @@ entries as soon as it sees a change. Plaintext passwords are never held.
 
 Once a login has been fully accepted, the entry also holds the session's principal: a warm
 reconnect is then answered without a registry read, and the change feed (which drops the entry)
-is what keeps that answer current.
+is what keeps that answer current. So that answer is only given while the feed is being read:
+once a follower is bound to the cache (:meth:`VerifiedCache.bind_to_feed`), principals are only
+answered within ``window`` seconds of its last successful read; later logins go to the registry.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import secrets
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from auth_plugin.principals import Principal
@@ -32,10 +37,30 @@ class _Entry:
 class VerifiedCache:
     """Bounded LRU map username -> (credential tag, keyed password digest, principal)."""
 
-    def __init__(self, max_entries: int = 200_000) -> None:
+    def __init__(self, max_entries: int = 200_000, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._key = secrets.token_bytes(32)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.max_entries = max_entries
+        self._clock = clock
+        # Unbound (no follower): only this process's own changes can drop entries, and they do.
+        self._window = math.inf
+        self._fresh_until = math.inf
+
+    def bind_to_feed(self, window: float) -> None:
+        """A change-feed follower keeps this cache current: from now on, principals are answered
+        only within ``window`` seconds of its last :meth:`feed_read`."""
+        self._window = window
+        self.feed_read()
+
+    def feed_read(self) -> None:
+        """The follower has read the feed and applied what it found."""
+        self._fresh_until = self._clock() + self._window
+
+    @property
+    def fresh(self) -> bool:
+        """False once the feed has not been read for longer than the window: an entry may then
+        outlive a revocation this process has not seen."""
+        return self._clock() < self._fresh_until
 
     def _digest(self, username: str, tag: str, password: str) -> bytes:
         material = "\x00".join((username, tag, password)).encode("utf-8", "surrogatepass")
@@ -51,11 +76,18 @@ class VerifiedCache:
         return entry
 
     def verified(self, username: str, tag: str, password: str) -> bool:
-        """True when this exact (username, password) was verified against this credential."""
+        """True when this exact (username, password) was verified against this credential.
+
+        Not bounded by :attr:`fresh`: ``tag`` comes from the registry read the caller just made,
+        so a stale entry cannot match it (and a lagging feed does not cost a bcrypt per login).
+        """
         return self._matching(username, password, tag) is not None
 
     def principal(self, username: str, password: str) -> Principal | None:
-        """The principal of an accepted login with this exact (username, password), if cached."""
+        """The principal of an accepted login with this exact (username, password), if cached
+        and the change feed has been read recently enough to vouch for it (see :attr:`fresh`)."""
+        if not self.fresh:
+            return None
         entry = self._matching(username, password)
         return None if entry is None else entry.principal
 
@@ -80,6 +112,10 @@ class VerifiedCache:
     def drop(self, username: str) -> None:
         """Forget a username (its credential changed)."""
         self._entries.pop(username, None)
+
+    def clear(self) -> None:
+        """Forget every username (what changed since they were verified is not known)."""
+        self._entries.clear()
 
     def __len__(self) -> int:
         return len(self._entries)

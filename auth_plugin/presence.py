@@ -11,8 +11,11 @@ import contextlib
 import logging
 import uuid
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry.models import utcnow
+from provisioning.registry.outage import OutageLog
 from provisioning.registry.presence import Presence, PresenceStore
 
 logger = logging.getLogger(__name__)
@@ -21,8 +24,11 @@ logger = logging.getLogger(__name__)
 class PresenceRecorder:
     """Collect presence in memory; :meth:`run` writes it behind."""
 
-    def __init__(self, store: PresenceStore, *, interval: float = 0.5) -> None:
+    def __init__(
+        self, store: PresenceStore, *, interval: float = 0.5, outage: OutageLog | None = None
+    ) -> None:
         self._store = store
+        self._outage = outage or OutageLog(logger)
         self.interval = interval
         self._latest: dict[uuid.UUID, Presence] = {}
         self._logins: dict[uuid.UUID, int] = {}
@@ -47,15 +53,21 @@ class PresenceRecorder:
             return
         try:
             await self._store.record(latest, logins)
-        except RegistryUnavailableError as exc:
+        except (RegistryUnavailableError, SQLAlchemyError, OSError) as exc:
             # Presence is best effort: keep the newest state for the next attempt.
-            logger.warning("presence not written (%d devices), will retry: %s", len(latest), exc)
+            self._outage.failed("presence: device status and last_seen_at wait", exc)
             for device_id, presence in latest.items():
                 self._latest.setdefault(device_id, presence)
             for device_id, count in logins.items():
                 self._logins[device_id] = self._logins.get(device_id, 0) + count
             return
+        self._outage.succeeded()
         self.batches_written += 1
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stopping
 
     def request_stop(self) -> None:
         """Make :meth:`run` return after the batch in progress is written (never cut off: a

@@ -4,6 +4,10 @@ Every broker process runs one follower. It polls ``credential_changes`` by prima
 ``interval`` seconds; on PostgreSQL a NOTIFY sent in the changing transaction wakes it at once.
 A session is disconnected when the credential it logged in with is no longer the current one
 (reissued, rotated, reset, decommissioned, deleted, removed).
+
+While the feed cannot be read, the verified cache stops vouching for its principals after
+``trust_window`` seconds (see :class:`VerifiedCache`): a device revoked meanwhile by another
+process cannot log in from this process's memory.
 """
 
 from __future__ import annotations
@@ -14,14 +18,26 @@ import logging
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal, credential_tag
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.outage import OutageLog
 from provisioning.registry.transactions import CHANGES_CHANNEL, watch_changes
 
 logger = logging.getLogger(__name__)
+
+#: The cache vouches for its principals this many poll intervals after the last good round ...
+TRUST_INTERVALS = 4
+#: ... and at least this many seconds (a busy loop must not turn every warm login cold).
+MIN_TRUST_SECONDS = 2.0
+#: Seconds before trying LISTEN again after it failed on a healthy database.
+LISTEN_RETRY_SECONDS = 30.0
+#: Seconds given to UNLISTEN and the release of its connection before the connection is dropped.
+LISTEN_CLOSE_SECONDS = 2.0
 
 
 class LiveSessions(Protocol):
@@ -37,7 +53,12 @@ class LiveSessions(Protocol):
 
 
 class Revoker:
-    """Applies credential changes to this process's cache and sessions."""
+    """Applies credential changes to this process's cache and sessions.
+
+    :meth:`run` survives every failure of the database: a round that fails is retried, and the
+    position in the feed only moves past changes that were applied (cache entries dropped,
+    sessions re-checked and kicked), so a change is never skipped.
+    """
 
     def __init__(
         self,
@@ -47,16 +68,28 @@ class Revoker:
         sessions: LiveSessions,
         *,
         interval: float = 0.5,
+        outage: OutageLog | None = None,
     ) -> None:
         self._devices = devices
         self._accounts = accounts
         self._cache = cache
         self._sessions = sessions
         self._interval = interval
+        self._outage = outage or OutageLog(logger)
         self._wake = asyncio.Event()
         self._rechecks: set[asyncio.Task[None]] = set()
+        # Sessions whose re-check after going live failed: re-checked by the next good round.
+        self._pending: dict[str, Principal] = {}
         self._stopping = False
+        # Kept across restarts of :meth:`run`: a restarted follower resumes, it does not skip.
+        self._last: int | None = None
+        self._listener: _Listener | None = None
+        self._listen_retry_at = 0.0
         self.kicked = 0
+        #: LISTEN connections opened (more than one: re-established after a lost connection).
+        self.listens_opened = 0
+        #: Seconds the cache vouches for its principals after a good round (see VerifiedCache.fresh).
+        self.trust_window = max(TRUST_INTERVALS * interval, MIN_TRUST_SECONDS)
         # Changes made by this process: drop the entries now, and read the feed now to kick.
         watch_changes(devices.engine, self._changed_here)
 
@@ -65,6 +98,19 @@ class Revoker:
         """True once :meth:`request_stop` was called."""
         return self._stopping
 
+    @property
+    def position(self) -> int | None:
+        """The id of the newest change applied (None until the feed could first be read)."""
+        return self._last
+
+    async def begin(self) -> None:
+        """Start following from the feed's newest change, before any login is answered.
+
+        Raises :class:`RegistryUnavailableError`; then :meth:`run` takes the position itself
+        and, not knowing what changed before it, forgets every cached verification.
+        """
+        self._last = await self._devices.last_change_id()
+
     def request_stop(self) -> None:
         """Make :meth:`run` return after the round in progress (a query is never cut off)."""
         self._stopping = True
@@ -72,35 +118,50 @@ class Revoker:
 
     async def run(self) -> None:
         """Follow the feed until :meth:`request_stop` (or until cancelled)."""
-        last = await self._devices.last_change_id()
-        listener = await self._listen()
-        unavailable = False
+        self._cache.bind_to_feed(self.trust_window)
         try:
+            first = self._last is None
             while not self._stopping:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._interval)
-                self._wake.clear()
-                if self._stopping:
-                    break
-                try:
-                    changes = await self._devices.changes_since(last)
-                except RegistryUnavailableError as exc:
-                    if not unavailable:
-                        logger.warning("credential change feed unavailable, retrying: %s", exc)
-                    unavailable = True
-                    continue
-                unavailable = False
-                if changes:
-                    last = changes[-1][0]
-                    await self.apply({username for _, username, _ in changes})
+                if not first:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), self._interval)
+                    self._wake.clear()
+                    if self._stopping:
+                        break
+                first = False
+                if await self._round():
+                    await self._keep_listening()
         finally:
-            for task in list(self._rechecks):
-                task.cancel()
-            if listener is not None:
-                await listener.close()
+            if self._stopping:
+                for task in list(self._rechecks):
+                    task.cancel()
+                await self._stop_listening()
+
+    async def _round(self) -> bool:
+        """Read the feed once and apply it; False when the database failed (retried next round)."""
+        try:
+            if self._last is None:
+                self._last = await self._devices.last_change_id()
+                # Logins cached before the position was known may predate a revocation.
+                self._cache.clear()
+            changes = await self._devices.changes_since(self._last)
+            if changes:
+                await self.apply({username for _, username, _ in changes})
+                self._last = changes[-1][0]
+            await self._recheck_pending()
+        except (RegistryUnavailableError, SQLAlchemyError, OSError) as exc:
+            self._outage.failed("change feed: revocations wait, cached logins go to the registry", exc)
+            return False
+        self._cache.feed_read()
+        self._outage.succeeded()
+        return True
 
     async def apply(self, usernames: set[str]) -> None:
-        """Drop cache entries and end the sessions whose credential is no longer current."""
+        """Drop cache entries and end the sessions whose credential is no longer current.
+
+        Raises :class:`RegistryUnavailableError` when a session could not be re-checked: the
+        caller applies the same changes again later (dropping and kicking twice is harmless).
+        """
         for username in usernames:
             self._cache.drop(username)
         for client_id, principal in list(self._sessions.live_principals()):
@@ -131,11 +192,22 @@ class Revoker:
     async def _recheck(self, client_id: str, principal: Principal) -> None:
         try:
             valid = await self._still_valid(principal)
-        except RegistryUnavailableError as exc:
-            logger.warning("could not re-check client=%r after a credential change: %s", client_id, exc)
+        except (RegistryUnavailableError, SQLAlchemyError, OSError):
+            # Not dropped: the follower's next good round checks it again.
+            self._pending[client_id] = principal
             return
         if not valid:
             await self._kick(client_id, principal)
+
+    async def _recheck_pending(self) -> None:
+        if not self._pending:
+            return
+        live = dict(self._sessions.live_principals())
+        for client_id, principal in list(self._pending.items()):
+            # The same session only: its client may have reconnected with a valid credential since.
+            if live.get(client_id) == principal and not await self._still_valid(principal):
+                await self._kick(client_id, principal)
+            del self._pending[client_id]
 
     async def _kick(self, client_id: str, principal: Principal) -> None:
         if await self._sessions.kick(client_id, "credentials revoked"):
@@ -156,17 +228,41 @@ class Revoker:
             return account is not None and credential_tag(account.password_hash) == principal.tag
         return True
 
+    async def _keep_listening(self) -> None:
+        """On PostgreSQL, hold a LISTEN so a NOTIFY wakes the follower at once; open it again
+        after its connection was lost (polling covers the gap, and is the fallback)."""
+        if self._devices.engine.dialect.name != "postgresql":
+            return
+        if self._listener is not None:
+            if self._listener.alive:
+                return
+            await self._stop_listening()
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._listen_retry_at:
+            return
+        self._listener = await self._listen()
+        if self._listener is None:
+            self._listen_retry_at = loop.time() + LISTEN_RETRY_SECONDS
+            return
+        self.listens_opened += 1
+        if self.listens_opened > 1:
+            logger.info("LISTEN on %s re-established after a lost connection", CHANGES_CHANNEL)
+
+    async def _stop_listening(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
+
     async def _listen(self) -> _Listener | None:
-        """On PostgreSQL, LISTEN on the change channel so a NOTIFY wakes the follower at once."""
         engine = self._devices.engine
-        if engine.dialect.name != "postgresql":
-            return None
         conn: Any = None
         try:
             conn = await engine.connect()
             raw = await conn.get_raw_connection()
             driver: Any = raw.driver_connection
             await driver.add_listener(CHANGES_CHANNEL, self._notified)
+            # A lost connection wakes the follower, whose next good round listens again.
+            driver.add_termination_listener(self._notified)
         except Exception as exc:  # noqa: BLE001 - polling still works; say why LISTEN did not
             logger.warning("LISTEN on %s failed, polling only: %s", CHANGES_CHANNEL, exc)
             await _release(conn)
@@ -196,14 +292,30 @@ async def _release(conn: Any) -> None:
 
 
 class _Listener:
-    """The connection held open for LISTEN, released on stop."""
+    """The connection held open for LISTEN, released on stop or once lost."""
 
     def __init__(self, conn: Any, driver: Any, callback: Any) -> None:
         self._conn = conn
         self._driver = driver
         self._callback = callback
 
+    @property
+    def alive(self) -> bool:
+        """False once the connection was lost (the server restarted, the link was cut)."""
+        return not self._driver.is_closed()
+
     async def close(self) -> None:
+        if self.alive:
+            with contextlib.suppress(Exception):
+                self._driver.remove_termination_listener(self._callback)
+                # Bounded: on a stalled link UNLISTEN and the pool's reset would wait for ever.
+                await asyncio.wait_for(self._unlisten_and_release(), LISTEN_CLOSE_SECONDS)
+                return
+        # Lost or stalled: nothing to UNLISTEN on, and a pool reset would fail; drop it.
         with contextlib.suppress(Exception):
-            await self._driver.remove_listener(CHANGES_CHANNEL, self._callback)
+            await self._conn.invalidate()
+        await _release(self._conn)
+
+    async def _unlisten_and_release(self) -> None:
+        await self._driver.remove_listener(CHANGES_CHANNEL, self._callback)
         await self._conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import ssl
@@ -25,7 +26,7 @@ from auth_plugin.authd import (
     vernemq,
 )
 from auth_plugin.authd.app import build_app
-from broker.core import AuthCore, auth_core, end_background, run_until_signalled
+from broker.core import AuthCore, Supervised, auth_core, run_until_signalled
 from broker.errors import ServeError
 from config import AuthdSettings, Settings
 from provisioning.errors import RegistryUnavailableError
@@ -79,7 +80,7 @@ class _Running:
     service: AuthdService
     revoker: AuthdRevoker
     runner: web.AppRunner
-    task: asyncio.Task[None]
+    follower: Supervised
 
 
 class AuthdServer:
@@ -135,31 +136,19 @@ class AuthdServer:
             await runner.cleanup()
             await core.close()
             raise ServeError(f"authd cannot listen on {section.host}:{section.port}: {exc}") from exc
-        task = asyncio.create_task(self._follow(revoker), name="mqttprov-authd-revocation")
-        self._running = _Running(core, service, revoker, runner, task)
+        # The follower rides out the database being away (at start too) by itself.
+        with contextlib.suppress(RegistryUnavailableError):
+            await revoker.begin()
+        follower = Supervised("mqttprov-authd-revocation", revoker).start()
+        self._running = _Running(core, service, revoker, runner, follower)
         logger.info("authd listening on %s (contracts: %s)", self.url, ", ".join(section.contracts))
-
-    async def _follow(self, revoker: AuthdRevoker) -> None:
-        # The follower needs the database to start; keep trying rather than die with it, and say
-        # so once a minute, not at every retry.
-        interval = self.settings.auth.revocation_poll_interval
-        loop = asyncio.get_running_loop()
-        quiet_until = 0.0
-        while not revoker.stopping:
-            try:
-                await revoker.run()
-            except RegistryUnavailableError as exc:
-                if loop.time() >= quiet_until:
-                    logger.warning("credential change feed unavailable, retrying: %s", exc)
-                    quiet_until = loop.time() + 60
-                await asyncio.sleep(interval)
 
     async def stop(self) -> None:
         """Stop answering, stop following the feed, release the pool and the engine."""
         running, self._running = self._running, None
         if running is None:
             return
-        await end_background(running.task, running.revoker.request_stop)
+        await running.follower.stop()
         try:
             await running.runner.cleanup()
         finally:

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import Protocol, Self
 
 from auth_plugin.authenticator import Authenticator
 from config import Settings
@@ -76,6 +77,79 @@ async def run_until_signalled(
 
 #: How long a background loop gets to finish its round once asked to stop, before it is cancelled.
 STOP_TIMEOUT = 5.0
+#: First and longest pause before a background loop that died is started again.
+RESTART_BACKOFF = 1.0
+MAX_RESTART_BACKOFF = 30.0
+
+
+class BackgroundLoop(Protocol):
+    """A loop that runs until asked to stop after its round in progress."""
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        ...
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after its round in progress."""
+        ...
+
+    async def run(self) -> None:
+        """Run until :meth:`request_stop`."""
+        ...
+
+
+class Supervised:
+    """Runs a background loop in a named task and starts it again, with backoff, when it dies.
+
+    A loop is meant to survive its dependencies' failures by itself; one that raises anyway (a
+    bug) or returns without being asked is logged at ERROR, with the traceback, and restarted:
+    never silently gone.
+    """
+
+    def __init__(self, name: str, loop: BackgroundLoop) -> None:
+        self.name = name
+        self._loop = loop
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        #: Times the loop was started again after it died.
+        self.restarts = 0
+
+    def start(self) -> Self:
+        """Start the loop in a task of its own (call once, from the running event loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name=self.name)
+        return self
+
+    def request_stop(self) -> None:
+        """Stop the loop after its round, and any pause before a restart at once."""
+        self._stop.set()
+        self._loop.request_stop()
+
+    async def stop(self, *, within: float = STOP_TIMEOUT) -> None:
+        """Stop the loop and wait for it (see :func:`end_background`)."""
+        if self._task is not None:
+            await end_background(self._task, self.request_stop, within=within)
+
+    async def _supervise(self) -> None:
+        backoff = RESTART_BACKOFF
+        while True:
+            try:
+                await self._loop.run()
+            except Exception:
+                if self._loop.stopping:
+                    logger.exception("%s failed while stopping", self.name)
+                    return
+                logger.exception("%s died; restarting it in %.0f s", self.name, backoff)
+            else:
+                if self._loop.stopping:
+                    return
+                logger.error("%s returned unasked; restarting it in %.0f s", self.name, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), backoff)
+            if self._loop.stopping or self._stop.is_set():
+                return
+            self.restarts += 1
+            backoff = min(backoff * 2, MAX_RESTART_BACKOFF)
 
 
 async def end_background(
@@ -90,8 +164,13 @@ async def end_background(
     request_stop()
     _, pending = await asyncio.wait({task}, timeout=within)
     if pending:
+        logger.warning("%s did not stop within %.0f s: cancelled", task.get_name(), within)
         task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+        # Bounded too: a loop that ignores its cancellation must not hold the shutdown.
+        await asyncio.wait({task}, timeout=within)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        logger.error("%s ended with an error", task.get_name(), exc_info=exc)
 
 
 def settle_heap() -> None:

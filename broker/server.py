@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -16,12 +15,13 @@ from auth_plugin.revocation import Revoker
 from auth_plugin.sessions import SessionHooks
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
 from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
-from broker.core import AuthCore, auth_core, end_background, run_until_signalled
+from broker.core import STOP_TIMEOUT, AuthCore, Supervised, auth_core, run_until_signalled
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.outage import OutageLog
 from provisioning.registry.presence import PresenceStore
 from provisioning.registry.revisions import upgrade_if_behind
 from provisioning.service import ProvisioningService
@@ -38,8 +38,8 @@ class _Running:
     revoker: Revoker
     link: BrokerLink
     broker: MqttprovBroker | None = None
-    #: Background loops, each with the call that asks it to stop.
-    tasks: list[tuple[asyncio.Task[None], Callable[[], None]]] = field(default_factory=list)
+    #: Background loops, restarted should one die.
+    loops: list[Supervised] = field(default_factory=list)
 
 
 class BrokerServer:
@@ -91,12 +91,16 @@ class BrokerServer:
         registry, authenticator = core.registry, core.authenticator
         link = BrokerLink()
         interval = settings.auth.revocation_poll_interval
-        revoker = Revoker(registry, core.accounts, authenticator.cache, link, interval=interval)
+        # One story per outage for the whole process, whichever loop notices first.
+        outage = OutageLog(logger)
+        revoker = Revoker(
+            registry, core.accounts, authenticator.cache, link, interval=interval, outage=outage
+        )
         services = Services(
             authenticator=authenticator,
             provisioning=ProvisioningService(registry, core.hasher, settings, sessions=link),
             sessions=link,
-            presence=PresenceRecorder(PresenceStore(registry.engine)),
+            presence=PresenceRecorder(PresenceStore(registry.engine), outage=outage),
             revoker=revoker,
         )
         return _Running(core, services, revoker, link)
@@ -110,6 +114,7 @@ class BrokerServer:
         try:
             await upgrade_if_behind(running.core.registry.engine)
             await running.services.presence.start_clean()
+            await running.revoker.begin()
             broker = MqttprovBroker(
                 amqtt_config(self.settings, running.services),
                 limits=ConnectionLimits(
@@ -131,15 +136,10 @@ class BrokerServer:
         except BaseException:
             await running.core.close()
             raise
-        running.tasks = [
-            (
-                asyncio.create_task(running.revoker.run(), name="mqttprov-revocation"),
-                running.revoker.request_stop,
-            ),
-            (
-                asyncio.create_task(running.services.presence.run(), name="mqttprov-presence"),
-                running.services.presence.request_stop,
-            ),
+        running.loops = [
+            Supervised("mqttprov-revocation", running.revoker).start(),
+            Supervised("mqttprov-presence", running.services.presence).start(),
+            Supervised("mqttprov-credential-pool", running.services.provisioning.pool).start(),
         ]
         self._running = running
         self.listeners = listeners(self.settings.broker)
@@ -152,7 +152,11 @@ class BrokerServer:
         )
 
     async def stop(self) -> None:
-        """Close every connection and listener, write pending presence, dispose the engine."""
+        """Close every connection and listener, write pending presence, dispose the engine.
+
+        Bounded even with the database stalled (docs/operations/database-faults.md): each step
+        that waits for the database gives up after :data:`STOP_TIMEOUT` seconds.
+        """
         running, self._running = self._running, None
         if running is None:
             return
@@ -160,9 +164,11 @@ class BrokerServer:
             if running.broker is not None:
                 await running.broker.shutdown()
         finally:
-            await asyncio.gather(*(end_background(task, stop) for task, stop in running.tasks))
+            await asyncio.gather(*(loop.stop() for loop in running.loops))
             try:
-                await running.services.presence.flush()
+                await asyncio.wait_for(running.services.presence.flush(), STOP_TIMEOUT)
+            except TimeoutError:
+                logger.warning("last presence batch not written: the database did not answer")
             finally:
                 await running.core.close()
         logger.info("broker stopped")

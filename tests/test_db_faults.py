@@ -1,0 +1,270 @@
+"""Database faults under the change-feed follower: it survives a failure at each of its awaits,
+never skips a change, is restarted if it dies anyway, tells one story per outage, and the cache
+stops vouching for logins once the feed has not been read for a while.
+
+Faults are injected by making one repository call fail as the driver's would (translated to
+:class:`RegistryUnavailableError`); the outages through a real connection are in
+``test_db_faults_postgres.py``. Changes are made through a second engine, as the CLI would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from auth_plugin.authenticator import ConnectAttempt
+from auth_plugin.cache import VerifiedCache
+from auth_plugin.principals import Principal
+from auth_plugin.revocation import Revoker
+from broker.core import AuthCore, Supervised, auth_core
+from provisioning.errors import RegistryUnavailableError
+from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
+from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.migrate import upgrade
+from provisioning.registry.outage import OutageLog
+from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, eventually, make_account, make_device, polled
+from tests.helpers import broker_settings
+from tests.test_revocation import Sessions
+
+Call = Callable[..., Awaitable[Any]]
+
+
+class Fault:
+    """Makes one repository method fail ``times`` times, as if the database were gone."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, owner: object, name: str, times: int = 2) -> None:
+        real: Call = getattr(owner, name)
+        self.left = times
+        self.spent = asyncio.Event()
+
+        async def failing(*args: Any, **kwargs: Any) -> Any:
+            if self.left > 0:
+                self.left -= 1
+                if self.left == 0:
+                    self.spent.set()
+                raise RegistryUnavailableError("database unavailable: injected fault")
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, failing)
+
+
+@dataclass
+class Broker:
+    """One broker process as the follower sees it (a core, a live-session table, a follower)
+    and the CLI's own engine on the same database."""
+
+    core: AuthCore
+    cli: DeviceRegistry
+    cli_accounts: AccountRegistry
+    sessions: Sessions
+    revoker: Revoker
+
+    async def login(
+        self, username: str, password: str = PASSWORD, client_id: str | None = None
+    ) -> Principal | None:
+        """A CONNECT answered by this broker; a live session when accepted."""
+        client_id = client_id or username
+        attempt = ConnectAttempt(client_id, username, password)
+        principal = (await self.core.authenticator.authenticate(attempt)).principal
+        if principal is not None:
+            self.sessions.live[client_id] = principal
+        return principal
+
+    async def kicked(self, client_id: str) -> None:
+        """Wait until the follower throws ``client_id`` off."""
+        while await asyncio.wait_for(self.sessions.kicked.get(), 10) != client_id:
+            pass
+
+
+@pytest.fixture
+async def broker(sqlite_url: str) -> AsyncIterator[Broker]:
+    core = auth_core(broker_settings(sqlite_url))
+    cli_engine = create_engine(sqlite_url)
+    await upgrade(cli_engine)
+    sessions = Sessions()
+    revoker = Revoker(core.registry, core.accounts, core.authenticator.cache, sessions, interval=0.05)
+    try:
+        yield Broker(core, DeviceRegistry(cli_engine), AccountRegistry(cli_engine), sessions, revoker)
+    finally:
+        await core.close()
+        await cli_engine.dispose()
+
+
+async def _live_device(broker: Broker, mac: str) -> DeviceInfo:
+    device = await make_device(broker.cli, mac)
+    assert await broker.login(device.mqtt_username) is not None
+    return device
+
+
+async def _decommissioned_and_refused(broker: Broker, device: DeviceInfo) -> None:
+    """A decommission by the CLI throws the live session off, and the next login is refused."""
+    await broker.cli.decommission(device.id)
+    await broker.kicked(device.mqtt_username)
+    assert await broker.login(device.mqtt_username) is None
+
+
+@pytest.mark.parametrize(
+    ("owner", "method"),
+    [
+        ("registry", "last_change_id"),
+        ("registry", "changes_since"),
+        ("registry", "find_credentials_by_username"),
+        ("accounts", "find"),
+    ],
+)
+async def test_the_follower_survives_the_database_failing_at_each_await_and_applies_later_changes(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, owner: str, method: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    first = await _live_device(broker, "02:00:00:00:0f:01")
+    later = await _live_device(broker, "02:00:00:00:0f:02")
+    await make_account(broker.cli_accounts, "ops", ["subscribe devices/#"])
+    assert await broker.login("ops", ACCOUNT_PASSWORD, "ops-1") is not None
+    fault = Fault(monkeypatch, getattr(broker.core, owner), method)
+    follower = Supervised("test-follower", broker.revoker).start()
+    # The change whose application meets the fault (none for the start's read): retried, not
+    # skipped, so its session is thrown off once the database answers again.
+    if method == "find":
+        await broker.cli_accounts.remove("ops")
+        await broker.kicked("ops-1")
+    elif method == "last_change_id":
+        await eventually(polled(lambda: broker.revoker.position), lambda position: position is not None)
+    else:
+        await broker.cli.decommission(first.id)
+        await broker.kicked(first.mqtt_username)
+    assert fault.spent.is_set()
+    await _decommissioned_and_refused(broker, later)
+    await follower.stop()
+
+    assert follower.restarts == 0  # survived by itself: nothing died
+    outage = [r for r in caplog.records if "database" in r.getMessage()]
+    assert [r.levelname for r in outage] == ["WARNING", "INFO"]
+    assert "database unavailable (change feed" in outage[0].getMessage()
+    assert outage[1].getMessage().startswith("database recovered after")
+    assert all(r.exc_info is None for r in outage)  # routine: no traceback
+
+
+async def test_a_session_whose_recheck_failed_is_checked_again_by_the_next_round(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = await _live_device(broker, "02:00:00:00:0f:03")
+    principal = broker.sessions.live[device.mqtt_username]
+    await broker.cli.decommission(device.id)
+    broker.core.authenticator.cache.drop(device.mqtt_username)  # as the follower would have
+    fault = Fault(monkeypatch, broker.core.registry, "find_credentials_by_username", times=1)
+
+    broker.revoker.confirm(device.mqtt_username, principal)
+    await asyncio.wait_for(fault.spent.wait(), 10)
+    follower = Supervised("test-follower", broker.revoker).start()
+    await broker.kicked(device.mqtt_username)
+    await follower.stop()
+
+
+class _BugError(Exception):
+    """A bug in a dependency: not a database failure."""
+
+
+async def test_a_follower_that_dies_anyway_is_logged_with_its_traceback_and_restarted(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("broker.core.RESTART_BACKOFF", 0.01)
+    first = await _live_device(broker, "02:00:00:00:0f:04")
+    later = await _live_device(broker, "02:00:00:00:0f:05")
+    real_kick = broker.sessions.kick
+    bugs = [_BugError("kick failed")]
+
+    async def kick(client_id: str, reason: str) -> bool:
+        if bugs:
+            raise bugs.pop()
+        return await real_kick(client_id, reason)
+
+    monkeypatch.setattr(broker.sessions, "kick", kick)
+    follower = Supervised("test-follower", broker.revoker).start()
+    await broker.cli.decommission(first.id)
+    await broker.kicked(first.mqtt_username)  # the change is applied again after the restart
+    await _decommissioned_and_refused(broker, later)
+    await follower.stop()
+
+    assert follower.restarts == 1
+    died = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(died) == 1
+    assert "test-follower died; restarting it" in died[0].getMessage()
+    assert died[0].exc_info is not None
+    assert died[0].exc_info[0] is _BugError
+
+
+async def test_the_cache_stops_vouching_for_logins_while_the_feed_cannot_be_read(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = await _live_device(broker, "02:00:00:00:0f:06")
+    username = device.mqtt_username
+    cache = broker.core.authenticator.cache
+    monkeypatch.setattr(broker.revoker, "trust_window", 0.3)
+    follower = Supervised("test-follower", broker.revoker).start()
+    assert await broker.login(username) is not None
+    assert cache.principal(username, PASSWORD) is not None  # warm: no registry read
+
+    # Cut off from the feed (the CLI is not): a decommission meanwhile is not seen here.
+    fault = Fault(monkeypatch, broker.core.registry, "changes_since", times=10**9)
+    await broker.cli.decommission(device.id)
+    assert not await eventually(polled(lambda: cache.fresh), lambda fresh: not fresh)
+
+    assert cache.principal(username, PASSWORD) is None
+    assert await broker.login(username) is None  # the login read the registry
+    fault.left = 0
+    await broker.kicked(username)
+    await follower.stop()
+
+
+def test_a_bound_cache_answers_principals_only_within_the_window_after_the_last_read() -> None:
+    now = [100.0]
+    cache = VerifiedCache(clock=lambda: now[0])
+    principal: Principal = object()  # type: ignore[assignment]
+    cache.remember("u", "tag", "pw")
+    cache.accept("u", "tag", principal)
+    now[0] += 3600
+    assert cache.principal("u", "pw") is principal  # unbound: only this process changes it
+
+    cache.bind_to_feed(2.0)
+    now[0] += 1.9
+    assert cache.principal("u", "pw") is principal
+    now[0] += 0.2
+    assert cache.principal("u", "pw") is None
+    assert cache.verified("u", "tag", "pw")  # the tag comes from a fresh registry read
+    cache.feed_read()
+    assert cache.principal("u", "pw") is principal
+
+
+def test_an_outage_is_one_warning_counted_repeats_and_one_recovered_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    now = [0.0]
+    outage = OutageLog(logging.getLogger("test.outage"), repeat_every=60, clock=lambda: now[0])
+    exc = RegistryUnavailableError("database unavailable: [Errno 111] Connect call failed\nmore")
+    for _ in range(120):  # a failure every 0.5 s for a minute
+        outage.failed("change feed: revocations wait", exc)
+        now[0] += 0.5
+    outage.failed("presence: status waits", exc)
+    now[0] += 1.5
+    outage.succeeded()
+    outage.succeeded()
+
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    error = "database unavailable: [Errno 111] Connect call failed"
+    assert lines == [
+        ("WARNING", f"database unavailable (change feed: revocations wait): {error}"),
+        (
+            "WARNING",
+            f"database still unavailable after 60 s: 121 failures (change feed, presence); last: {error}",
+        ),
+        ("INFO", "database recovered after 61.5 s (121 failures)"),
+    ]
+    assert all(r.exc_info is None for r in caplog.records)
+    assert not outage.down
+    assert outage.outages == 1
