@@ -2,6 +2,9 @@
 
 bcrypt releases the GIL while it works, so threads give real parallelism; the pool is sized to
 leave one core to the event loop so the broker keeps serving while a burst of hashes runs.
+
+Work that can wait (the credential pool's fill) goes through :meth:`PasswordHasher.hash_when_idle`:
+it starts only while no other bcrypt work is queued or running, one hash at a time.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import bcrypt
@@ -50,7 +53,8 @@ class PasswordHasher:
     """Hash and verify passwords with bcrypt at a fixed cost, in worker threads.
 
     It also keeps what admission control needs: how many checks are queued or running, and how
-    long one takes (a moving average of the time spent in a worker).
+    long one takes (a moving average of the time spent in a worker). Idle-time hashes
+    (:meth:`hash_when_idle`) are counted apart and never in ``pending``.
     """
 
     def __init__(self, cost: int, *, workers: int | None = None) -> None:
@@ -61,6 +65,14 @@ class PasswordHasher:
         self.seconds_per_check: float | None = None
         #: bcrypt operations started (hashes and checks): tests count cache hits with it.
         self.operations = 0
+        #: Idle-time hashes started (the credential pool's fill), never part of ``operations``.
+        self.idle_operations = 0
+        # Jobs of hash/verify that a worker thread has not finished yet: unlike ``pending``, a job
+        # whose caller was cancelled counts until its thread is done with it.
+        self._busy = 0
+        self._idle_running = False
+        # Set whenever a job ends: an idle-time hash waiting for a quiet moment looks again.
+        self._job_ended = asyncio.Event()
 
     def expected_wait(self) -> float:
         """Seconds a check submitted now would wait before a worker starts it (estimate)."""
@@ -84,22 +96,73 @@ class PasswordHasher:
         result: bool = await self._run(_checkpw, raw, hashed)
         return result
 
+    async def hash_when_idle(self, password: str) -> str:
+        """As :meth:`hash`, started only when no other bcrypt work is queued or running.
+
+        At most one idle-time hash runs at a time, so work submitted after it waits for that one
+        hash at most (and for none when there is more than one worker). Cancelling the caller
+        before the hash starts submits nothing.
+        """
+        raw = password_bytes(password)
+        while self._busy or self._idle_running:
+            self._job_ended.clear()
+            await self._job_ended.wait()
+        # No await between the check above and the submission: nothing can slip in between.
+        salt = bcrypt.gensalt(rounds=self.cost)
+        job = self._pool.submit(_timed, bcrypt.hashpw, raw, salt)
+        self._idle_running = True
+        self.idle_operations += 1
+        digest, elapsed = await self._finish(job, self._idle_ended)
+        self._record(elapsed)
+        return digest.decode("ascii")
+
     async def _run(self, fn: Callable[[bytes, Any], T], raw: bytes, other: Any) -> T:
         self.pending += 1
         self.operations += 1
         try:
-            result, elapsed = await asyncio.get_running_loop().run_in_executor(
-                self._pool, _timed, fn, raw, other
-            )
+            job = self._pool.submit(_timed, fn, raw, other)
+            self._busy += 1
+            result, elapsed = await self._finish(job, self._job_done)
         finally:
             self.pending -= 1
+        self._record(elapsed)
+        return result
+
+    async def _finish(self, job: Future[T], ended: Callable[[], None]) -> T:
+        """Wait for ``job``; ``ended`` runs on the loop once no worker thread is on it any more."""
+        waited = asyncio.wrap_future(job)
+        try:
+            return await asyncio.shield(waited)
+        except asyncio.CancelledError:
+            job.cancel()  # only succeeds while it waits for a worker; a running hash runs to its end
+            raise
+        finally:
+            if waited.done():
+                _settled(waited, ended)
+            else:
+                waited.add_done_callback(lambda future: _settled(future, ended))
+
+    def _job_done(self) -> None:
+        self._busy -= 1
+        self._job_ended.set()
+
+    def _idle_ended(self) -> None:
+        self._idle_running = False
+        self._job_ended.set()
+
+    def _record(self, elapsed: float) -> None:
         previous = self.seconds_per_check
         self.seconds_per_check = elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
-        return result
 
     def close(self) -> None:
         """Stop the worker threads (waits for running hashes)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _settled(future: asyncio.Future[Any], ended: Callable[[], None]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a caller that stopped waiting is not told, nor is asyncio
+    ended()
 
 
 def _timed(fn: Callable[[bytes, Any], T], raw: bytes, other: Any) -> tuple[T, float]:

@@ -27,6 +27,7 @@ from provisioning.contract import (
     event_topic,
     reply_topic,
 )
+from provisioning.credential_pool import CredentialPool
 from provisioning.errors import ConcurrentChangeError, DeviceExistsError, InvalidMacError
 from provisioning.mac import parse_device_mac
 from provisioning.passwords import PasswordHasher, generate_password
@@ -77,6 +78,7 @@ class ProvisioningService:
         *,
         sessions: SessionControl | None = None,
         credentials: CredentialSink | None = None,
+        pool: CredentialPool | None = None,
     ) -> None:
         self._registry = registry
         self._hasher = hasher
@@ -87,6 +89,8 @@ class ProvisioningService:
         self._by_mac = RateLimiter(self._policy.mac_requests_per_minute, self._policy.mac_burst)
         self._by_address = RateLimiter(self._policy.address_requests_per_minute, self._policy.address_burst)
         self._slots = asyncio.Semaphore(self._policy.max_concurrent)
+        #: Ready-made credentials; whoever runs this service runs ``pool.run()`` beside it.
+        self.pool = pool if pool is not None else CredentialPool(hasher, self._policy.credential_pool_size)
 
     def bind_sessions(self, sessions: SessionControl) -> None:
         """Late binding: the broker exists only after the plugins that use this service."""
@@ -213,8 +217,7 @@ class ProvisioningService:
         return max(1, math.ceil(left)) if left > 0 else 0
 
     async def _enrol_new(self, mac: str, request: ProvisionRequest, topic: str) -> Outcome:
-        password = generate_password()
-        password_hash = await self._hasher.hash(password)
+        password, password_hash = await self._new_credentials()
         device = await self._registry.create_device(
             mac,
             status=DeviceStatus.REGISTERED,
@@ -232,8 +235,7 @@ class ProvisioningService:
         self, record: DeviceCredentials, request: ProvisionRequest, topic: str, kind: str
     ) -> Outcome:
         device = record.device
-        password = generate_password()
-        password_hash = await self._hasher.hash(password)
+        password, password_hash = await self._new_credentials()
         try:
             updated = await self._registry.issue_credentials(
                 device.id,
@@ -256,6 +258,14 @@ class ProvisioningService:
             # The old credentials are dead: end a session still using them (no will).
             await self._sessions.kick(device.mqtt_username, f"credentials {kind}")
         return Outcome(topic, self._ok(updated, password, request), updated)
+
+    async def _new_credentials(self) -> tuple[str, str]:
+        """A password and its hash: a pooled pair if one is ready (used once), else hashed now."""
+        pooled = self.pool.take()
+        if pooled is not None:
+            return pooled.password, pooled.password_hash
+        password = generate_password()
+        return password, await self._hasher.hash(password)
 
     async def _hand_over(self, device: DeviceInfo, password: str, password_hash: str) -> None:
         # After the commit, before the reply: an external broker that hashes passwords itself

@@ -72,9 +72,11 @@ class ProvisioningWorker:
         self.served = 0
 
     async def run(self) -> None:
-        """Subscribe and serve until cancelled."""
+        """Subscribe and serve until cancelled; the service's credential pool is filled meanwhile."""
         await self._link.subscribe(self._filter, qos=1)
         logger.info("provisioning worker serving %s on %s", self._filter, self._link.address)
+        pool = self._service.pool
+        filling = asyncio.create_task(pool.run(), name="mqttprov-credential-pool")
         if self._ready is not None:
             self._ready.set()
         try:
@@ -93,6 +95,9 @@ class ProvisioningWorker:
             for task in list(self._tasks):
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
+            # After the last request: the unused credentials are dropped with the fill loop.
+            pool.request_stop()
+            await _ended(filling)
 
     async def _serve(self, message: Message) -> None:
         identity = identity_of_request(message.payload, max_bytes=self._max_bytes)
@@ -109,3 +114,14 @@ class ProvisioningWorker:
         except ExternalBrokerError as exc:
             # The device hears nothing and asks again: its next request is a reissue.
             logger.warning("provisioning reply for %s not delivered: %s", identity.mac, exc)
+
+
+async def _ended(task: asyncio.Task[None]) -> None:
+    """Wait for a background task asked to stop; its failure is logged, not raised over the stop."""
+    try:
+        await asyncio.wait({task})
+    except asyncio.CancelledError:
+        task.cancel()  # cancelled twice: do not leave it behind
+        raise
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("%s ended with an error", task.get_name(), exc_info=task.exception())
