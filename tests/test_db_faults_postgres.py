@@ -78,40 +78,31 @@ class Broker:
             pass
 
 
-async def _broker(postgres_url: str, proxy: FaultyProxy, *, interval: float) -> Broker:
+@pytest.fixture
+async def broker(
+    postgres_url: str, proxy: FaultyProxy, request: pytest.FixtureRequest
+) -> AsyncIterator[Broker]:
+    """A broker polling every 0.05 s, or as often as an indirect parameter says."""
+    interval = float(getattr(request, "param", 0.05))
     await migrate(postgres_url)
     core = auth_core(broker_settings(_through(postgres_url, proxy)))
     sessions = Sessions()
     revoker = Revoker(core.registry, core.accounts, core.authenticator.cache, sessions, interval=interval)
-    return Broker(core, DeviceRegistry(create_engine(postgres_url)), sessions, revoker)
-
-
-@pytest.fixture
-async def slow_polling(postgres_url: str, proxy: FaultyProxy) -> AsyncIterator[Broker]:
-    # A poll an hour apart: only a NOTIFY (or a lost connection) can wake the follower.
-    broker = await _broker(postgres_url, proxy, interval=3600)
+    cli = DeviceRegistry(create_engine(postgres_url))
     try:
-        yield broker
+        yield Broker(core, cli, sessions, revoker)
     finally:
-        await broker.core.close()
-        await broker.cli.close()
+        await core.close()
+        await cli.close()
 
 
-@pytest.fixture
-async def fast_polling(postgres_url: str, proxy: FaultyProxy) -> AsyncIterator[Broker]:
-    broker = await _broker(postgres_url, proxy, interval=0.05)
-    try:
-        yield broker
-    finally:
-        await broker.core.close()
-        await broker.cli.close()
-
-
+# A poll an hour apart: only a NOTIFY (or a lost connection) can wake the follower.
+@pytest.mark.parametrize("broker", [3600], indirect=True, ids=["hourly-poll"])
 async def test_listen_is_opened_again_after_its_connection_is_cut_and_a_notify_wakes_the_follower(
-    slow_polling: Broker, proxy: FaultyProxy, caplog: pytest.LogCaptureFixture
+    broker: Broker, proxy: FaultyProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    broker, revoker = slow_polling, slow_polling.revoker
+    revoker = broker.revoker
     device = await make_device(broker.cli, "02:00:00:00:0f:11")
     assert await broker.login(device) is not None
     follower = Supervised("test-follower", revoker).start()
@@ -130,13 +121,13 @@ async def test_listen_is_opened_again_after_its_connection_is_cut_and_a_notify_w
 
 
 async def test_through_an_outage_cached_logins_lose_their_trust_and_the_change_made_meanwhile_is_applied(
-    fast_polling: Broker,
+    broker: Broker,
     proxy: FaultyProxy,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    broker, cache = fast_polling, fast_polling.core.authenticator.cache
+    cache = broker.core.authenticator.cache
     first = await make_device(broker.cli, "02:00:00:00:0f:12")
     later = await make_device(broker.cli, "02:00:00:00:0f:13")
     assert await broker.login(first) is not None
@@ -165,10 +156,10 @@ async def test_through_an_outage_cached_logins_lose_their_trust_and_the_change_m
 
 
 async def test_a_follower_stuck_on_a_stalled_database_stops_within_its_deadline(
-    fast_polling: Broker, proxy: FaultyProxy
+    broker: Broker, proxy: FaultyProxy
 ) -> None:
-    follower = Supervised("test-follower", fast_polling.revoker).start()
-    await eventually(polled(lambda: fast_polling.revoker.position), lambda position: position is not None)
+    follower = Supervised("test-follower", broker.revoker).start()
+    await eventually(polled(lambda: broker.revoker.position), lambda position: position is not None)
     await proxy.set_mode("stall")
     await eventually(polled(lambda: proxy.held), lambda held: held > 0)
 
