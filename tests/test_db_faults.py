@@ -22,6 +22,8 @@ from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import Principal
 from auth_plugin.revocation import Revoker
 from broker.core import AuthCore, Supervised, auth_core
+from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
+from broker.mosquitto.dynsec import DynsecError
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
@@ -268,3 +270,57 @@ def test_an_outage_is_one_warning_counted_repeats_and_one_recovered_line(
     assert all(r.exc_info is None for r in caplog.records)
     assert not outage.down
     assert outage.outages == 1
+
+
+class _Dynsec:
+    """Mosquitto's dynamic-security plugin as the bridge's revocations use it; fails on demand."""
+
+    def __init__(self) -> None:
+        self.deleted: asyncio.Queue[str] = asyncio.Queue()
+        self.failures = 0
+
+    async def delete_client(self, username: str) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise DynsecError("deleteClient", "timed out")
+        self.deleted.put_nowait(username)
+
+    async def delete_role(self, rolename: str) -> None:
+        raise DynsecError("deleteRole", "Role not found")
+
+
+async def test_the_bridge_follower_rides_out_the_database_and_mosquitto_and_applies_every_change(
+    broker: Broker, sqlite_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    dynsec = _Dynsec()
+    core = broker.core
+    bridge = DynsecBridge(
+        dynsec,  # type: ignore[arg-type]
+        broker_settings(sqlite_url),
+        devices=core.registry,
+        accounts=core.accounts,
+        interval=0.05,
+    )
+    first = await make_device(broker.cli, "02:00:00:00:0f:07")
+    later = await make_device(broker.cli, "02:00:00:00:0f:08")
+    fault = Fault(monkeypatch, core.registry, "find_credentials_by_username")
+    follower = Supervised("test-bridge", BridgeFollower(bridge, since=await core.registry.last_change_id()))
+    follower.start()
+    dynsec.failures = 2  # then Mosquitto, once the database answers
+    await broker.cli.decommission(first.id)
+    assert await asyncio.wait_for(dynsec.deleted.get(), 10) == first.mqtt_username
+    await broker.cli.decommission(later.id)
+    assert await asyncio.wait_for(dynsec.deleted.get(), 10) == later.mqtt_username
+    await follower.stop()
+
+    assert fault.spent.is_set()
+    assert follower.restarts == 0
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.mosquitto.bridge"]
+    story = [(level, " ".join(m.split()[:2])) for level, m in lines if "unavailable" in m or "recovered" in m]
+    assert story == [
+        ("WARNING", "database unavailable"),
+        ("INFO", "database recovered"),
+        ("WARNING", "Mosquitto unavailable"),
+        ("INFO", "Mosquitto recovered"),
+    ]

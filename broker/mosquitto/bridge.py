@@ -14,6 +14,8 @@ import contextlib
 import logging
 from collections.abc import Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from auth_plugin.principals import credential_tag
 from broker.mosquitto.dynsec import Acl, DynsecClient, DynsecError
 from broker.mosquitto.layout import (
@@ -29,9 +31,10 @@ from broker.mosquitto.layout import (
     worker_acls,
 )
 from config import Settings
-from provisioning.errors import ProvisioningError
+from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.outage import OutageLog
 from provisioning.topics import TopicRule
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,10 @@ class DynsecBridge:
         self._external = settings.external
         self._interval = interval
         self.revoked = 0
+        #: The newest change applied (kept across restarts of :meth:`follow`).
+        self.position: int | None = None
+        self._database = OutageLog(logger)
+        self._mosquitto = OutageLog(logger, subject="Mosquitto")
 
     async def ensure_layout(self) -> None:
         """Deny-by-default access, the worker's role, and its client when its password is configured."""
@@ -210,22 +217,61 @@ class DynsecBridge:
                 )
 
     async def follow(self, stop: asyncio.Event, *, since: int | None = None) -> None:
-        """Follow the registry's change feed after change ``since`` (default: the newest) until
-        ``stop`` is set.
+        """Follow the registry's change feed after change ``since`` (default: where it was, else
+        the newest) until ``stop`` is set.
 
         Stopping between rounds, never by cancelling one: a query cut off mid-way would leave
-        its database connection to the garbage collector.
+        its database connection to the garbage collector. A round that fails (the database or
+        Mosquitto away) is retried: the position only moves past changes applied.
         """
-        last = await self.devices.last_change_id() if since is None else since
-        logger.info("bridge following the credential change feed from change %d", last)
+        if since is not None:
+            self.position = since
+        logged = False
         while not stop.is_set():
-            try:
-                changes = await self.devices.changes_since(last)
-                if changes:
-                    await self.apply({username for _, username, _ in changes})
-                    last = changes[-1][0]
-            except ProvisioningError as exc:
-                # Mosquitto or the database is away: the same changes are retried next round.
-                logger.warning("bridge could not apply changes after %d, retrying: %s", last, exc)
+            if await self._round() and not logged:
+                logger.info("bridge following the credential change feed from change %d", self.position)
+                logged = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval)
+
+    async def _round(self) -> bool:
+        try:
+            if self.position is None:
+                self.position = await self.devices.last_change_id()
+            changes = await self.devices.changes_since(self.position)
+            if changes:
+                await self.apply({username for _, username, _ in changes})
+                self.position = changes[-1][0]
+        except (RegistryUnavailableError, SQLAlchemyError, OSError) as exc:
+            self._database.failed("bridge: revocations wait to reach Mosquitto", exc)
+            return False
+        except ProvisioningError as exc:
+            self._database.succeeded()  # the feed was read: it is Mosquitto that failed
+            self._mosquitto.failed("bridge: revocations wait to reach Mosquitto", exc)
+            return False
+        self._database.succeeded()
+        self._mosquitto.succeeded()
+        return True
+
+
+class BridgeFollower:
+    """:meth:`DynsecBridge.follow` as a background loop for :class:`broker.core.Supervised`."""
+
+    def __init__(self, bridge: DynsecBridge, *, since: int | None = None) -> None:
+        self._bridge = bridge
+        self._since = since
+        self._stop = asyncio.Event()
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`request_stop` was called."""
+        return self._stop.is_set()
+
+    def request_stop(self) -> None:
+        """Make :meth:`run` return after the round in progress."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Follow the feed until :meth:`request_stop` (a restart resumes where it was)."""
+        since, self._since = self._since, None
+        await self._bridge.follow(self._stop, since=since)

@@ -11,13 +11,14 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+from broker.core import Supervised
 from broker.external import (
     check_worker_settings,
     log_startup,
     serve_provisioning,
     service_client_id,
 )
-from broker.mosquitto.bridge import DynsecBridge
+from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
 from broker.mosquitto.dynsec import DynsecClient
 from broker.mosquitto.sync import SyncReport, reconcile
 from config import Settings
@@ -84,7 +85,12 @@ async def run_bridge(
             )
         if ready is not None:
             ready.set()
-        await bridge.follow(stop, since=since)
+        # Supervised: a follower that dies anyway is logged with its traceback and restarted.
+        follower = Supervised("mqttprov-bridge-follower", BridgeFollower(bridge, since=since)).start()
+        try:
+            await stop.wait()
+        finally:
+            await follower.stop()
 
 
 async def run_worker(

@@ -1,4 +1,5 @@
-"""One log story per database outage: a WARNING when it starts, counted repeats, INFO when it ends.
+"""One log story per outage (of the database, or of another dependency such as Mosquitto): a
+WARNING when it starts, counted repeats, INFO when it ends.
 
 Every background loop of a process (change-feed follower, presence writer, bridge follower)
 reports its database failures and successes to the process's one :class:`OutageLog`. An outage
@@ -32,8 +33,10 @@ class OutageLog:
         *,
         repeat_every: float = REPEAT_EVERY,
         clock: Callable[[], float] = time.monotonic,
+        subject: str = "database",
     ) -> None:
         self._logger = logger or _default_logger
+        self._subject = subject
         self._repeat_every = repeat_every
         self._clock = clock
         self._since: float | None = None
@@ -57,12 +60,13 @@ class OutageLog:
             self._since = now
             self._next_repeat = now + self._repeat_every
             self.outages += 1
-            self._logger.warning("database unavailable (%s): %s", affected, _one_line(exc))
+            self._logger.warning("%s unavailable (%s): %s", self._subject, affected, _one_line(exc))
             return
         if now >= self._next_repeat:
             self._next_repeat = now + self._repeat_every
             self._logger.warning(
-                "database still unavailable after %.0f s: %d failures (%s); last: %s",
+                "%s still unavailable after %.0f s: %d failures (%s); last: %s",
+                self._subject,
                 now - self._since,
                 self._failures,
                 ", ".join(self._affected),
@@ -74,7 +78,10 @@ class OutageLog:
         if self._since is None:
             return
         self._logger.info(
-            "database recovered after %.1f s (%d failures)", self._clock() - self._since, self._failures
+            "%s recovered after %.1f s (%d failures)",
+            self._subject,
+            self._clock() - self._since,
+            self._failures,
         )
         self._since = None
         self._failures = 0
