@@ -19,16 +19,18 @@ import pytest
 
 from auth_plugin.authenticator import ConnectAttempt
 from auth_plugin.cache import VerifiedCache
+from auth_plugin.presence import PresenceRecorder
 from auth_plugin.principals import Principal
 from auth_plugin.revocation import Revoker
 from broker.core import AuthCore, Supervised, auth_core
 from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
 from broker.mosquitto.dynsec import DynsecError
 from provisioning.errors import RegistryUnavailableError
-from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
+from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.migrate import upgrade
 from provisioning.registry.outage import OutageLog
+from provisioning.registry.presence import PresenceStore
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, eventually, make_account, make_device, polled
 from tests.helpers import broker_settings
 from tests.test_revocation import Sessions
@@ -324,3 +326,25 @@ async def test_the_bridge_follower_rides_out_the_database_and_mosquitto_and_appl
         ("WARNING", "Mosquitto unavailable"),
         ("INFO", "Mosquitto recovered"),
     ]
+
+
+async def test_the_presence_writer_keeps_its_batch_through_an_outage_and_tells_it_once(
+    broker: Broker, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    device = await make_device(broker.cli, "02:00:00:00:0f:09")
+    store = PresenceStore(broker.core.registry.engine)
+    fault = Fault(monkeypatch, store, "record", times=5)
+    recorder = PresenceRecorder(store, interval=0.01)
+    recorder.online(device.id)
+    writer = Supervised("test-presence", recorder).start()
+    await asyncio.wait_for(fault.spent.wait(), 10)
+    await eventually(polled(lambda: recorder.batches_written), lambda written: written == 1)
+    await writer.stop()
+
+    assert (await broker.cli.get(device.id)).status is DeviceStatus.ONLINE
+    story = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "auth_plugin.presence"]
+    assert [level for level, _ in story] == ["WARNING", "INFO"]
+    assert story[0][1].startswith("database unavailable (presence")
+    assert story[1][1].startswith("database recovered after")
+    assert story[1][1].endswith("(5 failures)")
