@@ -48,9 +48,14 @@ class VerifiedCache:
 
     def bind_to_feed(self, window: float) -> None:
         """A change-feed follower keeps this cache current: from now on, principals are answered
-        only within ``window`` seconds of its last :meth:`feed_read`."""
+        only within ``window`` seconds of its last :meth:`feed_read`.
+
+        Binding again (a follower restarted) changes the window but grants no fresh trust.
+        """
+        bound = math.isfinite(self._window)
         self._window = window
-        self.feed_read()
+        if not bound:
+            self.feed_read()
 
     def feed_read(self) -> None:
         """The follower has read the feed and applied what it found."""

@@ -240,6 +240,8 @@ def test_a_bound_cache_answers_principals_only_within_the_window_after_the_last_
     now[0] += 0.2
     assert cache.principal("u", "pw") is None
     assert cache.verified("u", "tag", "pw")  # the tag comes from a fresh registry read
+    cache.bind_to_feed(2.0)  # a restarted follower: no trust until it reads the feed
+    assert cache.principal("u", "pw") is None
     cache.feed_read()
     assert cache.principal("u", "pw") is principal
 
