@@ -120,7 +120,7 @@ class Revoker:
         """Follow the feed until :meth:`request_stop` (or until cancelled)."""
         self._cache.bind_to_feed(self.trust_window)
         try:
-            first = self._last is None
+            first = True  # the first round at once: it opens the LISTEN too
             while not self._stopping:
                 if not first:
                     with contextlib.suppress(TimeoutError):
