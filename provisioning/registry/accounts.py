@@ -13,9 +13,10 @@ from sqlalchemy.exc import IntegrityError
 
 from provisioning.errors import ProvisioningError
 from provisioning.mac import is_mac
-from provisioning.registry.models import ServiceAccount, utcnow
+from provisioning.registry.models import CredentialVerifier, ServiceAccount, utcnow
 from provisioning.registry.schemas import aware
 from provisioning.registry.transactions import Repository, record_change
+from provisioning.registry.verifiers import StoredVerifier
 from provisioning.topics import TopicRule
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class AccountCredentials(BaseModel):
 
     account: AccountInfo
     password_hash: str = Field(repr=False)
+    #: The stored verifier of this credential, if one was made (``credential_verifiers``).
+    verifier: StoredVerifier | None = Field(default=None, repr=False)
 
 
 def validate_account_name(name: str) -> str:
@@ -100,12 +103,21 @@ class AccountRegistry(Repository):
         return AccountInfo.from_row(row)
 
     async def find(self, name: str) -> AccountCredentials | None:
-        """The account and its hash, or None."""
+        """The account, its hash and its verifier, or None."""
+        query = (
+            select(ServiceAccount, CredentialVerifier)
+            .outerjoin(CredentialVerifier, CredentialVerifier.username == ServiceAccount.name)
+            .where(ServiceAccount.name == name)
+        )
         async with self._read() as session:
-            row = await session.get(ServiceAccount, name)
-            if row is None:
+            found = (await session.execute(query)).first()
+            if found is None:
                 return None
-            return AccountCredentials(account=AccountInfo.from_row(row), password_hash=row.password_hash)
+            return AccountCredentials(
+                account=AccountInfo.from_row(found[0]),
+                password_hash=found[0].password_hash,
+                verifier=StoredVerifier.from_row(found[1]),
+            )
 
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account, by name."""

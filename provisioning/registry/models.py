@@ -167,3 +167,24 @@ class ServiceAccount(Base):
     rules: Mapped[list[dict[str, str]]] = mapped_column(JSON, default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class CredentialVerifier(Base):
+    """A keyed verifier of a credential that passed one bcrypt check: later logins cost an HMAC.
+
+    ``digest`` is HMAC-SHA256 under a server key that never lives in the database, over the
+    username, the exact stored hash and the password (:mod:`auth_plugin.verifiers`): without the
+    key a row is useless for checking a password. A row is used only while ``tag`` names the
+    current credential and ``key_id`` the process's key; every change to a credential deletes
+    its row in the same transaction (:func:`~provisioning.registry.transactions.record_change`).
+    """
+
+    __tablename__ = "credential_verifiers"
+
+    username: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Fingerprint of the stored hash it was made for (``auth_plugin.principals.credential_tag``).
+    tag: Mapped[str] = mapped_column(String(32))
+    #: Fingerprint of the key it was made under (never the key).
+    key_id: Mapped[str] = mapped_column(String(16))
+    digest: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

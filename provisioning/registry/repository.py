@@ -25,7 +25,7 @@ from provisioning.errors import (
 )
 from provisioning.mac import parse_device_mac, parse_mac
 from provisioning.registry.events import fold_event, new_event
-from provisioning.registry.models import Actor, Device, DeviceEvent, DeviceStatus, utcnow
+from provisioning.registry.models import Actor, CredentialVerifier, Device, DeviceEvent, DeviceStatus, utcnow
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
 from provisioning.registry.status_counts import COMPACT_ABOVE, compact, kept_count
 from provisioning.registry.transactions import Repository, record_change
@@ -178,10 +178,15 @@ class DeviceRegistry(Repository):
             return DeviceCredentials.from_row(row) if row is not None else None
 
     async def find_credentials_by_username(self, username: str) -> DeviceCredentials | None:
-        """The device with this MQTT username and its password hash (for the auth service)."""
+        """The device with this MQTT username, its password hash and its verifier (for the auth service)."""
+        query = (
+            select(Device, CredentialVerifier)
+            .outerjoin(CredentialVerifier, CredentialVerifier.username == Device.mqtt_username)
+            .where(Device.mqtt_username == username)
+        )
         async with self._read() as session:
-            row = await session.scalar(select(Device).where(Device.mqtt_username == username))
-            return DeviceCredentials.from_row(row) if row is not None else None
+            found = (await session.execute(query)).first()
+            return DeviceCredentials.from_row(found[0], found[1]) if found is not None else None
 
     async def add_allowed(
         self, mac: str, *, firmware_version: str | None = None, note: str | None = None

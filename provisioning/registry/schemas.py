@@ -9,7 +9,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Row
 
-from provisioning.registry.models import Device, DeviceEvent, DeviceStatus
+from provisioning.registry.models import CredentialVerifier, Device, DeviceEvent, DeviceStatus
+from provisioning.registry.verifiers import StoredVerifier
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -105,8 +106,14 @@ class DeviceCredentials(_View):
 
     device: DeviceInfo
     password_hash: str | None = Field(repr=False)
+    #: The stored verifier of this credential, if one was made (``credential_verifiers``).
+    verifier: StoredVerifier | None = Field(default=None, repr=False)
 
     @classmethod
-    def from_row(cls, row: Device) -> DeviceCredentials:
-        """Build the view from an ORM row."""
-        return cls(device=DeviceInfo.from_row(row), password_hash=row.password_hash)
+    def from_row(cls, row: Device, verifier: CredentialVerifier | None = None) -> DeviceCredentials:
+        """Build the view from an ORM row (and the row of its verifier, if read with it)."""
+        return cls.model_construct(
+            device=DeviceInfo.from_row(row),
+            password_hash=row.password_hash,
+            verifier=StoredVerifier.from_row(verifier),
+        )

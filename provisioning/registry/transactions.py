@@ -6,13 +6,13 @@ import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from sqlalchemy import func, select, text
+from sqlalchemy import delete, func, select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.registry.engine import WRITE_OPTION
-from provisioning.registry.models import CredentialChange
+from provisioning.registry.models import CredentialChange, CredentialVerifier
 
 #: PostgreSQL NOTIFY channel that wakes every broker's change follower at once.
 CHANGES_CHANNEL = "mqttprov_credential_changes"
@@ -98,7 +98,12 @@ class Repository:
 
 
 async def record_change(session: AsyncSession, username: str, kind: str) -> None:
-    """Add a change-feed row in the caller's transaction (and wake followers on PostgreSQL)."""
+    """Add a change-feed row in the caller's transaction (and wake followers on PostgreSQL).
+
+    The credential's verifier is deleted in the same transaction: every change to a credential
+    goes through here, so no verifier outlives the credential it was made for.
+    """
+    await session.execute(delete(CredentialVerifier).where(CredentialVerifier.username == username))
     session.add(CredentialChange(username=username, kind=kind))
     session.info.setdefault(_CHANGED_KEY, set()).add(username)
     if session.get_bind().dialect.name == "postgresql":
