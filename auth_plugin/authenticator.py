@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import secrets
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import bcrypt
 
 from auth_plugin.acl import Action, allows
+from auth_plugin.budget import BcryptBudget
 from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import (
     BAD_USERNAME_OR_PASSWORD,
@@ -25,12 +27,15 @@ from auth_plugin.principals import (
     credential_tag,
 )
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
+from auth_plugin.verifiers import VerifierKey, load_verifier_key
 from config import Settings
 from provisioning.contract import PROVISION_USERNAME, identity_from_client_id
+from provisioning.errors import RegistryUnavailableError
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, Actor, DeviceInfo, DeviceRegistry
 from provisioning.registry.accounts import AccountCredentials, AccountRegistry
+from provisioning.registry.verifiers import StoredVerifier, VerifierStore
 from provisioning.topics import validate_filter
 
 logger = logging.getLogger(__name__)
@@ -39,6 +44,10 @@ DEVICE_USERNAME_PREFIX = "device_"
 # bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_DIGEST_CHARS = 31
+#: Background registry writes (refusal audits) at once; more refusals are counted, not written.
+MAX_AUDITS_IN_FLIGHT = 8
+#: The budget's source for checks of usernames that are not registered: one share for all of them.
+UNKNOWN_SOURCE = "unknown usernames"
 
 
 @dataclass(frozen=True)
@@ -68,16 +77,32 @@ class Decision:
         return self.principal is not None
 
 
-_Check = Callable[[ConnectAttempt, str], Awaitable[Decision]]
+_Login = Callable[[ConnectAttempt, str], Awaitable[Decision]]
+
+
+class Check(enum.Enum):
+    """The outcome of checking a password against a stored credential."""
+
+    VERIFIED = enum.auto()
+    WRONG = enum.auto()
+    #: Not checked: the bcrypt budget had no room (retryable).
+    BUSY = enum.auto()
+    #: Not checked: the pair's failures and checks in flight reached the lockout.
+    LOCKED = enum.auto()
 
 
 @dataclass
 class AuthStats:
     """Counters for operators, tests and the benchmark."""
 
+    #: bcrypt checks of registered credentials (not the equal-cost checks of unknown usernames).
     bcrypt_checks: int = 0
+    #: Logins answered by a stored verifier (one HMAC, no bcrypt).
+    verifier_checks: int = 0
     cache_hits: int = 0
     overload_refusals: int = 0
+    #: ``login_refused`` events not written: too many writes were in flight (a flood).
+    audits_dropped: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
 
 
@@ -143,11 +168,27 @@ class Authenticator:
             )
         )
         self.stats = AuthStats()
+        self.budget = BcryptBudget(hasher, answer_within=self._answer_within)
+        self.verifier_key: VerifierKey | None = load_verifier_key(settings)
+        self._verifiers = VerifierStore(registry.engine)
         self._dummy_hash = unmatchable_hash(hasher.cost)
+        self._dummy_verifier = StoredVerifier("", "", secrets.token_hex(32))
+        self._foreign_key_warned = False
+        self._verifier_write_failures = 0
         self._background: set[asyncio.Task[None]] = set()
 
     async def authenticate(self, attempt: ConnectAttempt) -> Decision:
-        """Return the decision for one CONNECT."""
+        """Return the decision for one CONNECT.
+
+        Raises :class:`RegistryUnavailableError` when the registry cannot be read: that is no
+        refusal of the credential, and each caller answers it retryably in its own protocol.
+        """
+        decision = await self._decide(attempt)
+        if not decision.accepted:
+            self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
+        return decision
+
+    async def _decide(self, attempt: ConnectAttempt) -> Decision:
         username = attempt.username
         if username is not None and username.startswith(DEVICE_USERNAME_PREFIX):
             decision = await self._password_login(attempt, username, self._device_login)
@@ -164,14 +205,12 @@ class Authenticator:
             # amqtt publishes a will without asking the topic plugins: without this check a
             # device could leave a "last word" in another device's namespace.
             decision = Decision(None, "will topic is not one the client may publish to")
-        if not decision.accepted:
-            self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
         return decision
 
-    async def _password_login(self, attempt: ConnectAttempt, username: str, check: _Check) -> Decision:
+    async def _password_login(self, attempt: ConnectAttempt, username: str, login: _Login) -> Decision:
         if self.throttle.locked(username, attempt.address):
             return Decision(None, "locked out after repeated failures", NOT_AUTHORIZED)
-        decision = await check(attempt, username)
+        decision = await login(attempt, username)
         if decision.accepted:
             self.throttle.succeeded(username, attempt.address)
         elif decision.code == BAD_USERNAME_OR_PASSWORD:
@@ -180,26 +219,62 @@ class Authenticator:
                 await asyncio.sleep(delay)  # hold the refusal back; the loop keeps serving
         return decision
 
-    async def _checked(self, username: str, tag: str, password: str, stored_hash: str) -> bool | None:
-        """bcrypt (or the cache); None when the workers are too far behind to answer in time."""
+    async def _checked(
+        self,
+        attempt: ConnectAttempt,
+        username: str,
+        stored_hash: str,
+        stored: StoredVerifier | None,
+    ) -> tuple[Check, str]:
+        """Check the password against the credential: the cache, its verifier, else bcrypt.
+
+        Returns the outcome and the credential's tag.
+        """
+        tag = credential_tag(stored_hash)
+        password = attempt.password or ""
         if self.cache.verified(username, tag, password):
             self.stats.cache_hits += 1
-            return True
-        if not await self._admit():
-            return None
-        self.stats.bcrypt_checks += 1
-        if not await self._hasher.verify(password, stored_hash):
-            return False
-        self.cache.remember(username, tag, password)
-        return True
-
-    async def _admit(self) -> bool:
-        # Bound the queue by waiting time: refuse only a login that could not be checked before
-        # its client gives up (the CONNECT timeout), never one that merely has to wait its turn.
-        if self._hasher.expected_wait() > self._answer_within:
+            return Check.VERIFIED, tag
+        key = self.verifier_key
+        if key is not None and stored is not None and stored.tag == tag:
+            if stored.key_id == key.key_id:
+                self.stats.verifier_checks += 1
+                if not key.matches(stored, username, stored_hash, password):
+                    return Check.WRONG, tag
+                self.cache.remember(username, tag, password)
+                return Check.VERIFIED, tag
+            self._foreign_key_seen(username)
+        if not self.throttle.begin_check(username, attempt.address):
+            return Check.LOCKED, tag
+        try:
+            verified = await self.budget.verify(
+                attempt.address or f"username {username}", password, stored_hash
+            )
+        finally:
+            self.throttle.end_check(username, attempt.address)
+        if verified is None:
             self.stats.overload_refusals += 1
-            return False
-        return True
+            return Check.BUSY, tag
+        self.stats.bcrypt_checks += 1
+        if not verified:
+            return Check.WRONG, tag
+        self.cache.remember(username, tag, password)
+        if key is not None:
+            self._keep_verifier(username, stored_hash, key.make(username, stored_hash, tag, password))
+        return Check.VERIFIED, tag
+
+    async def _unknown(self, attempt: ConnectAttempt, reason: str) -> Decision:
+        """Refuse a username with no credential at the cost of checking one that has a verifier."""
+        password = attempt.password or ""
+        if self.verifier_key is not None:
+            # The same work as a verifier check, so timing does not tell which usernames exist.
+            self.verifier_key.matches(
+                self._dummy_verifier, attempt.username or "", self._dummy_hash, password
+            )
+        elif await self.budget.verify(UNKNOWN_SOURCE, password, self._dummy_hash) is None:
+            self.stats.overload_refusals += 1
+            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
+        return Decision(None, reason, BAD_USERNAME_OR_PASSWORD)
 
     def _cached_login(self, attempt: ConnectAttempt, username: str) -> Decision | None:
         """A warm reconnect: the same (username, password) as an accepted login, no registry read."""
@@ -222,28 +297,24 @@ class Authenticator:
         if cached is not None:
             return cached
         record = await self._registry.find_credentials_by_username(username)
-        password = attempt.password or ""
         if record is None or record.password_hash is None:
-            # Same bcrypt cost as a real check: timing must not tell which usernames exist.
-            if not await self._admit():
-                return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
-            await self._hasher.verify(password, await self._dummy())
-            return Decision(None, "unknown username or no credentials", BAD_USERNAME_OR_PASSWORD)
+            return await self._unknown(attempt, "unknown username or no credentials")
         device = record.device
-        tag = credential_tag(record.password_hash)
-        verified = await self._checked(username, tag, password, record.password_hash)
-        if verified is None:
-            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
-        if not verified:
-            self._audit(device.id, "wrong password")
-            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
+        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier)
+        if check is not Check.VERIFIED:
+            if check is Check.WRONG:
+                self._audit(device.id, "wrong password")
+            return _unchecked(check)
         if device.status not in ACTIVE_STATUSES:
             return Decision(None, f"device is {device.status.value}")
         if attempt.client_id != username:
             self._audit(device.id, "client id differs from username")
             return Decision(None, "client id must equal the username")
         if device.activated_at is None:
-            await self._registry.mark_activated(device.id)
+            try:
+                await self._registry.mark_activated(device.id)
+            except RegistryUnavailableError as exc:  # a stamp: retried at the next login
+                logger.warning("first login of %s not stamped: %s", username, exc)
         principal = self._device_principal(device, tag)
         self.cache.accept(username, tag, principal)
         return Decision(principal, "device credentials")
@@ -257,18 +328,11 @@ class Authenticator:
         if cached is not None:
             return cached
         record = await self._accounts.find(username)
-        password = attempt.password or ""
         if record is None:
-            if not await self._admit():
-                return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
-            await self._hasher.verify(password, await self._dummy())
-            return Decision(None, "unknown username", BAD_USERNAME_OR_PASSWORD)
-        tag = credential_tag(record.password_hash)
-        verified = await self._checked(username, tag, password, record.password_hash)
-        if verified is None:
-            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
-        if not verified:
-            return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
+            return await self._unknown(attempt, "unknown username")
+        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier)
+        if check is not Check.VERIFIED:
+            return _unchecked(check)
         client_id = attempt.client_id or ""
         if not _account_client_id(username, client_id):
             return Decision(None, "client id must be the account name or NAME-<anything>")
@@ -331,7 +395,15 @@ class Authenticator:
             await asyncio.wait(set(self._background), timeout=within)
 
     def _audit(self, device_id: uuid.UUID, reason: str) -> None:
-        """A folded ``login_refused`` event, written in the background (never delays the answer)."""
+        """A folded ``login_refused`` event, written in the background (never delays the answer).
+
+        At most :data:`MAX_AUDITS_IN_FLIGHT` at once: a flood of wrong passwords must not queue
+        unbounded writes for the pool's connections (the logins' own reads need them). Refusals
+        over the bound are only counted (``stats.audits_dropped``).
+        """
+        if len(self._background) >= MAX_AUDITS_IN_FLIGHT:
+            self.stats.audits_dropped += 1
+            return
         task = asyncio.get_running_loop().create_task(
             self._registry.record_event(
                 device_id, "login_refused", actor=Actor.DEVICE, detail={"reason": reason}, fold=True
@@ -346,8 +418,44 @@ class Authenticator:
         if not task.cancelled() and task.exception() is not None:
             logger.error("could not record a login_refused event: %s", task.exception())
 
-    async def _dummy(self) -> str:
-        return self._dummy_hash
+    def _keep_verifier(self, username: str, stored_hash: str, verifier: StoredVerifier) -> None:
+        """Store the verifier of a credential that has just passed bcrypt, in the background."""
+        task = asyncio.get_running_loop().create_task(
+            self._save_verifier(username, stored_hash, verifier), name=f"verifier-{username}"
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _save_verifier(self, username: str, stored_hash: str, verifier: StoredVerifier) -> None:
+        try:
+            await self._verifiers.save(username, password_hash=stored_hash, verifier=verifier)
+        except RegistryUnavailableError as exc:
+            # The next login is a bcrypt check again, and writes it then: one line per outage.
+            if not self._verifier_write_failures:
+                logger.warning("credential verifiers not stored, bcrypt until they are: %s", exc)
+            self._verifier_write_failures += 1
+            return
+        if self._verifier_write_failures:
+            logger.info("credential verifiers stored again (%d not stored)", self._verifier_write_failures)
+            self._verifier_write_failures = 0
+
+    def _foreign_key_seen(self, username: str) -> None:
+        if not self._foreign_key_warned:
+            self._foreign_key_warned = True
+            logger.warning(
+                "the verifier of %s was made under another key: every process on this registry must use "
+                "the same [auth] verifier_key; checking with bcrypt and storing a verifier under this key",
+                username,
+            )
+
+
+def _unchecked(check: Check) -> Decision:
+    """The refusal for a password that did not pass: wrong, or not checked (and why)."""
+    if check is Check.WRONG:
+        return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
+    if check is Check.LOCKED:
+        return Decision(None, "too many failures and checks in flight from this address", SERVER_UNAVAILABLE)
+    return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
 
 
 def unmatchable_hash(cost: int) -> str:

@@ -15,7 +15,8 @@ from amqtt.session import Session
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
-from auth_plugin.principals import bind_principal, principal_of, set_refusal_code
+from auth_plugin.principals import SERVER_UNAVAILABLE, bind_principal, principal_of, set_refusal_code
+from provisioning.errors import RegistryUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ class MqttprovAuthPlugin(BaseAuthPlugin):
         )
         try:
             decision = await authenticator.authenticate(attempt)
+        except RegistryUnavailableError as exc:
+            # Not a refusal of the credential: CONNACK 3, and the device tries again later (a
+            # refused login would tell it to provision again).
+            bind_principal(session, None)
+            set_refusal_code(session, SERVER_UNAVAILABLE)
+            logger.warning(
+                "connect not decided client=%r, answered 3 (try again): %s", session.client_id, exc
+            )
+            return False
         except Exception:
             # amqtt would only log this at DEBUG; a failing check must be loud and must refuse.
             logger.exception("authentication failed for client %r", session.client_id)

@@ -6,6 +6,9 @@
 - Past ``lockout_after`` failures of one username from one address, that pair is refused
   without a check for ``lockout_seconds``. The same username from another address (the real
   device behind another NAT) is not locked.
+- Checks in flight count: while a pair's failures and its checks still running reach
+  ``lockout_after``, its further attempts are refused without a check (a burst of concurrent
+  guesses gets ``lockout_after`` checks, not one per CONNECT), the correct password included.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ class LoginThrottle:
         self._failures: OrderedDict[str, deque[float]] = OrderedDict()
         # In locking order, which is expiry order (one lockout_seconds for all): oldest first.
         self._locked_until: OrderedDict[str, float] = OrderedDict()
+        # Checks running per pair; an entry lives only while one runs (bounded by connections).
+        self._in_flight: dict[str, int] = {}
         self.refused_locked = 0
 
     def locked(self, username: str, address: str | None) -> bool:
@@ -59,6 +64,31 @@ class LoginThrottle:
             return False
         self.refused_locked += 1
         return True
+
+    def begin_check(self, username: str, address: str | None) -> bool:
+        """Count a check of this pair as in flight; False (and nothing counted) when the pair's
+        failures and checks in flight already reach ``lockout_after``. Pair with :meth:`end_check`."""
+        if address is None:
+            return True  # no pair without an address (see :meth:`failed`)
+        key = _pair(username, address)
+        running = self._in_flight.get(key, 0)
+        stamps = self._failures.get(key)
+        horizon = self._clock() - self.policy.window
+        failures = sum(1 for stamp in stamps if stamp >= horizon) if stamps else 0
+        if failures + running >= self.policy.lockout_after:
+            self.refused_locked += 1
+            return False
+        self._in_flight[key] = running + 1
+        return True
+
+    def end_check(self, username: str, address: str | None) -> None:
+        """The check counted by :meth:`begin_check` is over (record its result separately)."""
+        if address is None:
+            return
+        key = _pair(username, address)
+        running = self._in_flight.pop(key, 0) - 1
+        if running > 0:
+            self._in_flight[key] = running
 
     def failed(self, username: str, address: str | None) -> float:
         """Record a failure; return how long to hold the refusal back (seconds)."""
@@ -88,7 +118,8 @@ class LoginThrottle:
         if over == 1:
             # Once per burst: the first failure past the threshold.
             logger.warning("login failures username=%r address=%s: throttling refusals", username, address)
-        return float(min(self.policy.max_delay, 0.05 * 2 ** (over - 1)))
+        # 2 ** 10 * 50 ms is past any max_delay allowed (30 s); a bigger power overflows a float.
+        return float(min(self.policy.max_delay, 0.05 * 2 ** min(over - 1, 10)))
 
     def succeeded(self, username: str, address: str | None) -> None:
         """A correct login clears the pair's record (the per-address record stays)."""

@@ -215,8 +215,17 @@ class MqttprovBroker(Broker):
 
     @staticmethod
     async def _refuse(writer: WriterAdapter, code: int) -> NoReturn:
-        await ConnackPacket.build(0, code).to_stream(writer)
-        await writer.close()
+        # The client may be gone already (a flood does not wait for its CONNACK): the refusal
+        # stands, and the socket is closed either way.
+        try:
+            await ConnackPacket.build(0, code).to_stream(writer)
+            await writer.close()
+        except OSError:
+            # amqtt's adapter marks itself closed before write_eof, which fails on a socket the
+            # peer has left: close the transport under it, or it is left to the garbage collector.
+            stream = getattr(writer, "_writer", None)
+            if isinstance(stream, asyncio.StreamWriter):
+                stream.close()
         raise MQTTError(REFUSED_MARKER)
 
     async def _adopt(self, fresh: Session) -> Session:

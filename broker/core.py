@@ -33,6 +33,8 @@ class AuthCore:
 
     async def close(self) -> None:
         """Let background writes finish, stop the bcrypt workers and dispose the engine."""
+        # Logins still waiting for a bcrypt turn are answered "try again", not left to a closed pool.
+        self.authenticator.budget.close()
         try:
             await self.authenticator.settle()
         finally:

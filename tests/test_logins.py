@@ -22,6 +22,7 @@ from auth_plugin.authenticator import ConnectAttempt
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from broker import BrokerServer
 from broker.core import auth_core
+from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
@@ -645,11 +646,9 @@ async def test_brute_force_on_one_username_from_one_address_is_throttled_as_conf
     assert device_elsewhere == ACCEPTED  # the real device behind another address is not locked out
 
 
-async def test_unknown_and_known_usernames_each_cost_one_bcrypt_check_of_the_same_cost(
-    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The timing figure (python -m tests.bench --only login-timing) measures the medians; this
-    # pins the cause: one bcrypt run at the configured cost on every refusal path, never two.
+@pytest.fixture
+def bcrypt_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every bcrypt run from now on, as ``(function, cost)``."""
     runs: list[tuple[str, int]] = []
     checkpw, hashpw = bcrypt.checkpw, bcrypt.hashpw
 
@@ -661,31 +660,85 @@ async def test_unknown_and_known_usernames_each_cost_one_bcrypt_check_of_the_sam
         runs.append(("hashpw", int(salt[4:6])))
         return hashpw(password, salt)
 
-    cases = {
-        # The first refusal of the process first: the dummy hash must not be made on first use.
-        "unknown device username": ("device_0123456789ab", "device_0123456789ab", PASSWORD),
-        "known device, wrong password": ("{device}", "{device}", "wrong-password"),
-        "unknown account name": ("nobody", "nobody", ACCOUNT_PASSWORD),
-        "known account, wrong password": ("backend", "backend", "wrong-password"),
-        "device with no credentials yet": ("{pending}", "{pending}", PASSWORD),
-    }
-    async with BrokerServer(settings(sqlite_url, max_refusal_delay=0.01)) as server:
+    monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
+    monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
+    return runs
+
+
+REFUSALS = {
+    # The first refusal of the process first: the dummy hash must not be made on first use.
+    "unknown device username": ("device_0123456789ab", "device_0123456789ab", PASSWORD),
+    "known device, wrong password": ("{device}", "{device}", "wrong-password"),
+    "unknown account name": ("nobody", "nobody", ACCOUNT_PASSWORD),
+    "known account, wrong password": ("backend", "backend", "wrong-password"),
+    "device with no credentials yet": ("{pending}", "{pending}", PASSWORD),
+}
+
+
+def _without_pool(base: Settings) -> Settings:
+    """No credentials hashed ahead from idle time: every bcrypt run counted is a login's."""
+    return base.model_copy(
+        update={"provisioning": base.provisioning.model_copy(update={"credential_pool_size": 0})}
+    )
+
+
+async def _refusal_costs(
+    server: BrokerServer, names: dict[str, str], runs: list[tuple[str, int]]
+) -> dict[str, list[tuple[str, int]]]:
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for case, (client_id, username, password) in REFUSALS.items():
+        runs.clear()
+        code = await asyncio.to_thread(
+            login_code,
+            port_of(server),
+            client_id.format(**names),
+            username=username.format(**names),
+            password=password,
+        )
+        assert code == BAD_CREDENTIALS, case
+        seen[case] = list(runs)
+    return seen
+
+
+async def test_without_verifiers_every_refusal_costs_one_bcrypt_check_of_the_same_cost(
+    sqlite_url: str, bcrypt_runs: list[tuple[str, int]]
+) -> None:
+    # The timing figure (python -m tests.bench --only login-timing) measures the medians; this
+    # pins the cause: one bcrypt run at the configured cost on every refusal path, never two.
+    async with BrokerServer(
+        _without_pool(settings(sqlite_url, max_refusal_delay=0.01, verifiers=False))
+    ) as server:
         device = await make_device(server.registry, "02:00:00:00:08:02")
         pending = await server.registry.create_device("02:00:00:00:08:03", status=DeviceStatus.PENDING)
         await make_account(server.accounts, "backend", ["subscribe devices/+/telemetry"])
         names = {"device": device.mqtt_username, "pending": pending.mqtt_username}
-        monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
-        monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
-        seen: dict[str, list[tuple[str, int]]] = {}
-        for case, (client_id, username, password) in cases.items():
-            runs.clear()
-            code = await asyncio.to_thread(
-                login_code,
-                port_of(server),
-                client_id.format(**names),
-                username=username.format(**names),
-                password=password,
-            )
-            assert code == BAD_CREDENTIALS, case
-            seen[case] = list(runs)
-    assert seen == {case: [("checkpw", 4)] for case in cases}
+        seen = await _refusal_costs(server, names, bcrypt_runs)
+    assert seen == {case: [("checkpw", 4)] for case in REFUSALS}
+
+
+async def test_with_verifiers_no_refusal_of_a_verified_or_unknown_username_costs_bcrypt(
+    sqlite_url: str, bcrypt_runs: list[tuple[str, int]]
+) -> None:
+    # Unknown usernames and wrong passwords of credentials that have logged in before cost one
+    # HMAC each (docs/security/verifiers.md); a credential never logged in still costs bcrypt.
+    async with BrokerServer(_without_pool(settings(sqlite_url, max_refusal_delay=0.01))) as server:
+        device = await make_device(server.registry, "02:00:00:00:08:02")
+        fresh = await make_device(server.registry, "02:00:00:00:08:04")
+        pending = await server.registry.create_device("02:00:00:00:08:03", status=DeviceStatus.PENDING)
+        await make_account(server.accounts, "backend", ["subscribe devices/+/telemetry"])
+        names = {"device": device.mqtt_username, "pending": pending.mqtt_username}
+        port = port_of(server)
+        for name in (device.mqtt_username, "backend"):
+            secret = PASSWORD if name.startswith("device_") else ACCOUNT_PASSWORD
+            assert await asyncio.to_thread(login_code, port, name, username=name, password=secret) == ACCEPTED
+        await server.services.authenticator.settle()  # the verifiers are written
+        server.services.authenticator.cache.drop(device.mqtt_username)
+        server.services.authenticator.cache.drop("backend")
+        seen = await _refusal_costs(server, names, bcrypt_runs)
+        bcrypt_runs.clear()
+        code = await asyncio.to_thread(
+            login_code, port, fresh.mqtt_username, username=fresh.mqtt_username, password="wrong-password"
+        )
+        assert code == BAD_CREDENTIALS
+        assert bcrypt_runs == [("checkpw", 4)]  # never logged in: no verifier yet
+    assert seen == {case: [] for case in REFUSALS}

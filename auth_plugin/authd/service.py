@@ -84,6 +84,11 @@ class AuthdService:
         self.metrics = metrics
         self.cache = cache
 
+    @property
+    def authenticator(self) -> Authenticator:
+        """The decisions behind every contract."""
+        return self._authenticator
+
     async def login(self, contract: str, attempt: ConnectAttempt) -> Principal | None:
         """The principal for a CONNECT the broker asks about, or None (refused)."""
         username = attempt.username or None

@@ -1,0 +1,157 @@
+"""Fair shares of the bcrypt workers for the login checks that no verifier can answer.
+
+A bcrypt check at cost 12 takes about a quarter of a second of one core, so whoever fills the
+workers' queue decides who logs in. Checks are therefore not queued first come, first served:
+
+- each waits in the queue of its *source* (the client's address, or one shared source for
+  usernames that are not registered), and a free worker takes the next check from the sources
+  in turn, so one address flooding CONNECTs gets one turn per round like a real device does;
+- the queues hold no more than could be checked before a client gives up (the CONNECT
+  timeout), counting what the workers have to do first; when they are full, a newcomer takes
+  the place of the newest check of the longest queue if that one is longer than its own, and
+  is refused at once otherwise (CONNACK 3: "try again"), never queued for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+
+from provisioning.passwords import PasswordHasher
+
+logger = logging.getLogger(__name__)
+
+#: Seconds one bcrypt check at cost 12 takes on one core of the machines we measured on; the
+#: estimate until the workers have timed a check of their own.
+_COST_12_SECONDS = 0.24
+
+
+class BcryptBudget:
+    """Admission and fair ordering of bcrypt login checks, in front of a :class:`PasswordHasher`."""
+
+    def __init__(self, hasher: PasswordHasher, *, answer_within: float) -> None:
+        self._hasher = hasher
+        self._answer_within = answer_within
+        # Sources with checks waiting, in turn order: the next turn is the first one's.
+        self._queues: dict[str, deque[asyncio.Future[bool]]] = {}
+        self._waiting = 0
+        self._running = 0
+        self._burst_refused = 0
+        self._burst_started = 0.0
+        self._closed = False
+        #: Checks refused without being made (the queues were full), since the start.
+        self.refused = 0
+
+    @property
+    def slots(self) -> int:
+        """Checks run at once: one per bcrypt worker."""
+        return self._hasher.workers
+
+    def capacity(self) -> int:
+        """Checks that may wait: as many as the workers can make before a client gives up."""
+        per_check = self._hasher.seconds_per_check or _COST_12_SECONDS * 2.0 ** (self._hasher.cost - 12)
+        return max(self.slots, int(self._answer_within / per_check) * self.slots)
+
+    def close(self) -> None:
+        """Refuse every check still waiting and every later one (the workers are about to stop)."""
+        self._closed = True
+        for queue in self._queues.values():
+            for turn in queue:
+                if not turn.done():
+                    turn.set_result(False)
+        self._queues.clear()
+        self._waiting = 0
+
+    async def verify(self, source: str, password: str, hashed: str) -> bool | None:
+        """The bcrypt check of ``password`` against ``hashed`` in ``source``'s turn; None if refused."""
+        if self._closed or not await self._turn(source):
+            return None
+        try:
+            return await self._hasher.verify(password, hashed)
+        finally:
+            self._release()
+
+    def room(self) -> int:
+        """Checks that may wait now: the capacity less the workers' other work (hashes at issue)."""
+        return self.capacity() - max(0, self._hasher.pending - self._running)
+
+    async def _turn(self, source: str) -> bool:
+        if self._waiting >= self.room() and not self._evict_for(source):
+            self._refuse(source)
+            return False
+        if self._running < self.slots and not self._waiting:
+            self._running += 1
+            return True
+        turn: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(source, deque()).append(turn)
+        self._waiting += 1
+        try:
+            given = await turn
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled() and turn.result():
+                self._release()  # the turn was handed over as the client went away
+            else:
+                self._withdraw(source, turn)
+            raise
+        if not given:
+            self._refuse(source)
+        return given
+
+    def _evict_for(self, source: str) -> bool:
+        """Make room for ``source`` by refusing the newest check of a longer queue."""
+        own = len(self._queues.get(source, ()))
+        longest = max(self._queues, key=lambda name: len(self._queues[name]), default=None)
+        if longest is None or len(self._queues[longest]) <= own + 1:
+            return False
+        queue = self._queues[longest]
+        evicted = queue.pop()
+        self._waiting -= 1
+        if not queue:
+            del self._queues[longest]
+        if not evicted.done():
+            evicted.set_result(False)
+        return True
+
+    def _withdraw(self, source: str, turn: asyncio.Future[bool]) -> None:
+        queue = self._queues.get(source)
+        if queue is not None and turn in queue:
+            queue.remove(turn)
+            self._waiting -= 1
+            if not queue:
+                del self._queues[source]
+
+    def _release(self) -> None:
+        self._running -= 1
+        while self._queues and self._running < self.slots:
+            source = next(iter(self._queues))
+            queue = self._queues.pop(source)
+            turn = queue.popleft()
+            self._waiting -= 1
+            if queue:
+                self._queues[source] = queue  # to the back of the round
+            if turn.done():  # cancelled, its handler not yet run: it withdraws nothing more
+                continue
+            self._running += 1
+            turn.set_result(True)
+        if not self._waiting and self._burst_refused:
+            logger.info(
+                "bcrypt budget: the burst is over; %d login checks refused (CONNACK 3) in %.1fs",
+                self._burst_refused,
+                time.monotonic() - self._burst_started,
+            )
+            self._burst_refused = 0
+
+    def _refuse(self, source: str) -> None:
+        self.refused += 1
+        if not self._burst_refused:
+            self._burst_started = time.monotonic()
+            logger.warning(
+                "bcrypt budget full: refusing login checks that no verifier can answer with CONNACK 3, "
+                "first from source %r (%d waiting, %d sources)",
+                source,
+                self._waiting,
+                len(self._queues),
+            )
+        self._burst_refused += 1
