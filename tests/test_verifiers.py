@@ -270,3 +270,18 @@ async def test_a_database_dump_alone_cannot_check_a_password(sqlite_url: str, tm
         assert VerifierKey(guess).digest(username, stored_hash, PASSWORD) != digest
     assert VerifierKey(key).digest(username, stored_hash, PASSWORD) == digest
     assert credential_tag(stored_hash) != digest
+
+
+async def test_the_key_file_text_given_as_verifier_key_is_the_same_key(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    # How a move to PostgreSQL (or a second process elsewhere) keeps the verifiers already made.
+    async with running(settings(sqlite_url)) as first:
+        device = await make_device(first.registry, "02:00:00:00:0c:09")
+        assert await login(first, device.mqtt_username) == ACCEPTED
+    text = (tmp_path / KEY_FILE_NAME).read_text().strip()
+    (tmp_path / KEY_FILE_NAME).unlink()
+    async with running(settings(sqlite_url, verifier_key=text)) as second:
+        assert await login(second, device.mqtt_username) == ACCEPTED
+        assert counts(second) == (0, 1)
+    assert not (tmp_path / KEY_FILE_NAME).exists()  # a configured key makes no file
