@@ -181,9 +181,15 @@ class Authenticator:
         """Return the decision for one CONNECT.
 
         Raises :class:`RegistryUnavailableError` when the registry cannot be read: that is no
-        refusal of the credential, and each caller answers it retryably in its own protocol.
+        refusal of the credential, and each caller answers it retryably in its own protocol. A
+        decision not reached before the caller gives up (a stalled database, a long bcrypt
+        queue) is a retryable refusal (CONNACK 3), never an answer sent to nobody.
         """
-        decision = await self._decide(attempt)
+        try:
+            async with asyncio.timeout(self._answer_within):
+                decision = await self._decide(attempt)
+        except TimeoutError:
+            decision = Decision(None, f"not decided within {self._answer_within:g}s", SERVER_UNAVAILABLE)
         if not decision.accepted:
             self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
         return decision

@@ -225,3 +225,26 @@ def _until_refusing(server: BrokerServer) -> None:
             return
         pause.wait(0.1)
     raise AssertionError("the flood never filled the bcrypt budget")
+
+
+async def test_a_login_not_decided_before_the_connect_timeout_is_refused_retryably(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = auth_core(settings(sqlite_url, broker={"connect_timeout": 1.0}))
+    await upgrade(made.registry.engine)
+    try:
+        device = await make_device(made.registry, "02:00:00:00:0e:04")
+        never = asyncio.Event()
+
+        async def stalled(*_: object) -> None:  # fault: a registry read that never returns
+            await never.wait()
+
+        monkeypatch.setattr(made.registry, "find_credentials_by_username", stalled)
+        user = device.mqtt_username
+        decision = await asyncio.wait_for(
+            made.authenticator.authenticate(ConnectAttempt(user, user, PASSWORD, address="192.0.2.9")), 10
+        )
+    finally:
+        await made.close()
+    assert (decision.accepted, decision.code) == (False, UNAVAILABLE)
+    assert decision.reason == "not decided within 1s"
