@@ -38,6 +38,9 @@ class BrokerSettings(_Section):
     max_queued_messages: Annotated[int, Field(ge=1)] = 1_000
     #: Largest MQTT packet accepted (remaining length, bytes); a larger one closes the connection.
     max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 1_048_576
+    #: The event loop of ``serve`` and ``authd``: ``auto`` is uvloop when it is installed, else
+    #: asyncio's own (docs/benchmarks.md, figure ``uvloop``).
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
 
     @model_validator(mode="after")
     def _tls_needs_cert_and_key(self) -> BrokerSettings:

@@ -10,6 +10,7 @@ import typer
 
 from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
+from broker.loop import loop_factory
 from broker.server import serve as serve_forever
 
 app = typer.Typer(
@@ -61,7 +62,11 @@ def main_options(
 def serve(config: ConfigOption = None) -> None:
     """Run the broker until SIGINT or SIGTERM (migrates the database first)."""
     settings = settings_from(config)
-    run(lambda: serve_forever(settings), log_level=logging.INFO)
+    run(
+        lambda: serve_forever(settings),
+        log_level=logging.INFO,
+        loop_factory=loop_factory(settings.broker.event_loop),
+    )
 
 
 def main() -> None:

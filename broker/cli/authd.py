@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from broker.cli.common import ConfigOption, run, settings_from
+from broker.loop import loop_factory
 
 
 def authd(config: ConfigOption = None) -> None:
@@ -14,4 +15,8 @@ def authd(config: ConfigOption = None) -> None:
     from broker.authd import run_authd  # noqa: PLC0415
 
     settings = settings_from(config)
-    run(lambda: run_authd(settings), log_level=logging.INFO)
+    run(
+        lambda: run_authd(settings),
+        log_level=logging.INFO,
+        loop_factory=loop_factory(settings.broker.event_loop),
+    )

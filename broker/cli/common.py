@@ -68,11 +68,21 @@ def settings_from(path: Path | None) -> Settings:
         fail(str(exc), EXIT_USAGE)
 
 
-def run(work: Callable[[], Awaitable[T]], *, log_level: int = logging.WARNING) -> T:
-    """Run one command's coroutine; known errors become one line and a non-zero exit."""
+def run(
+    work: Callable[[], Awaitable[T]],
+    *,
+    log_level: int = logging.WARNING,
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> T:
+    """Run one command's coroutine; known errors become one line and a non-zero exit.
+
+    ``loop_factory``: the event loop to run on (``serve`` and ``authd``); default asyncio's.
+    """
     configure_logging(debug=state.debug, level=log_level)
     try:
-        return asyncio.run(_awaited(work))
+        # asyncio.run takes no loop factory before Python 3.12; its Runner does.
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            return runner.run(_awaited(work))
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     except (ProvisioningError, ServeError) as exc:
