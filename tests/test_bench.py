@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 
@@ -20,8 +21,24 @@ from provisioning.mac import parse_mac
 from provisioning.registry import DeviceStatus
 from tests.bench import cli, plot
 from tests.bench.context import QUICK, Context
-from tests.bench.figures import all_figures, mosquitto_storm, rabbitmq_storm
-from tests.bench.figures.common import StormSummary, free_port, mqttprov_settings, sqlite_url, summarize_storm
+from tests.bench.figures import (
+    all_figures,
+    enrol_burst,
+    event_loop,
+    flood,
+    mosquitto_storm,
+    rabbitmq_storm,
+    restart_storm,
+)
+from tests.bench.figures.common import (
+    StormSummary,
+    describe_logins,
+    free_port,
+    mean_retries,
+    mqttprov_settings,
+    sqlite_url,
+    summarize_storm,
+)
 from tests.bench.figures.external import (
     Side,
     cpu_row,
@@ -31,7 +48,8 @@ from tests.bench.figures.external import (
     storm_rows,
 )
 from tests.bench.fleet import mac_for, make_fleet
-from tests.bench.load import Login, StormResult
+from tests.bench.load import Login, ProvisionResult, StormResult
+from tests.bench.logins import FloodResult, RetryLoginResult, flood_login
 from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
 from tests.bench.results import (
     HEADERS,
@@ -466,3 +484,123 @@ def test_a_served_broker_runs_as_its_users_start_it_and_stops(
     assert not Path(f"/proc/{broker.pid}").exists()
     if kind == "mqttprov":  # amqtt logs the probe's dropped connection as an error
         assert broker.log_summary() == []
+
+
+# -- restart storm, flood, enrolment burst, event loop ---------------------------------------------
+
+#: The new figures at sizes that run in seconds: structure only, never a timing.
+TINY = replace(
+    QUICK,
+    rounds=1,
+    warm_devices=5,
+    warm_reconnects=10,
+    throughput_devices=2,
+    throughput_messages=50,
+    storm_concurrency=5,
+    restart_devices=4,
+    restart_rounds=1,
+    restart_cost=4,
+    flood_devices=2,
+    flood_concurrency=4,
+    flood_provisions=1,
+    flood_cost=4,
+    flood_seconds=10.0,
+    enrol_devices=3,
+    enrol_cost=5,
+    enrol_rounds=1,
+)
+
+
+def test_the_new_figures_run_before_the_external_brokers() -> None:
+    names = cli.FIGURE_NAMES
+    assert names[names.index("login-timing") + 1 : -2] == ("restart-storm", "flood", "enrol-burst", "uvloop")
+
+
+def test_the_flood_alternates_invented_and_real_usernames_with_fresh_passwords() -> None:
+    real = ("device_aa", "device_bb")
+    logins = [flood_login(real, n) for n in range(6)]
+    invented = logins[0::2]
+    assert all(login.username.startswith("device_") and login.username not in real for login in invented)
+    assert [login.username for login in logins[1::2]] == ["device_aa", "device_bb", "device_aa"]
+    assert len({login.password for login in logins}) == 6
+    assert all(login.client_id == login.username for login in logins)
+    assert flood_login((), 1).username not in real  # no real usernames: invented only
+
+
+def _logins(retries: list[int], latencies: list[float | None]) -> RetryLoginResult:
+    return RetryLoginResult(10.0, 12.0, retries, latencies, {4: 1}, {"TimeoutError": 2})
+
+
+def test_retrying_logins_count_acceptances_and_retries() -> None:
+    result = _logins([0, 3, 1], [5.0, None, 900.0])
+    assert result.accepted == 2
+    assert result.rate == pytest.approx(1.0)
+    assert mean_retries(result) == pytest.approx(4 / 3)
+    assert describe_logins(result) == (
+        "2 of 3 in 2.00 s = 1.0/s; CONNACK 3 retries max 3, mean 1.33, 1 CONNACK 4, 2 TimeoutError"
+    )
+    assert _logins([], []).rate == 0.0
+
+
+@pytest.mark.parametrize(
+    ("retries", "latencies", "met"),
+    [
+        ([0, 2], [1.0, 2.0], [True, True]),
+        ([0, 3], [1.0, 2.0], [True, False]),
+        ([0, 0], [1.0, None], [False, True]),
+    ],
+)
+def test_flood_rows_need_every_device_in_with_a_couple_of_retries(
+    retries: list[int], latencies: list[float | None], met: list[bool]
+) -> None:
+    quiet = _logins([0, 0], [1.0, 1.0])
+    provisioned = ProvisionResult(0.0, 1.0, {"ok": 1}, [40.0])
+    flooded = FloodResult(0.0, 2.0, {3: 10, 4: 6}, {"TimeoutError": 4}, sent=20)
+    rows = flood.rows(
+        2,
+        quiet=quiet,
+        during=_logins(retries, latencies),
+        flooded=flooded,
+        quiet_provisioning=provisioned,
+        provisioning=ProvisionResult(0.0, 1.0, {"ok": 1}, [80.0]),
+    )
+    by_label = {row.label: row for row in rows}
+    assert [by_label["flood: real devices in (first logins)"].met, rows[1].met] == met
+    assert by_label["flood: bad CONNECTs sent"].ours == 10.0
+    assert by_label["flood: refusals of the flood (answered)"].ours == 8.0
+    assert by_label["flood: provisioning latency p50"].ratio == 2.0
+
+
+def test_a_served_broker_restarts_on_its_files_and_settles(tmp_path: Path) -> None:
+    port = free_port()
+    settings = mqttprov_settings(sqlite_url(tmp_path / "restart.db"), port, cost=4)
+    with ServedBroker("mqttprov", port, tmp_path, settings=settings) as broker:
+        first = broker.pid
+        offset = broker.log_offset()
+        stop_seconds, start_seconds = broker.restart()
+        assert broker.pid != first
+        assert stop_seconds > 0
+        assert start_seconds > 0
+        assert connack_code("127.0.0.1", port) == 5
+        _waited, how = broker.wait_idle(30.0, log_line=b"broker started", since=offset)
+        assert how == "log line"
+        _waited, how = broker.wait_idle(30.0)
+        assert how in ("CPU idle", "timeout")
+    log = broker.log_file.read_text()
+    assert log.count("broker started") == 2
+    assert log.count("broker stopped") == 2
+
+
+@pytest.mark.parametrize("module", [restart_storm, flood, enrol_burst, event_loop])
+def test_the_new_figures_run_at_tiny_sizes(module: ModuleType, tmp_path: Path) -> None:
+    logged: list[str] = []
+    result = module.run(Context(TINY, quick=True, workdir=tmp_path, log=logged.append))
+    assert result.error is None
+    assert result.name == module.NAME
+    assert result.rows
+    assert all(row.goal is None or row.goal.text() for row in result.rows)
+    first = result.rows[0]
+    assert first.ours is not None
+    assert first.reference is not None
+    assert first.reference > 0
+    assert logged

@@ -34,6 +34,10 @@ FIGURE_NAMES = (
     "registry",
     "memory",
     "login-timing",
+    "restart-storm",
+    "flood",
+    "enrol-burst",
+    "uvloop",
     "mosquitto-storm",
     "rabbitmq-storm",
 )

@@ -47,6 +47,23 @@ class Sizes:
     external_storm_processes: int = 2
     #: Rounds per side of the external-broker figures (a cluster start is their fixed cost).
     external_rounds: int = 2
+    #: Restart storm: devices connected when the broker restarts, restarts, and the bcrypt cost
+    #: of their credentials (the default, 12, in the full run).
+    restart_devices: int = 200
+    restart_rounds: int = 2
+    restart_cost: int = 12
+    #: Flood: real devices' first logins (as many again without the flood, the reference), bad
+    #: CONNECTs kept in flight, provisioning sessions timed in each phase, the bcrypt cost, and
+    #: how long the real devices keep trying.
+    flood_devices: int = 20
+    flood_concurrency: int = 200
+    flood_provisions: int = 10
+    flood_cost: int = 12
+    flood_seconds: float = 120.0
+    #: Enrolment burst: first boots at once, at this cost and at cost 4, and bursts per side.
+    enrol_devices: int = 100
+    enrol_cost: int = 12
+    enrol_rounds: int = 2
 
     def as_json(self) -> dict[str, float]:
         """The sizes as plain data."""
@@ -70,6 +87,17 @@ QUICK = Sizes(
     rabbitmq_devices=30,
     rabbitmq_reconnects=300,
     external_rounds=1,
+    restart_devices=30,
+    restart_rounds=1,
+    restart_cost=8,
+    flood_devices=6,
+    flood_concurrency=60,
+    flood_provisions=3,
+    flood_cost=8,
+    flood_seconds=15.0,
+    enrol_devices=20,
+    enrol_cost=8,
+    enrol_rounds=1,
 )
 
 FULL = Sizes(

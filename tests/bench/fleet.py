@@ -165,6 +165,15 @@ def create_registry(
     asyncio.run(build())
 
 
+def create_empty_registry(url: str) -> None:
+    """A migrated registry at ``url`` with nothing in it."""
+
+    async def build() -> None:
+        await (await prepare(url)).dispose()
+
+    asyncio.run(build())
+
+
 def create_auth_db(url: str, users: Sequence[tuple[str, str]]) -> None:
     """amqtt's ``auth_db`` schema at ``url`` with users ``(username, bcrypt hash)``."""
     from amqtt.contrib.auth_db.models import Base, UserAuth  # noqa: PLC0415 - only this figure needs it

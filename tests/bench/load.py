@@ -20,9 +20,12 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.bench.mqtt import PUBACK, PUBLISH, SUBACK, Connection, MqttError, puback_packet, publish_packet
+
+if TYPE_CHECKING:
+    from tests.bench.logins import LoginTask
 
 HOST = "127.0.0.1"
 #: A payload carrying the publisher's send time, padded to a typical telemetry size.
@@ -167,7 +170,7 @@ class ProvisionResult:
 Task = StormTask | IdleTask | ProbeTask | PubSubTask | ProvisionTask
 
 
-class _Control:
+class Control:
     """The child's end of the pipe, usable from the event loop."""
 
     def __init__(self, pipe: Pipe) -> None:
@@ -188,11 +191,11 @@ class _Control:
         return command
 
 
-def child_main(task: Task, pipe: Pipe) -> None:
+def child_main(task: Task | LoginTask, pipe: Pipe) -> None:
     """Entry point of a load process: ready, wait for ``go``, run, send the result."""
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    control = _Control(pipe)
+    control = Control(pipe)
     try:
         asyncio.run(_drive(task, control))
     except BaseException:
@@ -201,10 +204,10 @@ def child_main(task: Task, pipe: Pipe) -> None:
         pipe.close()
 
 
-_Runner = Callable[[Any, _Control], Awaitable[Any]]
+_Runner = Callable[[Any, Control], Awaitable[Any]]
 
 
-async def _drive(task: Task, control: _Control) -> None:
+async def _drive(task: Task | LoginTask, control: Control) -> None:
     runners: dict[type, _Runner] = {
         StormTask: _storm,
         IdleTask: _idle,
@@ -212,11 +215,16 @@ async def _drive(task: Task, control: _Control) -> None:
         PubSubTask: _pubsub,
         ProvisionTask: _provision,
     }
+    # Imported here: those load generators build on this module's pieces.
+    from tests.bench import logins  # noqa: PLC0415
+
+    runners |= {logins.RetryLoginTask: logins.retry_logins, logins.FloodTask: logins.flood}
     result = await runners[type(task)](task, control)
     control.send("result", result)
 
 
-async def _go(control: _Control, timeout: float = 300.0) -> None:
+async def wait_for_go(control: Control, timeout: float = 300.0) -> None:
+    """Tell the parent this process is ready, and wait for its ``go``."""
     control.send("ready")
     if await control.command(timeout) != "go":
         raise RuntimeError("no 'go' from the parent")
@@ -225,8 +233,8 @@ async def _go(control: _Control, timeout: float = 300.0) -> None:
 # -- connect storm ------------------------------------------------------------------------------
 
 
-async def _storm(task: StormTask, control: _Control) -> StormResult:
-    await _go(control)
+async def _storm(task: StormTask, control: Control) -> StormResult:
+    await wait_for_go(control)
     started = time.monotonic()
     deadline = started + task.time_limit
     refused: Counter[int] = Counter()
@@ -242,7 +250,7 @@ async def _storm(task: StormTask, control: _Control) -> StormResult:
             began = time.monotonic()
             try:
                 async with asyncio.timeout(task.timeout):
-                    code = await _connect_once(task.port, login)
+                    code = await connect_once(task.port, login)
             except (OSError, TimeoutError, MqttError) as exc:
                 errors[type(exc).__name__] += 1
                 continue
@@ -255,8 +263,9 @@ async def _storm(task: StormTask, control: _Control) -> StormResult:
     return StormResult(started, time.monotonic(), len(latencies), dict(refused), dict(errors), latencies)
 
 
-async def _connect_once(port: int, login: Login) -> int:
-    conn = await Connection.open(HOST, port)
+async def connect_once(port: int, login: Login, *, source: str | None = None) -> int:
+    """CONNECT, then DISCONNECT when accepted; the CONNACK return code."""
+    conn = await Connection.open(HOST, port, source=source)
     try:
         code = await conn.login(login.client_id, login.username, login.password)
     except BaseException:
@@ -272,8 +281,8 @@ async def _connect_once(port: int, login: Login) -> int:
 # -- idle connections ---------------------------------------------------------------------------
 
 
-async def _idle(task: IdleTask, control: _Control) -> IdleResult:
-    await _go(control)
+async def _idle(task: IdleTask, control: Control) -> IdleResult:
+    await wait_for_go(control)
     started = time.monotonic()
     deadline = started + task.time_limit
     held: list[Connection] = []
@@ -315,7 +324,7 @@ async def _idle(task: IdleTask, control: _Control) -> IdleResult:
 # -- latency probe ------------------------------------------------------------------------------
 
 
-async def _probe(task: ProbeTask, control: _Control) -> ProbeResult:
+async def _probe(task: ProbeTask, control: Control) -> ProbeResult:
     subscriber = await Connection.open(HOST, task.port)
     publisher = await Connection.open(HOST, task.port)
     try:
@@ -324,7 +333,7 @@ async def _probe(task: ProbeTask, control: _Control) -> ProbeResult:
             if code != 0:
                 raise MqttError(f"probe login {login.client_id!r} refused with CONNACK {code}")
         await subscriber.subscribe(task.topic_filter)
-        await _go(control)
+        await wait_for_go(control)
         return await _probe_run(task, control, publisher, subscriber)
     finally:
         publisher.close()
@@ -332,7 +341,7 @@ async def _probe(task: ProbeTask, control: _Control) -> ProbeResult:
 
 
 async def _probe_run(
-    task: ProbeTask, control: _Control, publisher: Connection, subscriber: Connection
+    task: ProbeTask, control: Control, publisher: Connection, subscriber: Connection
 ) -> ProbeResult:
     sent_at: list[float] = []
     latencies: list[float | None] = []
@@ -397,7 +406,7 @@ async def _probe_run(
 # -- publish throughput -------------------------------------------------------------------------
 
 
-async def _pubsub(task: PubSubTask, control: _Control) -> PubSubResult:
+async def _pubsub(task: PubSubTask, control: Control) -> PubSubResult:
     subscribers: list[Connection] = []
     publishers: list[Connection] = []
     try:
@@ -409,7 +418,7 @@ async def _pubsub(task: PubSubTask, control: _Control) -> PubSubResult:
             pub = await Connection.open(HOST, task.port)
             publishers.append(pub)
             await _login_or_fail(pub, pair.publisher)
-        await _go(control)
+        await wait_for_go(control)
         return await _pubsub_run(task, publishers, subscribers)
     finally:
         for conn in (*publishers, *subscribers):
@@ -462,8 +471,8 @@ async def _pubsub_run(
 # -- provisioning -------------------------------------------------------------------------------
 
 
-async def _provision(task: ProvisionTask, control: _Control) -> ProvisionResult:
-    await _go(control)
+async def _provision(task: ProvisionTask, control: Control) -> ProvisionResult:
+    await wait_for_go(control)
     started = time.monotonic()
     deadline = started + task.time_limit
     outcomes: Counter[str] = Counter()

@@ -141,12 +141,18 @@ class Connection:
         self._loop = asyncio.get_running_loop()
 
     @classmethod
-    async def open(cls, host: str, port: int) -> Connection:
-        """A TCP connection to the broker (Nagle off, as every MQTT client does)."""
+    async def open(cls, host: str, port: int, *, source: str | None = None) -> Connection:
+        """A TCP connection to the broker (Nagle off, as every MQTT client does).
+
+        ``source``: the local address to connect from (another loopback address, 127.0.0.2, is
+        another client host to the broker's per-address limits).
+        """
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(0.0)  # non-blocking, as the loop's sock_* calls require
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
+            if source is not None:
+                sock.bind((source, 0))
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except BaseException:
             sock.close()

@@ -7,11 +7,13 @@ children in ``finally`` blocks, politely first and with SIGKILL as the last reso
 from __future__ import annotations
 
 import multiprocessing
+from collections.abc import Sequence
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from tests.bench.load import Task, child_main
+from tests.bench.logins import LoginTask
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -82,11 +84,11 @@ class Child:
 class LoadProcess(Child):
     """One load generator running one :mod:`tests.bench.load` task."""
 
-    def __init__(self, task: Task, name: str) -> None:
+    def __init__(self, task: Task | LoginTask, name: str) -> None:
         super().__init__(child_main, (task,), name)
 
 
-def run_load(tasks: list[Task], timeout: float, label: str = "load") -> list[Any]:
+def run_load(tasks: Sequence[Task | LoginTask], timeout: float, label: str = "load") -> list[Any]:
     """Start one process per task, wait until all are ready, start them together, collect results."""
     children: list[LoadProcess] = []
     try:

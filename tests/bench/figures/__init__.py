@@ -22,12 +22,16 @@ def all_figures() -> list[Figure]:
     """Every figure, imported on demand (the modules pull in the product and amqtt)."""
     from tests.bench.figures import (  # noqa: PLC0415
         cold_storm,
+        enrol_burst,
+        event_loop,
+        flood,
         login_timing,
         memory,
         mosquitto_storm,
         provisioning_rate,
         rabbitmq_storm,
         registry,
+        restart_storm,
         throughput,
         warm_storm,
     )
@@ -40,6 +44,10 @@ def all_figures() -> list[Figure]:
         registry,
         memory,
         login_timing,
+        restart_storm,
+        flood,
+        enrol_burst,
+        event_loop,
         mosquitto_storm,
         rabbitmq_storm,
     ]

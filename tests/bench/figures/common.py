@@ -1,14 +1,17 @@
-"""Pieces several figures share: our broker's settings, free ports, the connect storm."""
+"""Pieces several figures share: our broker's settings, free ports, the connect storms."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.bench.load import Login, StormResult, StormTask
-from tests.bench.procs import run_load
+from tests.bench.load import IdleResult, IdleTask, Login, StormResult, StormTask
+from tests.bench.logins import RetryLoginResult, RetryLoginTask
+from tests.bench.procs import LoadProcess, run_load
 from tests.bench.results import percentile
 
 FLEET_SECRET = "bench-fleet-secret"
@@ -42,6 +45,16 @@ def mqttprov_settings(
     for name, values in sections.items():
         settings[name] = settings.get(name, {}) | values
     return settings
+
+
+def enrolment_settings(database_url: str, port: int, *, cost: int) -> dict[str, Any]:
+    """Our broker's settings for enrolment figures: open mode, fleet secret, no per-address limit.
+
+    Every device of the bench connects from 127.0.0.1: the per-address limit (meant for one
+    misbehaving host) would otherwise decide the figure, not the hashing pipeline.
+    """
+    limits = {"mode": "open", "address_requests_per_minute": 1_000_000, "address_burst": 100_000}
+    return mqttprov_settings(database_url, port, cost=cost, provisioning=limits)
 
 
 @dataclass(frozen=True)
@@ -103,3 +116,48 @@ def summarize_storm(results: list[StormResult]) -> StormSummary:
         p50_ms=percentile(latencies, 50) if latencies else None,
         p99_ms=percentile(latencies, 99) if latencies else None,
     )
+
+
+def device_logins(
+    port: int, logins: Sequence[Login], *, concurrency: int, time_limit: float, label: str
+) -> RetryLoginResult:
+    """Every login until accepted (CONNACK 3: wait 1 s, try again), from one load process."""
+    task = RetryLoginTask(port, tuple(logins), min(concurrency, len(logins)), time_limit)
+    result: RetryLoginResult
+    (result,) = run_load([task], time_limit + 60.0, label=label)
+    return result
+
+
+def describe_logins(result: RetryLoginResult) -> str:
+    """One log line: how many got in, how fast, with how many CONNACK 3 retries, what went wrong."""
+    head = (
+        f"{result.accepted} of {len(result.retries)} in {result.ended - result.started:.2f} s "
+        f"= {result.rate:,.1f}/s; CONNACK 3 retries max {max(result.retries, default=0)}, "
+        f"mean {mean_retries(result):.2f}"
+    )
+    parts = [head]
+    parts += [f"{count} CONNACK {code}" for code, count in sorted(result.refused.items())]
+    parts += [f"{count} {name}" for name, count in sorted(result.errors.items())]
+    return ", ".join(parts)
+
+
+def mean_retries(result: RetryLoginResult) -> float:
+    """CONNACK 3 retries per device, on average."""
+    return sum(result.retries) / max(len(result.retries), 1)
+
+
+@contextmanager
+def held_connections(
+    port: int, logins: Sequence[Login], *, concurrency: int, time_limit: float, name: str
+) -> Iterator[IdleResult]:
+    """Every login connected and kept open by one load process while the block runs."""
+    holder = LoadProcess(IdleTask(port, tuple(logins), concurrency, time_limit), name)
+    try:
+        holder.expect("ready", 60.0)
+        holder.send("go")
+        held: IdleResult = holder.expect("holding", time_limit + 30.0)
+        yield held
+        holder.send("release")
+        holder.expect("result", 60.0)
+    finally:
+        holder.close()

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from tests.bench.context import Context
-from tests.bench.figures.common import free_port, mqttprov_settings, sqlite_url
+from tests.bench.figures.common import free_port, held_connections, mqttprov_settings, sqlite_url
 from tests.bench.fleet import create_registry, make_fleet
-from tests.bench.load import IdleResult, IdleTask, Login
-from tests.bench.procs import LoadProcess
+from tests.bench.load import IdleResult, Login
 from tests.bench.results import FigureResult, Goal, Row, median
 from tests.bench.served import ServedBroker, ServedKind
 
@@ -103,15 +102,9 @@ def _measure(
 ) -> tuple[int, int, IdleResult]:
     with ServedBroker(kind, port, ctx.workdir, settings=settings) as broker:
         before = broker.rss_kib()
-        holder = LoadProcess(IdleTask(broker.port, tuple(logins), _CONCURRENCY, TIME_LIMIT), f"idle-{kind}")
-        try:
-            holder.expect("ready", 60.0)
-            holder.send("go")
-            held: IdleResult = holder.expect("holding", TIME_LIMIT + 30.0)
+        with held_connections(
+            broker.port, logins, concurrency=_CONCURRENCY, time_limit=TIME_LIMIT, name=f"idle-{kind}"
+        ) as held:
             after = broker.rss_kib()
-            holder.send("release")
-            holder.expect("result", 60.0)
-        finally:
-            holder.close()
     logs += broker.log_summary()
     return before, after, held

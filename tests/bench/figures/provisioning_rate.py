@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from tests.bench.brokers import BrokerProcess, BrokerSpec
 from tests.bench.context import Context
-from tests.bench.figures.common import FLEET_SECRET, free_port, mqttprov_settings, sqlite_url
-from tests.bench.fleet import mac_for, prepare, seconds_per_hash
+from tests.bench.figures.common import FLEET_SECRET, enrolment_settings, free_port, sqlite_url
+from tests.bench.fleet import create_empty_registry, mac_for, seconds_per_hash
 from tests.bench.load import ProvisionResult, ProvisionTask
 from tests.bench.procs import run_load
 from tests.bench.results import FigureResult, Goal, Row, median
@@ -25,20 +23,9 @@ def run(ctx: Context) -> FigureResult:
     cost = sizes.bcrypt_cost
     figure = FigureResult(NAME, TITLE)
     url = sqlite_url(ctx.workdir / "provisioning.db")
-
-    async def migrate() -> None:
-        await (await prepare(url)).dispose()
-
-    asyncio.run(migrate())
+    create_empty_registry(url)
     port = free_port()
-    # Every device of the bench connects from 127.0.0.1: the per-address limit (meant for one
-    # misbehaving host) would otherwise decide the figure, not the hashing pipeline.
-    settings = mqttprov_settings(
-        url,
-        port,
-        cost=cost,
-        provisioning={"mode": "open", "address_requests_per_minute": 1_000_000, "address_burst": 100_000},
-    )
+    settings = enrolment_settings(url, port, cost=cost)
     rates: list[float] = []
     bounds: list[float] = []
     hashes_ms: list[float] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 from tests.bench.brokers import BrokerProcess, BrokerSpec
@@ -22,25 +23,8 @@ def run(ctx: Context) -> FigureResult:
     """Each device publishes QoS 0 as fast as the broker takes it; a service account per device receives."""
     sizes = ctx.sizes
     figure = FigureResult(NAME, TITLE)
-    fleet = make_fleet(sizes.throughput_devices, cost=sizes.bcrypt_cost)
-    password = f"bench-subscriber-{uuid.uuid4().hex}"
-    hashed = hash_password(password, sizes.bcrypt_cost)
-    pairs: list[Pair] = []
-    accounts: list[tuple[str, str, list[dict[str, str]]]] = []
-    for n, device in enumerate(fleet.devices):
-        account = f"benchsub{n}"
-        accounts.append((account, hashed, [{"action": "subscribe", "filter": device.namespace + "#"}]))
-        pairs.append(
-            Pair(
-                device.login,
-                device.namespace + "telemetry",
-                Login(account, account, password),
-                device.namespace + "#",
-            )
-        )
     url = sqlite_url(ctx.workdir / "throughput.db")
-    create_registry(url, fleet, accounts)
-    task_pairs = tuple(pairs)
+    task_pairs = create_publishers([url], sizes.throughput_devices, sizes.bcrypt_cost)
     samples: dict[str, list[float]] = {"ours": [], "amqtt": []}
     with ExitStack() as stack:
         port = free_port()
@@ -57,7 +41,7 @@ def run(ctx: Context) -> FigureResult:
             for side, broker in (("ours", ours), ("amqtt", reference)):
                 task = PubSubTask(broker.port, task_pairs, sizes.throughput_messages, TIME_LIMIT)
                 (result,) = run_load([task], TIME_LIMIT + 60.0, label=f"pubsub-{side}")
-                rate = _rate(result)
+                rate = pubsub_rate(result)
                 samples[side].append(rate)
                 ctx.log(
                     f"round {number} {side:5}: {result.received} of {result.sent} messages delivered in "
@@ -96,5 +80,28 @@ def run(ctx: Context) -> FigureResult:
     return figure
 
 
-def _rate(result: PubSubResult) -> float:
+def create_publishers(urls: Sequence[str], count: int, cost: int) -> tuple[Pair, ...]:
+    """Registries at ``urls``, each with the same ``count`` devices and an account subscribed to each."""
+    fleet = make_fleet(count, cost=cost)
+    password = f"bench-subscriber-{uuid.uuid4().hex}"
+    hashed = hash_password(password, cost)
+    pairs: list[Pair] = []
+    accounts: list[tuple[str, str, list[dict[str, str]]]] = []
+    for n, device in enumerate(fleet.devices):
+        account = f"benchsub{n}"
+        accounts.append((account, hashed, [{"action": "subscribe", "filter": device.namespace + "#"}]))
+        pairs.append(
+            Pair(
+                device.login,
+                device.namespace + "telemetry",
+                Login(account, account, password),
+                device.namespace + "#",
+            )
+        )
+    for url in urls:
+        create_registry(url, fleet, accounts)
+    return tuple(pairs)
+
+
+def pubsub_rate(result: PubSubResult) -> float:
     return result.received / max(result.last_received - result.first_sent, 1e-9)
