@@ -42,10 +42,11 @@ START_TIMEOUT = 10.0
 
 #: What anonymous provisioning sessions may do (the provisioning listener's acl_file).
 PROVISIONING_ACL = """\
-# Sessions without a username: publish requests only.
+# Sessions without a username, and firmware that logs in as 'provision': publish requests.
 topic write provision/request
-# Every session on this listener, with or without a username.
-pattern write provision/request
+user provision
+topic write provision/request
+# Every session on this listener, whatever its username: read its own reply topic only.
 pattern read provision/reply/%c
 """
 

@@ -125,6 +125,30 @@ async def test_service_clients_cannot_read_provisioning(stack: Stack) -> None:
     )  # the provisioning listener checks no password: it grants only the %c patterns
 
 
+async def test_the_provisioning_acl_file_uses_plain_topic_lines(stack: Stack) -> None:
+    port = stack.node.provision_port
+    victim_mac, spy_mac = "aa:bb:cc:00:00:71", "aa:bb:cc:00:00:72"
+    with await call(spy, port, spy_mac, "#", f"provision/reply/{victim_mac}") as snoop:
+        # Anonymous, and as 'provision' (any password: the listener checks none), requests pass.
+        own = await call(request_provisioning, port, spy_mac, {"mac": spy_mac})
+        assert own is not None
+        assert_ok(own)
+        body = await call(
+            request_provisioning, port, victim_mac, {"mac": victim_mac}, username="provision", password="x"
+        )
+        assert body is not None
+        assert_ok(body)
+        # The spy may publish requests, not read another MAC's reply.
+        assert snoop.messages == []
+    # Another username may not publish requests: its request never reaches the worker.
+    with await call(spy, port, "aa:bb:cc:00:00:73", username="intruder", password="x") as other:
+        await call(other.publish, "provision/request", {"mac": "aa:bb:cc:00:00:73"})
+        assert await call(stack.provision, "aa:bb:cc:00:00:74") is not None  # the barrier
+    assert await stack.devices.find_by_mac("aa:bb:cc:00:00:73") is None
+    # No 'pattern' without %c/%u, so none of Mosquitto's warnings about one.
+    assert "does not contain" not in stack.node.log
+
+
 # -- logins and the ACL ---------------------------------------------------------------------------
 
 
