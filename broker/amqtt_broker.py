@@ -16,6 +16,7 @@
   not sent retained messages again, and a take-over that completes before the new connection
   uses the session;
 - read only whole, well-formed packets (see :mod:`broker.framing`).
+- remove a subscription entry once nobody holds it (see :mod:`broker.subscriptions`).
 - tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends.
 - fire amqtt's broadcast event only for the topics its listeners declare (see
   :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`).
@@ -52,6 +53,7 @@ from auth_plugin.principals import (
 from auth_plugin.sessions import SessionHooks
 from broker.framing import FramingReader
 from broker.protocol import KeepAliveHandler, grace
+from broker.subscriptions import held_filters
 from broker.turns import ClientIdTurns
 
 logger = logging.getLogger(__name__)
@@ -422,7 +424,27 @@ class MqttprovBroker(Broker):
             for index, (subscriber, _qos) in enumerate(entries):
                 if subscriber.client_id == session.client_id:
                     entries[index] = (session, granted)
+            held_filters(session).add(subscription[0])
         return granted
+
+    def _del_subscription(self, a_filter: str, session: Session) -> int:
+        """amqtt's, and an entry left empty goes too.
+
+        amqtt 0.12.1 leaves the emptied entry in the table for good: every publish and every
+        CONNECT walked it. Subscribing and unsubscribing thousands of spellings of one filter
+        slowed the whole broker until it restarted.
+        """
+        deleted: int = super()._del_subscription(a_filter, session)
+        held_filters(session).discard(a_filter)
+        entries = self._subscriptions.get(a_filter)
+        if entries is not None and not entries:
+            del self._subscriptions[a_filter]
+        return deleted
+
+    async def _del_all_subscriptions(self, session: Session) -> None:
+        # amqtt walks the whole table at every session end; the session's own filters suffice.
+        for topic_filter in list(held_filters(session)):
+            self._del_subscription(topic_filter, session)
 
     async def _handle_message_delivery(
         self, client_session: Session, handler: BrokerProtocolHandler, wait_deliver: asyncio.Future[Any]

@@ -1,0 +1,190 @@
+"""The broker's subscription table: entries go when nobody holds them, and what one session may
+put there is bounded ([broker] limits). Real broker on a free port, raw sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+
+import pytest
+
+from broker import BrokerServer
+from tests.auth_support import ACCOUNT_PASSWORD, HOST, eventually, make_account, polled, settings
+from tests.bench.mqtt import remaining_length
+from tests.helpers import connect_packet
+
+SUBACK_FAILURE = 0x80
+MAC = "02:00:00:00:5b:01"
+#: Every notation of MAC a provisioning session may subscribe its reply topic with.
+SPELLINGS = ("02:00:00:00:5b:01", "02-00-00-00-5B-01", "0200.0000.5b01", "020000005B01")
+
+
+def _text(value: str) -> bytes:
+    raw = value.encode()
+    return struct.pack("!H", len(raw)) + raw
+
+
+class Wire:
+    """One raw MQTT connection: CONNECT, SUBSCRIBE and UNSUBSCRIBE with any number of filters."""
+
+    def __init__(self, port: int, client_id: str, **connect: object) -> None:
+        self.sock = socket.create_connection((HOST, port), timeout=10)
+        self.sock.sendall(connect_packet(client_id, **connect))  # type: ignore[arg-type]
+        kind, body = self.packet()
+        assert kind == 0x20, f"not a CONNACK: {kind:#x}"
+        self.session_present, self.code = body[0] & 1, body[1]
+        self._packet_id = 0
+        #: PUBLISH packets received (topic, payload) while waiting for something else.
+        self.published: list[tuple[str, bytes]] = []
+
+    def subscribe(self, filters: Iterable[str], qos: int = 1) -> list[int]:
+        """One SUBSCRIBE carrying ``filters``; the SUBACK's return codes."""
+        packet_id = self._next_id()
+        body = struct.pack("!H", packet_id) + b"".join(_text(f) + bytes([qos]) for f in filters)
+        self.sock.sendall(bytes([0x82]) + remaining_length(len(body)) + body)
+        return list(self.wait_for(0x90, packet_id)[2:])
+
+    def unsubscribe(self, filters: Iterable[str]) -> None:
+        """One UNSUBSCRIBE carrying ``filters``; returns at its UNSUBACK."""
+        packet_id = self._next_id()
+        body = struct.pack("!H", packet_id) + b"".join(_text(f) for f in filters)
+        self.sock.sendall(bytes([0xA2]) + remaining_length(len(body)) + body)
+        self.wait_for(0xB0, packet_id)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """A QoS 1 PUBLISH; returns at its PUBACK."""
+        packet_id = self._next_id()
+        body = _text(topic) + struct.pack("!H", packet_id) + payload
+        self.sock.sendall(bytes([0x32 | int(retain)]) + remaining_length(len(body)) + body)
+        self.wait_for(0x40, packet_id)
+
+    def ping(self) -> None:
+        """PINGREQ and its PINGRESP: everything sent to this connection before is here by then."""
+        self.sock.sendall(b"\xc0\x00")
+        self.wait_for(0xD0, None)
+
+    def wait_for(self, kind: int, packet_id: int | None) -> bytes:
+        """Read packets until one of ``kind`` (with ``packet_id``) arrives; its body."""
+        while True:
+            got, body = self.packet()
+            if got & 0xF0 == 0x30:
+                self._published(got, body)
+                continue
+            if got == kind and (packet_id is None or struct.unpack("!H", body[:2])[0] == packet_id):
+                return body
+            raise AssertionError(f"expected {kind:#x}, got {got:#x}")
+
+    def closed_by_server(self, within: float = 10.0) -> bool:
+        """True when the broker closes the connection within ``within`` seconds."""
+        self.sock.settimeout(within)
+        try:
+            while True:
+                got, body = self.packet()
+                if got & 0xF0 == 0x30:
+                    self._published(got, body)
+        except (ConnectionError, OSError):
+            return True
+
+    def packet(self) -> tuple[int, bytes]:
+        """The next packet: first header byte and body."""
+        first = self._exactly(1)[0]
+        length, shift = 0, 0
+        while True:
+            byte = self._exactly(1)[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return first, self._exactly(length)
+
+    def close(self) -> None:
+        """Close the socket without DISCONNECT."""
+        self.sock.close()
+
+    def disconnect(self) -> None:
+        """DISCONNECT, then close."""
+        try:
+            self.sock.sendall(b"\xe0\x00")
+        finally:
+            self.sock.close()
+
+    def _published(self, first: int, body: bytes) -> None:
+        (size,) = struct.unpack("!H", body[:2])
+        topic = body[2 : 2 + size].decode()
+        offset = 2 + size + (2 if first & 0x06 else 0)
+        self.published.append((topic, body[offset:]))
+        if first & 0x06:  # acknowledge QoS 1 (and 2's PUBREC) so nothing is held for us
+            packet_id = body[2 + size : 4 + size]
+            self.sock.sendall((b"\x40\x02" if first & 0x06 == 0x02 else b"\x50\x02") + packet_id)
+
+    def _next_id(self) -> int:
+        self._packet_id = self._packet_id % 65_535 + 1
+        return self._packet_id
+
+    def _exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            chunk = self.sock.recv(count - len(data))
+            if not chunk:
+                raise ConnectionError("closed by the broker")
+            data += chunk
+        return data
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[BrokerServer]:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'r.db'}"
+    async with BrokerServer(settings(url)) as running:
+        await make_account(running.accounts, "svc", ["subscribe devices/#", "publish devices/#"])
+        yield running
+
+
+def entries(server: BrokerServer) -> int:
+    """How many filters the broker's subscription table holds (amqtt's own attribute)."""
+    return len(server.broker.subscriptions)
+
+
+async def test_unsubscribe_and_session_end_remove_emptied_entries(server: BrokerServer) -> None:
+    port = server.settings.broker.port
+    baseline = entries(server)
+    account = {"username": "svc", "password": ACCOUNT_PASSWORD}
+
+    def churn() -> list[int]:
+        seen: list[int] = []
+        for cycle in range(3):
+            # A persistent session: subscribed, unsubscribed, and the same again after a resume.
+            wire = Wire(port, "svc-churn", clean_session=False, **account)
+            assert wire.code == 0
+            filters = [f"devices/{cycle}/{n}/+" for n in range(25)]
+            assert SUBACK_FAILURE not in wire.subscribe(filters[:20])
+            assert SUBACK_FAILURE not in wire.subscribe(filters[20:])
+            seen.append(entries(server))
+            wire.unsubscribe(filters)
+            seen.append(entries(server))
+            wire.disconnect()
+            # A provisioning session: every spelling of its reply topic in turn.
+            with_mac = Wire(port, MAC)
+            for spelling in SPELLINGS:
+                assert with_mac.subscribe([f"provision/reply/{spelling}"]) != [SUBACK_FAILURE]
+                with_mac.unsubscribe([f"provision/reply/{spelling}"])
+            seen.append(entries(server))
+            with_mac.close()
+        for leaver in range(3):
+            # Clean sessions that leave holding their filters: their end removes them.
+            wire = Wire(port, f"svc-leaver-{leaver}", **account)
+            assert SUBACK_FAILURE not in wire.subscribe([f"devices/leaver/{n}" for n in range(10)])
+            wire.close()
+        # Resuming the persistent session with clean session 1 ends what it held.
+        wire = Wire(port, "svc-churn", **account)
+        wire.disconnect()
+        return seen
+
+    seen = await asyncio.to_thread(churn)
+    assert seen[0::3] == [baseline + 25] * 3
+    assert seen[1::3] + seen[2::3] == [baseline] * 6
+    # Clean sessions are removed by amqtt's session monitor (once a second).
+    assert await eventually(polled(lambda: entries(server)), lambda n: n == baseline) == baseline
+    assert not any(s.clean_session is False for s, _ in server.broker.sessions.values())
