@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -331,3 +332,23 @@ async def test_a_changed_worker_role_is_edited_in_place(stack: Stack) -> None:
     assert acls is not None
     shared = {acl.topic for acl in acls if acl.topic.startswith("$share/")}
     assert shared == {"$share/fleet-b/provision/request"}
+
+
+async def test_the_bridge_gives_the_worker_client_its_role_and_says_when_it_is_disabled(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _admin(stack) as dynsec:
+        await dynsec.call("removeClientRole", username=WORKER, rolename=WORKER_ROLE)
+        await dynsec.disable_client(WORKER)
+    caplog.set_level(logging.INFO, logger="broker.mosquitto.bridge")
+    async with open_bridge(stack.settings, parse_broker_url(stack.settings.external.broker)) as bridge:
+        await bridge.ensure_layout()
+        worker = await bridge.dynsec.get_client(WORKER)
+    assert worker is not None
+    assert [role.rolename for role in worker.roles] == [WORKER_ROLE]
+    assert worker.disabled  # an operator's doing: left to them, and said
+    said = (
+        f"the worker client {WORKER!r} is disabled on Mosquitto: `mqttprov worker` is refused "
+        f"(Not authorized) until it is enabled (mosquitto_ctrl ... dynsec enableClient {WORKER})"
+    )
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [said]

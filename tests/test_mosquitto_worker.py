@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -200,18 +201,80 @@ async def test_cli_errors_are_one_line(tmp_path: Path, sqlite_url: str) -> None:
     assert "secret-0006" not in shown.stdout
 
 
-async def _spawn(config: Path, *args: str) -> ServeProcess:
+async def _spawn(config: Path, *args: str, env: dict[str, str] | None = None) -> ServeProcess:
     process = await asyncio.create_subprocess_exec(
         mqttprov_executable(),
         *args,
         "--config",
         str(config),
         cwd=config.parent,
+        env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     return ServeProcess(process)
+
+
+async def _stopped(process: ServeProcess) -> list[str]:
+    """SIGTERM (or kill, if it still runs after a failure) and the lines it logged."""
+    if process.process.returncode is None:
+        try:
+            assert await process.stop(signal.SIGTERM) == 0
+        finally:
+            if process.process.returncode is None:
+                process.process.kill()
+                await process.process.communicate()
+    return process.lines
+
+
+WORKER_CLIENT_MISSING = (
+    "ERROR   broker.mosquitto.bridge: no worker client 'mqttprov-worker' on Mosquitto and "
+    "external.worker_password is not set: give this command the worker's password too "
+    "(MQTTPROV_EXTERNAL__WORKER_PASSWORD) and start it again; until then `mqttprov worker` is "
+    "refused (Not authorized)"
+)
+
+
+@pytest.mark.slow
+async def test_bridge_run_creates_the_worker_client_or_says_what_is_missing(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    with mosquitto_node(tmp_path / "mosquitto") as node:
+        sections = stack_sections(node, sqlite_url)
+        password = str(sections["external"].pop("worker_password"))
+        config = write_config(tmp_path / "mqttprov.toml", sections)
+        migrated = await asyncio.to_thread(
+            run_mqttprov, "db", "upgrade", "--config", str(config), cwd=tmp_path
+        )
+        assert migrated.returncode == 0, migrated.stderr
+        worker_env = {"MQTTPROV_EXTERNAL__WORKER_PASSWORD": password}
+
+        # The worker's password only in the worker's environment: the bridge says so, once.
+        bridge = await _spawn(config, "bridge", "run")
+        try:
+            await bridge.read_until("bridge following the credential change feed")
+        finally:
+            lines = await _stopped(bridge)
+        assert [line.split(" ", 2)[2] for line in lines if " ERROR " in line] == [WORKER_CLIENT_MISSING]
+        refused = await asyncio.to_thread(
+            run_mqttprov, "worker", "--config", str(config), cwd=tmp_path, env=worker_env
+        )
+        assert refused.returncode == 1
+        assert refused.stderr.splitlines()[-1].endswith(": Not authorized")
+
+        # Given to the bridge too: it creates the client, and the worker logs in.
+        bridge = await _spawn(config, "bridge", "run", env=worker_env)
+        worker = None
+        try:
+            await bridge.read_until("created the worker client 'mqttprov-worker' on Mosquitto")
+            await bridge.read_until("bridge following the credential change feed")
+            worker = await _spawn(config, "worker", env=worker_env)
+            await worker.read_until("provisioning worker serving $share/mqttprov/provision/request")
+        finally:
+            logged = await _stopped(bridge) + (await _stopped(worker) if worker else [])
+        assert not [line for line in logged if " ERROR " in line]
+        assert password not in "\n".join(logged)
 
 
 async def test_bridge_and_worker_run_as_processes_until_signalled(tmp_path: Path, sqlite_url: str) -> None:

@@ -65,23 +65,51 @@ class DynsecBridge:
         self._mosquitto = OutageLog(logger, subject="Mosquitto")
 
     async def ensure_layout(self) -> None:
-        """Deny-by-default access, the worker's role, and its client when its password is configured."""
+        """Deny-by-default access, the worker's role, and the worker's client (see below)."""
         await self.dynsec.set_default_acl_access(DEFAULT_ACCESS)
         await self._replace_role(WORKER_ROLE, worker_acls(self._external.shared_group))
-        secret = self._external.worker_password
-        if secret is None or not secret.get_secret_value():
-            return
+        await self._ensure_worker_client()
+
+    async def _ensure_worker_client(self) -> None:
+        """Create the worker's client with its role, or say in one ERROR line why it cannot.
+
+        Without it ``mqttprov worker`` is refused (Not authorized); the bridge still follows
+        revocations, so it goes on after saying so.
+        """
         name = self._external.worker_username
-        if await self.dynsec.get_client(name) is None:
+        client = await self.dynsec.get_client(name)
+        secret = self._external.worker_password
+        password = "" if secret is None else secret.get_secret_value()
+        if client is None and not password:
+            logger.error(
+                "no worker client %r on Mosquitto and external.worker_password is not set: give "
+                "this command the worker's password too (MQTTPROV_EXTERNAL__WORKER_PASSWORD) and "
+                "start it again; until then `mqttprov worker` is refused (Not authorized)",
+                name,
+            )
+            return
+        if client is None:
             await self.dynsec.create_client(
                 name,
-                secret.get_secret_value(),
+                password,
                 clientid=None,
                 roles=[WORKER_ROLE],
                 textname="mqttprov provisioning worker",
                 textdescription="mqttprov worker",
             )
             logger.info("created the worker client %r on Mosquitto", name)
+            return
+        if WORKER_ROLE not in {role.rolename for role in client.roles}:
+            await self.dynsec.call("addClientRole", username=name, rolename=WORKER_ROLE, priority=-1)
+            logger.info("gave the worker client %r the role %r on Mosquitto", name, WORKER_ROLE)
+        if client.disabled:
+            # Only an operator disables it: enabling it again is their call.
+            logger.error(
+                "the worker client %r is disabled on Mosquitto: `mqttprov worker` is refused "
+                "(Not authorized) until it is enabled (mosquitto_ctrl ... dynsec enableClient %s)",
+                name,
+                name,
+            )
 
     # -- issuing ----------------------------------------------------------------------------------
 
