@@ -16,7 +16,8 @@
   not sent retained messages again, and a take-over that completes before the new connection
   uses the session;
 - read only whole, well-formed packets (see :mod:`broker.framing`).
-- remove a subscription entry once nobody holds it (see :mod:`broker.subscriptions`).
+- remove a subscription entry once nobody holds it, and bound what one session may subscribe
+  and the topics it may use (see :mod:`broker.subscriptions`);
 - tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends.
 - fire amqtt's broadcast event only for the topics its listeners declare (see
   :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`).
@@ -27,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
-from amqtt.broker import Broker, Server
+from amqtt.broker import Broker, RetainedApplicationMessage, Server
 from amqtt.contexts import Action
 from amqtt.errors import AMQTTError, MQTTError, NoDataError
 from amqtt.events import BrokerEvents
@@ -44,6 +45,7 @@ from amqtt.utils import gen_client_id
 
 from auth_plugin.plugin import MqttprovTopicPlugin
 from auth_plugin.principals import (
+    NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
     Principal,
     ProvisioningPrincipal,
@@ -53,7 +55,7 @@ from auth_plugin.principals import (
 from auth_plugin.sessions import SessionHooks
 from broker.framing import FramingReader
 from broker.protocol import KeepAliveHandler, grace
-from broker.subscriptions import held_filters
+from broker.subscriptions import TopicLimits, held_filters
 from broker.turns import ClientIdTurns
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,8 @@ _PROVISION_ROOT = "provision/"
 _PREAUTHENTICATED = "mqttprov.preauthenticated"
 #: Message of the exception that ends a refused or timed-out connection (amqtt logs it).
 REFUSED_MARKER = "mqttprov: connection refused"
+#: Retained messages matched against a wildcard filter between two yields to the event loop.
+RETAINED_SCAN_SLICE = 500
 #: A take-over waits at most this long for the old connection to finish before going on.
 TAKEOVER_TIMEOUT = 5.0
 _SUBSCRIBE_FAILURE = 0x80
@@ -81,6 +85,7 @@ class ConnectionLimits:
     max_connections_per_address: int = 2_000
     max_queued_messages: int = 1_000
     max_packet_bytes: int = 1_048_576
+    topics: TopicLimits = field(default_factory=TopicLimits)
 
 
 def _broadcast_topics(plugins: Iterable[Any]) -> frozenset[str] | None:
@@ -198,6 +203,9 @@ class MqttprovBroker(Broker):
         fresh.password = None  # checked; amqtt would keep the plaintext for the session's lifetime
         if not authenticated:
             await self._refuse(writer, refusal_code(fresh))
+        if fresh.will_flag and fresh.will_topic and self.limits.topics.topic_refusal(fresh.will_topic):
+            logger.info("refusing %s: its will topic is over the topic limits", peer)
+            await self._refuse(writer, NOT_AUTHORIZED)
         if isinstance(principal_of(fresh), ProvisioningPrincipal):
             # Anonymous: amqtt kept a provisioning session that asked for clean session 0 in its
             # table forever after it left, with its subscription - one per MAC anyone cares to
@@ -395,9 +403,7 @@ class MqttprovBroker(Broker):
             # On CONNECT amqtt walks every filter anyone holds; only the session's own count.
             return
         sends: list[asyncio.Task[Any]] = []
-        for topic, retained in list(self._retained_messages.items()):
-            if not self._matches(topic, topic_filter):
-                continue
+        async for topic, retained in self._retained_matching(topic_filter):
             if not await self._topic_filtering(session, topic, Action.RECEIVE):
                 continue
             sends.append(
@@ -415,8 +421,32 @@ class MqttprovBroker(Broker):
         if sends:
             await asyncio.wait(sends)
 
+    async def _retained_matching(
+        self, topic_filter: str
+    ) -> AsyncIterator[tuple[str, RetainedApplicationMessage]]:
+        """The retained messages ``topic_filter`` matches, without holding the loop on a big store.
+
+        A filter without wildcards is one lookup; a wildcard filter is matched against every
+        retained message (amqtt's store is a flat dict), yielding to the event loop every
+        :data:`RETAINED_SCAN_SLICE` messages so other clients are served meanwhile.
+        """
+        if "+" not in topic_filter and "#" not in topic_filter:
+            found = self._retained_messages.get(topic_filter)
+            if found is not None:
+                yield topic_filter, found
+            return
+        for count, (topic, retained) in enumerate(list(self._retained_messages.items()), 1):
+            if count % RETAINED_SCAN_SLICE == 0:
+                await asyncio.sleep(0)
+            if self._matches(topic, topic_filter):
+                yield topic, retained
+
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
-        """amqtt's checks and grant; subscribing again to the same filter replaces its QoS."""
+        """amqtt's checks and grant within the topic limits; subscribing again replaces the QoS."""
+        refusal = self.limits.topics.subscribe_refusal(session, subscription[0])
+        if refusal is not None:
+            logger.info("client %r: subscription refused: %s", session.client_id, refusal)
+            return _SUBSCRIBE_FAILURE
         granted: int = await super().add_subscription(subscription, session)
         if granted != _SUBSCRIBE_FAILURE:
             # amqtt 0.12.1 keeps the first subscription's QoS; MQTT replaces it [MQTT-3.8.4-3].
@@ -426,6 +456,38 @@ class MqttprovBroker(Broker):
                     entries[index] = (session, granted)
             held_filters(session).add(subscription[0])
         return granted
+
+    async def _handle_subscription(
+        self, client_session: Session, handler: BrokerProtocolHandler, subscribe_waiter: asyncio.Future[Any]
+    ) -> None:
+        """amqtt 0.12.1's, with the filters past ``max_filters_per_subscribe`` refused unread.
+
+        One SUBSCRIBE may carry tens of thousands of filters (1 MB), each checked against every
+        retained message: past the bound each gets SUBACK 0x80, one per filter as 3.1.1 wants.
+        """
+        subscriptions = subscribe_waiter.result()
+        topics: list[tuple[str, int]] = subscriptions.topics
+        allowed = topics[: self.limits.topics.max_filters_per_subscribe]
+        codes = [await self.add_subscription(subscription, client_session) for subscription in allowed]
+        if len(topics) > len(allowed):
+            logger.info(
+                "client %r: %d filters in one SUBSCRIBE refused (limit %d)",
+                client_session.client_id,
+                len(topics) - len(allowed),
+                len(allowed),
+            )
+            codes += [_SUBSCRIBE_FAILURE] * (len(topics) - len(allowed))
+        await handler.mqtt_acknowledge_subscription(subscriptions.packet_id, codes)
+        for subscription, code in zip(allowed, codes, strict=False):
+            if code == _SUBSCRIBE_FAILURE:
+                continue
+            await self.plugins_manager.fire_event(
+                BrokerEvents.CLIENT_SUBSCRIBED,
+                client_id=client_session.client_id,
+                topic=subscription[0],
+                qos=subscription[1],
+            )
+            await self._publish_retained_messages_for_subscription(subscription, client_session)
 
     def _del_subscription(self, a_filter: str, session: Session) -> int:
         """amqtt's, and an entry left empty goes too.
@@ -465,6 +527,12 @@ class MqttprovBroker(Broker):
             # connection stayed open and the session "connected" with nobody reading its packets.
             # End it as a lost link instead, so it is torn down (and its will sent) as usual.
             logger.info("closing client %r: it published to the invalid topic %r", client_id, topic)
+            await handler.handle_connection_closed()
+            return True
+        too_big = self.limits.topics.topic_refusal(topic)
+        if too_big is not None:
+            # MQTT 3.1.1 has no refusal for a PUBLISH: end it as for an invalid topic.
+            logger.info("closing client %r: it published to a topic %s", client_id, too_big)
             await handler.handle_connection_closed()
             return True
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):

@@ -14,6 +14,7 @@ from auth_plugin.authenticator import Authenticator
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
 from broker.errors import ServeError
+from broker.subscriptions import TopicLimits
 from config import BrokerSettings, Settings
 from provisioning.ports import SessionControl
 from provisioning.service import ProvisioningService
@@ -54,6 +55,16 @@ def listeners(settings: BrokerSettings) -> list[Listener]:
     if settings.ws_port is not None:
         found.append(Listener("ws", "ws", settings.host, settings.ws_port))
     return found
+
+
+def topic_limits(settings: BrokerSettings) -> TopicLimits:
+    """The ``[broker]`` bounds on topics and subscriptions."""
+    return TopicLimits(
+        max_filters_per_subscribe=settings.max_filters_per_subscribe,
+        max_subscriptions_per_session=settings.max_subscriptions_per_session,
+        max_topic_length=settings.max_topic_length,
+        max_topic_levels=settings.max_topic_levels,
+    )
 
 
 def plugin_config(services: Services) -> dict[str, dict[str, Any]]:

@@ -14,7 +14,7 @@ from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
 from auth_plugin.sessions import SessionHooks
 from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
-from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners
+from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners, topic_limits
 from broker.core import STOP_TIMEOUT, AuthCore, Supervised, auth_core, run_until_signalled
 from broker.errors import ServeError
 from config import Settings
@@ -123,6 +123,7 @@ class BrokerServer:
                     max_connections_per_address=self.settings.broker.max_connections_per_address,
                     max_queued_messages=self.settings.broker.max_queued_messages,
                     max_packet_bytes=self.settings.broker.max_packet_bytes,
+                    topics=topic_limits(self.settings.broker),
                 ),
                 session_hooks=SessionHooks(running.services.presence, running.revoker),
             )

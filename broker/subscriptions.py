@@ -1,15 +1,53 @@
 """What one session may hold in the broker's subscription table, and the filters it holds.
 
 amqtt 0.12.1 keeps one table, ``{filter: [(session, qos), ...]}``, walked by every publish and
-(for retained messages) every CONNECT. A session's own filters are kept on the session too, so
-that ending it removes exactly its entries instead of walking the whole table.
+(for retained messages) every CONNECT, and it never bounds what one client puts there. The bounds
+here are ``[broker]`` settings (see :class:`TopicLimits`); a session's own filters are kept on the
+session too, so that ending it removes exactly its entries instead of walking the whole table.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
+from auth_plugin.principals import ProvisioningPrincipal, principal_of
+
 _FILTERS = "mqttprov.filters"
+
+
+@dataclass(frozen=True)
+class TopicLimits:
+    """``[broker]`` bounds on topics and subscriptions (defaults no real device needs to exceed)."""
+
+    max_filters_per_subscribe: int = 32
+    max_subscriptions_per_session: int = 100
+    max_topic_length: int = 1_024
+    max_topic_levels: int = 32
+
+    def topic_refusal(self, topic: str) -> str | None:
+        """Why ``topic`` (a name or a filter) is over the bounds, or None."""
+        if len(topic) > self.max_topic_length:
+            return f"longer than {self.max_topic_length} characters"
+        if topic.count("/") >= self.max_topic_levels:
+            return f"deeper than {self.max_topic_levels} levels"
+        return None
+
+    def subscribe_refusal(self, session: Any, topic_filter: str) -> str | None:
+        """Why ``session`` may not add ``topic_filter`` to what it holds, or None."""
+        too_big = self.topic_refusal(topic_filter)
+        if too_big is not None:
+            return f"filter {too_big}"
+        held = held_filters(session)
+        if topic_filter in held:
+            return None  # a repeated SUBSCRIBE replaces the QoS [MQTT-3.8.4-3]: nothing added
+        if held and isinstance(principal_of(session), ProvisioningPrincipal):
+            # Its one reply filter, in whichever notation of its MAC, one at a time: every
+            # spelling (letter case x four notations) is a distinct entry in the table.
+            return "a provisioning session holds one reply filter at a time"
+        if len(held) >= self.max_subscriptions_per_session:
+            return f"already holds {self.max_subscriptions_per_session} subscriptions"
+        return None
 
 
 def held_filters(session: Any) -> set[str]:

@@ -38,6 +38,14 @@ class BrokerSettings(_Section):
     max_queued_messages: Annotated[int, Field(ge=1)] = 1_000
     #: Largest MQTT packet accepted (remaining length, bytes); a larger one closes the connection.
     max_packet_bytes: Annotated[int, Field(ge=1024, le=268_435_455)] = 1_048_576
+    #: Topic filters one SUBSCRIBE may carry; the ones past it are refused (SUBACK 0x80).
+    max_filters_per_subscribe: Annotated[int, Field(ge=1, le=65_535)] = 32
+    #: Subscriptions one session may hold; a new filter past it is refused (SUBACK 0x80).
+    max_subscriptions_per_session: Annotated[int, Field(ge=1)] = 100
+    #: Longest topic or filter (characters) and deepest (levels): a SUBSCRIBE past either is
+    #: refused (SUBACK 0x80), a PUBLISH closes the connection, a will refuses the CONNECT (5).
+    max_topic_length: Annotated[int, Field(ge=16, le=65_535)] = 1_024
+    max_topic_levels: Annotated[int, Field(ge=2, le=1_000)] = 32
     #: The event loop of ``serve`` and ``authd``: ``auto`` is uvloop when it is installed, else
     #: asyncio's own (docs/benchmarks.md, figure ``uvloop``).
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"

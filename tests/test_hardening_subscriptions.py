@@ -66,6 +66,14 @@ class Wire:
         self.sock.sendall(b"\xc0\x00")
         self.wait_for(0xD0, None)
 
+    def wait_published(self, count: int) -> list[tuple[str, bytes]]:
+        """Read until ``count`` PUBLISH packets have arrived in all (fails at the socket timeout)."""
+        while len(self.published) < count:
+            got, body = self.packet()
+            assert got & 0xF0 == 0x30, f"expected a PUBLISH, got {got:#x}"
+            self._published(got, body)
+        return self.published
+
     def wait_for(self, kind: int, packet_id: int | None) -> bytes:
         """Read packets until one of ``kind`` (with ``packet_id``) arrives; its body."""
         while True:
@@ -188,3 +196,136 @@ async def test_unsubscribe_and_session_end_remove_emptied_entries(server: Broker
     # Clean sessions are removed by amqtt's session monitor (once a second).
     assert await eventually(polled(lambda: entries(server)), lambda n: n == baseline) == baseline
     assert not any(s.clean_session is False for s, _ in server.broker.sessions.values())
+
+
+# -- [broker] limits --------------------------------------------------------------------------------
+
+
+async def test_filters_past_the_limit_of_one_subscribe_are_refused(server: BrokerServer) -> None:
+    limit = server.settings.broker.max_filters_per_subscribe
+    baseline = entries(server)
+
+    def subscribe_many() -> tuple[list[int], int]:
+        wire = Wire(server.settings.broker.port, "svc-many", username="svc", password=ACCOUNT_PASSWORD)
+        try:
+            codes = wire.subscribe([f"devices/many/{n}" for n in range(limit * 50)])
+            return codes, entries(server)
+        finally:
+            wire.disconnect()
+
+    codes, held = await asyncio.to_thread(subscribe_many)
+    assert limit == 32
+    assert codes == [1] * limit + [SUBACK_FAILURE] * (limit * 49)
+    assert held == baseline + limit
+
+
+async def test_a_session_holds_at_most_max_subscriptions(server: BrokerServer) -> None:
+    limit = server.settings.broker.max_subscriptions_per_session
+    per_packet = server.settings.broker.max_filters_per_subscribe
+
+    def fill_up() -> tuple[list[int], list[int], list[int], list[int]]:
+        wire = Wire(server.settings.broker.port, "svc-full", username="svc", password=ACCOUNT_PASSWORD)
+        try:
+            filters = [f"devices/full/{n}" for n in range(limit)]
+            granted = [
+                c for i in range(0, limit, per_packet) for c in wire.subscribe(filters[i : i + per_packet])
+            ]
+            over = wire.subscribe(["devices/full/one-more"])
+            again = wire.subscribe([filters[0]], qos=0)  # held already: its QoS is replaced
+            wire.unsubscribe([filters[1]])
+            after_room = wire.subscribe(["devices/full/one-more"])
+            return granted, over, again, after_room
+        finally:
+            wire.disconnect()
+
+    granted, over, again, after_room = await asyncio.to_thread(fill_up)
+    assert limit == 100
+    assert granted == [1] * limit
+    assert over == [SUBACK_FAILURE]
+    assert again == [0]
+    assert after_room == [1]
+
+
+async def test_topics_and_filters_past_the_length_and_level_limits(server: BrokerServer) -> None:
+    broker = server.settings.broker
+    port = broker.port
+    deepest = "devices/" + "/".join(["x"] * (broker.max_topic_levels - 1))
+    longest = "devices/" + "y" * (broker.max_topic_length - len("devices/"))
+    account = {"username": "svc", "password": ACCOUNT_PASSWORD}
+
+    def probe() -> tuple[list[int], bool, bool, int]:
+        wire = Wire(port, "svc-deep", **account)
+        codes = wire.subscribe([deepest, deepest + "/z", longest, longest + "y", deepest[:-1] + "#"])
+        wire.publish(deepest, b"at the limit")
+        wire.ping()
+        got_deepest = (deepest, b"at the limit") in wire.published
+        # PUBLISH has no refusal in 3.1.1: past the limits the connection is closed.
+        wire.sock.sendall(_publish_qos0(deepest + "/z", b"too deep"))
+        closed = wire.closed_by_server()
+        wire.close()
+        will = Wire(port, "svc-will", will=(longest + "y", b"w"), **account)
+        will.close()
+        return codes, got_deepest, closed, will.code
+
+    codes, got_deepest, closed, will_code = await asyncio.to_thread(probe)
+    assert (broker.max_topic_levels, broker.max_topic_length) == (32, 1024)
+    assert codes == [1, SUBACK_FAILURE, 1, SUBACK_FAILURE, 1]
+    assert got_deepest
+    assert closed
+    assert will_code == 5
+
+
+async def test_a_provisioning_session_holds_one_reply_filter_at_a_time(server: BrokerServer) -> None:
+    port = server.settings.broker.port
+    first, second = (f"provision/reply/{spelling}" for spelling in SPELLINGS[:2])
+
+    def probe() -> list[list[int]]:
+        wire = Wire(port, MAC)
+        try:
+            codes = [wire.subscribe([first]), wire.subscribe([second]), wire.subscribe([first], qos=0)]
+            codes.append(wire.subscribe([first, second]))
+            wire.unsubscribe([first])
+            codes.append(wire.subscribe([second]))
+            return codes
+        finally:
+            wire.disconnect()
+
+    assert await asyncio.to_thread(probe) == [[1], [SUBACK_FAILURE], [0], [1, SUBACK_FAILURE], [1]]
+
+
+async def test_a_maximal_subscribe_over_many_retained_messages_leaves_others_served(
+    server: BrokerServer,
+) -> None:
+    port = server.settings.broker.port
+    stored = 5_000
+    for n in range(stored):
+        await server.broker.retain_message(None, f"devices/r{n}/state", b"s")
+    per_packet = server.settings.broker.max_filters_per_subscribe
+
+    def storm_and_bystander() -> tuple[int, list[int], list[tuple[str, bytes]]]:
+        greedy = Wire(port, "svc-greedy", username="svc", password=ACCOUNT_PASSWORD)
+        bystander = Wire(port, "svc-bystander", username="svc", password=ACCOUNT_PASSWORD)
+        try:
+            filters = [f"devices/+/{n}" for n in range(per_packet * 100)]
+            body = struct.pack("!H", 7) + b"".join(_text(f) + b"\x01" for f in filters)
+            greedy.sock.sendall(bytes([0x82]) + remaining_length(len(body)) + body)
+            bystander.ping()  # served while the greedy SUBSCRIBE is being matched
+            codes = list(greedy.wait_for(0x90, 7)[2:])
+            # One exact filter (a lookup) and one wildcard (a scan of the store) that match.
+            matching = greedy.subscribe(["devices/r4999/state", "devices/r42/+"])
+            received = sorted(greedy.wait_published(2))
+            greedy.ping()
+            return sum(c != SUBACK_FAILURE for c in codes), matching, received + greedy.published[2:]
+        finally:
+            greedy.disconnect()
+            bystander.disconnect()
+
+    granted, matching, received = await asyncio.to_thread(storm_and_bystander)
+    assert granted == per_packet  # 'devices/+/<n>' matches none of the stored ones
+    assert matching == [1, 1]
+    assert received == [("devices/r42/state", b"s"), ("devices/r4999/state", b"s")]
+
+
+def _publish_qos0(topic: str, payload: bytes) -> bytes:
+    body = _text(topic) + payload
+    return bytes([0x30]) + remaining_length(len(body)) + body
