@@ -20,7 +20,7 @@ TITLE = "enrolment burst at cost 12 against cost 4"
 REFERENCE_COST = 4
 TIME_LIMIT = 180.0
 #: How long a broker may take to fill its credential pool before a burst (cost 12, 1 worker:
-#: 128 hashes take about 35 s here).
+#: 128 hashes took 35-50 s here).
 IDLE_TIMEOUT = 180.0
 POOL_FULL = b"credential pool full"
 _MAC_PREFIX = 0x0C
