@@ -2,8 +2,9 @@
 
 One attempt is one MQTT session: connect with the MAC as client id, subscribe to
 ``provision/reply/<mac>``, publish the request, wait for the reply carrying our ``request_id``,
-disconnect. ``pending`` and ``RATE_LIMITED`` replies are asked again after the broker's
-``retry_after``; any other refusal ends the call. Every wait is a :class:`threading.Event` wait:
+disconnect. ``pending``, ``RATE_LIMITED`` and ``UNAVAILABLE`` (the broker could not decide now,
+e.g. its database is down) replies are asked again after the broker's ``retry_after``; any other
+refusal ends the call. Every wait is a :class:`threading.Event` wait:
 bounded, and the retry pause ends early when the caller's ``stop`` event is set.
 """
 
@@ -48,6 +49,8 @@ DEFAULT_DEADLINE = 300.0
 _KEEPALIVE = 30
 
 _REPLY: TypeAdapter[Reply] = TypeAdapter(Annotated[Reply, Field(discriminator="status")])
+#: Refusals that mean "not now": asked again after the broker's ``retry_after``.
+RETRYABLE = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE})
 
 #: Called before each retry pause with the reason (``pending`` or an error code) and the pause.
 RetryCallback = Callable[[str, float], None]
@@ -173,7 +176,7 @@ def provision(
         reply = _attempt(target, request.model_copy(update={"request_id": uuid.uuid4().hex}), budget)
         if isinstance(reply, OkReply):
             return Credentials.from_reply(reply)
-        if isinstance(reply, ErrorReply) and reply.error_code is not ErrorCode.RATE_LIMITED:
+        if isinstance(reply, ErrorReply) and reply.error_code not in RETRYABLE:
             raise ProvisioningClientError(reply.error_code, reply.detail)
         last = reply
         # The broker's retry_after is the floor; our own backoff grows while it keeps saying no.

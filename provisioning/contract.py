@@ -43,6 +43,9 @@ class ErrorCode(enum.StrEnum):
     ALREADY_PROVISIONED = "ALREADY_PROVISIONED"
     DECOMMISSIONED = "DECOMMISSIONED"
     RATE_LIMITED = "RATE_LIMITED"
+    #: Not decided now (the registry is unavailable, or no decision within the request's
+    #: deadline); nothing was issued to this request. Ask again after ``retry_after``.
+    UNAVAILABLE = "UNAVAILABLE"
     INTERNAL = "INTERNAL"
 
 
@@ -103,7 +106,8 @@ class PendingReply(_Reply):
 
 
 class ErrorReply(_Reply):
-    """A refusal with a stable ``error_code`` and a human ``detail``."""
+    """A refusal with a stable ``error_code`` and a human ``detail``; ``retry_after`` (seconds) on
+    ``RATE_LIMITED`` and ``UNAVAILABLE``."""
 
     status: Literal["error"] = "error"
     error_code: ErrorCode

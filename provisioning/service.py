@@ -1,7 +1,15 @@
 """The provisioning decision: who gets credentials, who waits, who is refused.
 
-Plain class, driven by the amqtt plugin in :mod:`provisioning.plugin` and directly by tests.
-The reply is produced only after the database commit that makes the credentials valid.
+Plain class, driven by the amqtt plugin in :mod:`provisioning.plugin`, by the worker on an
+external broker and directly by tests. The reply is produced only after the database commit that
+makes the credentials valid.
+
+A request that cannot be decided now (the registry is unavailable, or no decision within
+:data:`REQUEST_DEADLINE`) is answered ``UNAVAILABLE`` with ``retry_after``: never dropped, never
+a refusal that would make firmware give up. Once a credential is committed the reply is ``ok``
+whatever the time; a commit cut off by the deadline may still land on the server, leaving a
+password nobody received, which the device's next request replaces (a reissue, as when a broker
+dies between the commit and the reply).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ import asyncio
 import json
 import logging
 import math
+import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -28,12 +37,18 @@ from provisioning.contract import (
     reply_topic,
 )
 from provisioning.credential_pool import CredentialPool
-from provisioning.errors import ConcurrentChangeError, DeviceExistsError, InvalidMacError
+from provisioning.errors import (
+    ConcurrentChangeError,
+    DeviceExistsError,
+    InvalidMacError,
+    RegistryUnavailableError,
+)
 from provisioning.mac import parse_device_mac
 from provisioning.passwords import PasswordHasher, generate_password
 from provisioning.ratelimit import RateLimiter
 from provisioning.registry import Actor, DeviceCredentials, DeviceInfo, DeviceRegistry, DeviceStatus
 from provisioning.registry.models import utcnow
+from provisioning.registry.outage import OutageLog
 
 if TYPE_CHECKING:
     from provisioning.ports import CredentialSink, SessionControl
@@ -43,6 +58,17 @@ logger = logging.getLogger(__name__)
 _ACTIVE = {DeviceStatus.REGISTERED, DeviceStatus.ONLINE, DeviceStatus.OFFLINE}
 # Refusals about a known device worth an audit row (folded); floods of unknown MACs are only logged.
 _AUDITED = {ErrorCode.NOT_ALLOWED, ErrorCode.ALREADY_PROVISIONED, ErrorCode.DECOMMISSIONED}
+
+#: Seconds from a request's arrival to its reply: under the 10 s a device waits for it (the
+#: README's firmware sketch, :mod:`provisioning.client`), so the answer still finds the device.
+REQUEST_DEADLINE = 8.0
+#: ``retry_after`` of an ``UNAVAILABLE`` reply (at least ``reissue_cooldown``), plus up to
+#: :data:`UNAVAILABLE_SPREAD` seconds more drawn per reply: a fleet turned away by one outage
+#: must not come back in one wave.
+UNAVAILABLE_RETRY_AFTER = 10
+UNAVAILABLE_SPREAD = 10
+# What an outage stops, as the first line of its story says (see OutageLog).
+_AFFECTED = "provisioning: requests answered UNAVAILABLE, devices ask again"
 
 
 @dataclass(frozen=True)
@@ -79,6 +105,8 @@ class ProvisioningService:
         sessions: SessionControl | None = None,
         credentials: CredentialSink | None = None,
         pool: CredentialPool | None = None,
+        outage: OutageLog | None = None,
+        deadline: float = REQUEST_DEADLINE,
     ) -> None:
         self._registry = registry
         self._hasher = hasher
@@ -91,14 +119,21 @@ class ProvisioningService:
         self._slots = asyncio.Semaphore(self._policy.max_concurrent)
         #: Ready-made credentials; whoever runs this service runs ``pool.run()`` beside it.
         self.pool = pool if pool is not None else CredentialPool(hasher, self._policy.credential_pool_size)
+        #: The database's outage story (shared with the process's other loops, if given).
+        self.outage = outage or OutageLog(logger)
+        #: Requests that missed their deadline: a stalled database, or bcrypt far behind.
+        self.late = OutageLog(logger, subject="provisioning")
+        self.deadline = deadline
 
     def bind_sessions(self, sessions: SessionControl) -> None:
         """Late binding: the broker exists only after the plugins that use this service."""
         self._sessions = sessions
 
     async def handle(self, identity: ClientIdentity, payload: bytes, address: str | None) -> Outcome:
-        """Decide, commit, and return the reply for one request. Never raises."""
-        own_topic = reply_topic(identity.written)
+        """Decide, commit, and return the reply for one request, within :attr:`deadline`
+        seconds once it is worked on. Never raises."""
+        # The session's own topic until the request names its MAC as the device wrote it.
+        topic = reply_topic(identity.written)
         request_id: str | None = None
         try:
             request, mac = self._parse(identity, payload)
@@ -110,15 +145,42 @@ class ProvisioningService:
             if self._slots.locked():
                 return Outcome(topic, _refusal(ErrorCode.RATE_LIMITED, "broker busy", request_id, 1))
             async with self._slots:
-                return await self._decide(mac, request, topic)
+                return await self._decide_in_time(mac, request, topic)
         except RequestRefusedError as exc:
             logger.info("provisioning refused client=%r code=%s", identity.written, exc.code.value)
-            return Outcome(own_topic, _refusal(exc.code, exc.detail, exc.request_id or request_id))
+            return Outcome(topic, _refusal(exc.code, exc.detail, exc.request_id or request_id))
+        except RegistryUnavailableError as exc:
+            # Routine while the database is away: one story per outage, no traceback.
+            self.outage.failed(_AFFECTED, exc)
+            return Outcome(topic, self._unavailable("the registry is unavailable", request_id))
         except Exception:
             logger.exception("provisioning failed for client %r", identity.written)
-            return Outcome(
-                own_topic, _refusal(ErrorCode.INTERNAL, "internal error; try again later", request_id)
+            return Outcome(topic, _refusal(ErrorCode.INTERNAL, "internal error; try again later", request_id))
+
+    async def _decide_in_time(self, mac: str, request: ProvisionRequest, topic: str) -> Outcome:
+        deadline = asyncio.timeout(self.deadline)
+        try:
+            async with deadline:
+                outcome = await self._decide(mac, request, topic, deadline)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # not ours: a bug somewhere below
+            self.late.failed(
+                f"requests not decided within {self.deadline:g} s: answered UNAVAILABLE",
+                TimeoutError(f"no decision within {self.deadline:g} s"),
             )
+            return Outcome(topic, self._unavailable("not decided in time", request.request_id))
+        self.outage.succeeded()  # every decision reads the registry
+        self.late.succeeded()
+        return outcome
+
+    def _unavailable(self, why: str, request_id: str | None) -> ErrorReply:
+        # Never sooner than the reissue cool-down: a commit cut off by the deadline may still
+        # have landed, and the device's next request must be able to replace it.
+        floor = max(UNAVAILABLE_RETRY_AFTER, math.ceil(self._policy.reissue_cooldown))
+        wait = floor + secrets.randbelow(UNAVAILABLE_SPREAD + 1)
+        detail = f"{why}; nothing was issued, ask again after retry_after seconds"
+        return _refusal(ErrorCode.UNAVAILABLE, detail, request_id, wait)
 
     def _parse(self, identity: ClientIdentity, payload: bytes) -> tuple[ProvisionRequest, str]:
         request = decode_request(payload, max_bytes=self._policy.max_payload_bytes)
@@ -146,7 +208,13 @@ class ProvisioningService:
         )
 
     async def _decide(
-        self, mac: str, request: ProvisionRequest, topic: str, *, retried: bool = False
+        self,
+        mac: str,
+        request: ProvisionRequest,
+        topic: str,
+        deadline: asyncio.Timeout,
+        *,
+        retried: bool = False,
     ) -> Outcome:
         record = await self._registry.find_credentials_by_mac(mac)
         if record is None:
@@ -166,16 +234,16 @@ class ProvisioningService:
                     )
                     logger.info("device waiting for approval id=%s mac=%s", created.id, mac)
                     return Outcome(topic, self._pending(request), created)
-                return await self._enrol_new(mac, request, topic)
+                return await self._enrol_new(mac, request, topic, deadline)
             except DeviceExistsError:
                 if retried:
                     raise
                 # Another session or broker created it first: decide again on what is there now.
-                return await self._decide(mac, request, topic, retried=True)
-        return await self._decide_known(record, request, topic)
+                return await self._decide(mac, request, topic, deadline, retried=True)
+        return await self._decide_known(record, request, topic, deadline)
 
     async def _decide_known(
-        self, record: DeviceCredentials, request: ProvisionRequest, topic: str
+        self, record: DeviceCredentials, request: ProvisionRequest, topic: str, deadline: asyncio.Timeout
     ) -> Outcome:
         device = record.device
         match device.status:
@@ -190,9 +258,9 @@ class ProvisioningService:
                     topic, ErrorCode.DECOMMISSIONED, "this device is decommissioned", request, device
                 )
             case DeviceStatus.APPROVED:
-                return await self._issue(record, request, topic, "provisioned")
+                return await self._issue(record, request, topic, "provisioned", deadline)
         if record.password_hash is None:  # reset by an operator: one new enrolment
-            return await self._issue(record, request, topic, "provisioned")
+            return await self._issue(record, request, topic, "provisioned", deadline)
         if device.activated_at is not None and self._policy.reprovision == "reject":
             return self._refuse(
                 topic,
@@ -207,7 +275,7 @@ class ProvisioningService:
                 topic,
                 _refusal(ErrorCode.RATE_LIMITED, "credentials were just issued", request.request_id, wait),
             )
-        return await self._issue(record, request, topic, "reissued")
+        return await self._issue(record, request, topic, "reissued", deadline)
 
     def _cooldown_left(self, device: DeviceInfo) -> int:
         if device.credentials_issued_at is None:
@@ -216,7 +284,9 @@ class ProvisioningService:
         left = self._policy.reissue_cooldown - elapsed
         return max(1, math.ceil(left)) if left > 0 else 0
 
-    async def _enrol_new(self, mac: str, request: ProvisionRequest, topic: str) -> Outcome:
+    async def _enrol_new(
+        self, mac: str, request: ProvisionRequest, topic: str, deadline: asyncio.Timeout
+    ) -> Outcome:
         password, password_hash = await self._new_credentials()
         device = await self._registry.create_device(
             mac,
@@ -228,11 +298,17 @@ class ProvisioningService:
             event_kind="provisioned",
         )
         await self._hand_over(device, password, password_hash)
+        _committed(deadline)
         logger.info("device provisioned id=%s mac=%s", device.id, mac)
         return Outcome(topic, self._ok(device, password, request), device)
 
     async def _issue(
-        self, record: DeviceCredentials, request: ProvisionRequest, topic: str, kind: str
+        self,
+        record: DeviceCredentials,
+        request: ProvisionRequest,
+        topic: str,
+        kind: str,
+        deadline: asyncio.Timeout,
     ) -> Outcome:
         device = record.device
         password, password_hash = await self._new_credentials()
@@ -253,6 +329,7 @@ class ProvisioningService:
                 _refusal(ErrorCode.RATE_LIMITED, "device changed concurrently", request.request_id, wait),
             )
         await self._hand_over(updated, password, password_hash)
+        _committed(deadline)
         logger.info("device %s id=%s mac=%s", kind, updated.id, updated.mac)
         if device.status in _ACTIVE and self._sessions is not None:
             # The old credentials are dead: end a session still using them (no will).
@@ -329,6 +406,13 @@ def _finished(task: asyncio.Task[None]) -> None:
     _background.discard(task)
     if not task.cancelled() and task.exception() is not None:
         logger.error("could not record an audit event: %s", task.exception())
+
+
+def _committed(deadline: asyncio.Timeout) -> None:
+    # The new password is the stored one (and the external broker's): its ok reply is the only
+    # one this request may get now, whatever the time. Before this point the deadline answers
+    # UNAVAILABLE, and a password stored meanwhile is replaced by the device's next request.
+    deadline.reschedule(None)
 
 
 def _refusal(
