@@ -30,6 +30,7 @@ from broker.core import AuthCore, Supervised, auth_core, run_until_signalled
 from broker.errors import ServeError
 from config import AuthdSettings, Settings
 from provisioning.errors import RegistryUnavailableError
+from provisioning.registry.outage import OutageLog
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +115,9 @@ class AuthdServer:
         core = auth_core(self.settings, answer_within=self.settings.authd.request_timeout)
         metrics = Metrics(core.authenticator.stats, core.hasher)
         cache = PrincipalCache()
-        service = AuthdService(core.authenticator, metrics, cache)
+        # One story per outage for the whole process: requests tell it starts, the follower ends it.
+        outage = OutageLog(logger)
+        service = AuthdService(core.authenticator, metrics, cache, outage=outage)
         kicker = None
         if section.kick_command:
             kicker = CommandKicker(section.kick_command, timeout=section.kick_timeout)
@@ -125,6 +128,7 @@ class AuthdServer:
             cache,
             kicker,
             interval=self.settings.auth.revocation_poll_interval,
+            outage=outage,
         )
         app = build_app(section, enabled_contracts(service, section), metrics, core.registry.last_change_id)
         # No access log: the query string of a badly configured broker could carry a secret.

@@ -1,9 +1,11 @@
 """The aiohttp application: contract routes behind one guard, ``/healthz`` and ``/metrics``.
 
 The guard is where authd fails closed: a caller without the shared secret gets 401; over
-``max_concurrent`` requests, past ``request_timeout``, on a malformed body or any exception (the
-database down, say) the broker gets its contract's "deny", and the failure is logged at ERROR
-without the request body (it may hold a password).
+``max_concurrent`` requests, past ``request_timeout``, on a malformed body or any exception the
+broker gets its contract's "deny", and the failure is logged at ERROR without the request body (it
+may hold a password). A request the registry cannot answer now (the database is down) gets the
+contract's "not decided" answer, which is "deny" unless the contract has a better one (EMQX
+logins: ``ignore``); that is routine, told once per outage by the service, not per request.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from auth_plugin.authd.metrics import Metrics
+from auth_plugin.authd.service import UndecidedError
 from config import AuthdSettings
 
 logger = logging.getLogger(__name__)
@@ -33,11 +36,13 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 @dataclass(frozen=True)
 class Route:
-    """One endpoint of a contract and the answer that means "deny" to its broker."""
+    """One endpoint of a contract, the answer that means "deny" to its broker, and the one that
+    means "not decided" (None: deny too)."""
 
     path: str
     handle: Handler
     deny: Callable[[], web.Response]
+    undecided: Callable[[], web.Response] | None = None
 
 
 class BadRequestError(ValueError):
@@ -114,6 +119,9 @@ class Guard:
             try:
                 async with asyncio.timeout(self._timeout):
                     return await route.handle(request)
+            except UndecidedError:
+                self._metrics.errors[contract] += 1
+                return (route.undecided or route.deny)()
             except Exception as exc:  # noqa: BLE001 - every failure must become a "deny"
                 self._metrics.errors[contract] += 1
                 logger.error("%s %s failed, answered deny: %s", contract, request.path, describe(exc))  # noqa: TRY400 - a traceback could show a password

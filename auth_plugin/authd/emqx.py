@@ -4,8 +4,15 @@ References: https://docs.emqx.com/en/emqx/latest/access-control/authn/http.html 
 https://docs.emqx.com/en/emqx/latest/access-control/authz/http.html. EMQX sends a JSON body built
 from the template in its configuration (docs/scaling-out.md gives the one authd expects) and wants
 ``200`` with ``{"result": "allow" | "deny" | "ignore"}``, plus ``is_superuser`` for a login.
-authd never answers ``ignore`` and never makes a superuser: a 4xx/5xx would mean "ignore" to EMQX,
-so errors are answered ``200 {"result": "deny"}`` as well.
+authd never makes a superuser. Errors are answered ``200 {"result": "deny"}`` (a 4xx/5xx would
+mean "ignore" to EMQX).
+
+A login authd cannot decide now (the registry is unavailable, or no decision in time) is answered
+``ignore``: "not decided", never a verdict on the password. EMQX then asks the next authenticator
+of its chain, and refuses the client (``not_authorized``) when none is left, so ``ignore`` grants
+nothing by itself; EMQX counts it as ``nomatch``, not ``failed``. A topic check is never answered
+``ignore``: past the last authorizer EMQX applies ``authorization.no_match``, which defaults to
+``allow``.
 """
 
 from __future__ import annotations
@@ -52,6 +59,10 @@ def _authn(*, allowed: bool) -> web.Response:
     return web.json_response({"result": "allow" if allowed else "deny", "is_superuser": False})
 
 
+def _authn_ignore() -> web.Response:
+    return web.json_response({"result": "ignore"})
+
+
 def _authz(*, allowed: bool) -> web.Response:
     return web.json_response({"result": "allow" if allowed else "deny"})
 
@@ -76,7 +87,7 @@ def routes(service: AuthdService) -> Contract:
     return Contract(
         NAME,
         [
-            Route(f"{PREFIX}/authn", authn, lambda: _authn(allowed=False)),
+            Route(f"{PREFIX}/authn", authn, lambda: _authn(allowed=False), _authn_ignore),
             Route(f"{PREFIX}/authz", authz, lambda: _authz(allowed=False)),
         ],
     )

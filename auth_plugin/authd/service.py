@@ -4,7 +4,11 @@ A broker that calls an HTTP auth service keeps the sessions; authd does not see 
 arrives with a username and a client id but no password, so the principal (what the ACL needs) is
 re-derived from the registry and cached per client id. The credential change feed drops cached
 principals whose credential changed, and may run a kicker to close the user's live connections on
-the broker.
+the broker. Cached principals are answered only while that feed is being read (the verified
+cache's bound, :attr:`VerifiedCache.fresh`); meanwhile topic checks go to the registry.
+
+A request the registry cannot answer now raises :class:`UndecidedError`: each contract answers it
+with its "not decided" (deny, or EMQX's ``ignore``), logged once per outage, never as a refusal.
 """
 
 from __future__ import annotations
@@ -20,12 +24,27 @@ from auth_plugin.acl import Action
 from auth_plugin.authd.metrics import Metrics
 from auth_plugin.authd.policy import external_allows
 from auth_plugin.authenticator import DEVICE_USERNAME_PREFIX, Authenticator, ConnectAttempt
-from auth_plugin.principals import Principal
+from auth_plugin.errors import AuthError
+from auth_plugin.principals import SERVER_UNAVAILABLE, Principal
 from auth_plugin.revocation import Revoker
+from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.outage import OutageLog
 
 logger = logging.getLogger(__name__)
+
+
+# What an outage stops, as the first line of its story says (see OutageLog).
+_AFFECTED = "authd: logins and topic checks not decided, answered deny (EMQX logins: ignore)"
+
+
+class UndecidedError(AuthError):
+    """No decision now: the registry is unavailable, or a login was not decided in time.
+
+    Already logged; the guard counts it and answers the contract's "not decided"
+    (``Route.undecided``).
+    """
 
 
 class Kicker(Protocol):
@@ -37,7 +56,11 @@ class Kicker(Protocol):
 
 
 class PrincipalCache:
-    """Principals by client id, bounded; also the ``LiveSessions`` the revoker walks."""
+    """Principals by client id, bounded; also the ``LiveSessions`` the revoker walks.
+
+    Kept current by the change feed, like the verified cache, and trusted as long as it is:
+    :meth:`AuthdService.principal` asks it only while ``authenticator.cache.fresh``.
+    """
 
     def __init__(self, max_entries: int = 100_000) -> None:
         self._entries: OrderedDict[str, tuple[str | None, Principal]] = OrderedDict()
@@ -79,10 +102,19 @@ class PrincipalCache:
 class AuthdService:
     """What every contract module calls: a login, or a topic check."""
 
-    def __init__(self, authenticator: Authenticator, metrics: Metrics, cache: PrincipalCache) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator,
+        metrics: Metrics,
+        cache: PrincipalCache,
+        *,
+        outage: OutageLog | None = None,
+    ) -> None:
         self._authenticator = authenticator
         self.metrics = metrics
         self.cache = cache
+        #: The database's outage story; shared with the follower, whose good rounds end it.
+        self.outage = outage or OutageLog(logger)
 
     @property
     def authenticator(self) -> Authenticator:
@@ -90,11 +122,19 @@ class AuthdService:
         return self._authenticator
 
     async def login(self, contract: str, attempt: ConnectAttempt) -> Principal | None:
-        """The principal for a CONNECT the broker asks about, or None (refused)."""
+        """The principal for a CONNECT the broker asks about, or None (refused).
+
+        Raises :class:`UndecidedError` when it cannot be decided now.
+        """
         username = attempt.username or None
         attempt = replace(attempt, username=username)
-        decision = await self._authenticator.authenticate(attempt)
-        self.metrics.login(contract, accepted=decision.accepted)
+        try:
+            decision = await self._authenticator.authenticate(attempt)
+        except RegistryUnavailableError as exc:
+            raise self._undecided(exc) from exc
+        undecided = decision.code == SERVER_UNAVAILABLE  # not in time: no verdict on the password
+        if not undecided:
+            self.metrics.login(contract, accepted=decision.accepted)
         if decision.principal is None:
             logger.info(
                 "%s login refused client=%r username=%r address=%s: %s",
@@ -104,19 +144,28 @@ class AuthdService:
                 attempt.address,
                 decision.reason,
             )
+            if undecided:
+                raise UndecidedError(decision.reason)
             return None
         self.cache.remember(username, attempt.client_id or "", decision.principal)
         return decision.principal
 
     async def principal(self, username: str | None, client_id: str | None) -> Principal | None:
-        """The principal of an authenticated session, from the cache or the registry."""
+        """The principal of an authenticated session, from the cache while the change feed is
+        read, else from the registry. Raises :class:`UndecidedError` when it cannot be read."""
         username = username or None
         key = client_id or ""
-        cached = self.cache.get(username, key)
-        if cached is not None:
-            self.metrics.principal_cache_hits += 1
-            return cached
-        principal = await self._authenticator.principal_for(username, client_id)
+        # The same follower drops changed entries from both caches: when it cannot read the
+        # feed, a principal revoked meanwhile could still be here.
+        if self._authenticator.cache.fresh:
+            cached = self.cache.get(username, key)
+            if cached is not None:
+                self.metrics.principal_cache_hits += 1
+                return cached
+        try:
+            principal = await self._authenticator.principal_for(username, client_id)
+        except RegistryUnavailableError as exc:
+            raise self._undecided(exc) from exc
         if principal is not None:
             self.cache.remember(username, key, principal)
         return principal
@@ -139,6 +188,11 @@ class AuthdService:
             )
         return decision
 
+    def _undecided(self, exc: RegistryUnavailableError) -> UndecidedError:
+        # Routine while the database is away: one story per outage, no line per request.
+        self.outage.failed(_AFFECTED, exc)
+        return UndecidedError(str(exc))
+
 
 class AuthdRevoker(Revoker):
     """The change-feed follower of authd: drop cached principals, then kick each revoked user once."""
@@ -152,8 +206,9 @@ class AuthdRevoker(Revoker):
         kicker: Kicker | None,
         *,
         interval: float,
+        outage: OutageLog | None = None,
     ) -> None:
-        super().__init__(devices, accounts, authenticator.cache, cache, interval=interval)
+        super().__init__(devices, accounts, authenticator.cache, cache, interval=interval, outage=outage)
         self._registry = devices
         self._account_registry = accounts
         self._principals = cache
