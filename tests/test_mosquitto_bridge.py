@@ -21,6 +21,7 @@ from broker.mosquitto.runtime import open_bridge
 from provisioning.external.link import MqttLink, parse_broker_url
 from provisioning.registry import DeviceStatus
 from tests.auth_support import hashed
+from tests.helpers import run_mqttprov
 from tests.mosquitto_node import (
     ADMIN,
     ADMIN_PASSWORD,
@@ -318,6 +319,49 @@ async def test_service_accounts_on_mosquitto(stack: Stack) -> None:
         await stack.accounts.remove("reader")
         assert await call(reader.disconnected.wait, KICK_WITHIN)
     assert await call(login, port, account) == NOT_AUTHORIZED
+
+
+async def test_plain_accounts_commands_act_on_mosquitto_too(stack: Stack) -> None:
+    port = stack.node.device_port
+    refused = await asyncio.to_thread(stack.cli, "accounts", "add", "snoop", "--allow", "subscribe #")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: rule subscribe # overlaps provision/")
+    no_admin = await asyncio.to_thread(
+        run_mqttprov,
+        *("accounts", "add", "ops", "--allow", "publish devices/+/commands", "--config", str(stack.config)),
+        cwd=stack.config.parent,
+        env={"MQTTPROV_EXTERNAL__ADMIN_PASSWORD": ""},
+    )
+    assert no_admin.returncode == 1
+    assert (
+        no_admin.stderr == "error: external.admin_password is not set (MQTTPROV_EXTERNAL__ADMIN_PASSWORD)\n"
+    )
+    for name in ("snoop", "ops"):
+        assert await stack.accounts.find(name) is None  # refused before anything was written
+
+    added = await asyncio.to_thread(
+        stack.cli, "accounts", "add", "ops", "--allow", "publish devices/+/commands", "--json"
+    )
+    assert added.returncode == 0, added.stderr
+    first = {
+        "mqtt_client_id": "ops-1",
+        "mqtt_username": "ops",
+        "mqtt_password": json.loads(added.stdout)["password"],
+    }
+    with await call(spy, port, "ops-1", username="ops", password=first["mqtt_password"]) as ops:
+        rotated = await asyncio.to_thread(stack.cli, "accounts", "rotate", "ops", "--json")
+        assert rotated.returncode == 0, rotated.stderr
+        assert await call(ops.disconnected.wait, KICK_WITHIN)
+    second = dict(first, mqtt_password=json.loads(rotated.stdout)["password"])
+    assert await call(login, port, first) == NOT_AUTHORIZED
+    assert await call(login, port, second) == ACCEPTED
+    # Removal: the registry, then the running bridge deletes the client (it kicks the session).
+    with await call(spy, port, "ops-2", username="ops", password=second["mqtt_password"]) as ops:
+        removed = await asyncio.to_thread(stack.cli, "accounts", "remove", "ops")
+        assert removed.returncode == 0, removed.stderr
+        assert "`mqttprov bridge run` deletes its client" in removed.stdout
+        assert await call(ops.disconnected.wait, KICK_WITHIN)
+    assert await call(login, port, second) == NOT_AUTHORIZED
 
 
 async def test_a_changed_worker_role_is_edited_in_place(stack: Stack) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from broker.cli.accounts import keeps_logins_on_mosquitto
 from broker.mosquitto.layout import (
     UnsafeRuleError,
     account_acls,
@@ -15,11 +17,12 @@ from broker.mosquitto.layout import (
     tag_of,
     worker_acls,
 )
-from config import Settings
+from config import Settings, load_settings
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, parse_broker_url
 from provisioning.external.worker import identity_of_request, request_filter
 from provisioning.topics import parse_rule
 from tests.auth_support import hashed
+from tests.helpers import write_config
 
 
 @pytest.mark.parametrize(
@@ -131,3 +134,19 @@ def test_external_settings_are_checked_and_masked() -> None:
     for bad in ({"broker": "tcp://x:1"}, {"shared_group": "a/b"}, {"on_revoke": "ignore"}):
         with pytest.raises(ValueError, match="external"):
             Settings.model_validate({"external": bad})
+
+
+def test_a_mosquitto_deployment_is_one_that_configures_external(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default of external.credentials is "mosquitto" everywhere: only a configured
+    # [external] (file or environment) makes `mqttprov accounts` act on Mosquitto too.
+    bare = write_config(tmp_path / "bare.toml", {"broker": {"port": 1884}})
+    external = write_config(tmp_path / "external.toml", {"external": {"broker": "mqtt://m:8883"}})
+    registry = write_config(tmp_path / "registry.toml", {"external": {"credentials": "registry"}})
+    assert not keeps_logins_on_mosquitto(load_settings(bare), bare)
+    assert keeps_logins_on_mosquitto(load_settings(external), external)
+    assert not keeps_logins_on_mosquitto(load_settings(registry), registry)
+    monkeypatch.setenv("MQTTPROV_EXTERNAL__ADMIN_PASSWORD", "secret-0010")
+    assert keeps_logins_on_mosquitto(load_settings(bare), bare)
+    assert not keeps_logins_on_mosquitto(load_settings(registry), registry)

@@ -14,6 +14,7 @@ import pytest
 from broker.mosquitto.bridge import DynsecBridge
 from provisioning.external.link import ExternalBrokerError
 from provisioning.registry import DeviceInfo
+from tests.auth_support import hashed
 from tests.helpers import free_port, mqttprov_executable, run_mqttprov, self_signed_cert, write_config
 from tests.mosquitto_node import (
     KICK_WITHIN,
@@ -131,10 +132,10 @@ async def test_rotation_outside_the_bridge_disables_the_account_on_mosquitto(
         with await call(
             spy, stack.node.device_port, "ops-1", username="ops", password=old["mqtt_password"]
         ) as ops:
-            rotated = await asyncio.to_thread(stack.cli, "accounts", "rotate", "ops", "--json")
-            assert rotated.returncode == 0, rotated.stderr
+            # Another tool (or `accounts rotate` with no [external] configured) writes the registry.
+            await stack.accounts.rotate("ops", hashed("new-password-0009"))
             assert await call(ops.disconnected.wait, KICK_WITHIN)
-        new = dict(old, mqtt_password=json.loads(rotated.stdout)["password"])
+        new = dict(old, mqtt_password="new-password-0009")
         # Mosquitto never learnt the new password; the old one is dead too.
         assert await call(login, stack.node.device_port, old) == NOT_AUTHORIZED
         assert await call(login, stack.node.device_port, new) == NOT_AUTHORIZED

@@ -1,8 +1,16 @@
-"""``mqttprov accounts``: service accounts for back ends (explicit topic rules)."""
+"""``mqttprov accounts``: service accounts for back ends (explicit topic rules).
+
+On a Mosquitto deployment (``[external]`` configured, ``credentials = "mosquitto"``) ``add`` and
+``rotate`` also set the password on Mosquitto, exactly as ``mqttprov bridge accounts`` does:
+Mosquitto checks the passwords there, and the registry's bcrypt hash is no use to it.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -18,7 +26,11 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
+from broker.external import broker_address
+from broker.mosquitto.layout import check_external_rules
+from broker.mosquitto.runtime import add_account, rotate_account
 from config import Settings
+from config.loader import ENV_PREFIX, read_toml, resolve_config_path
 from provisioning.errors import ProvisioningError
 from provisioning.passwords import PasswordHasher, generate_password
 from provisioning.registry.accounts import AccountInfo, AccountRegistry, validate_account_name
@@ -59,6 +71,40 @@ def _print_password(account: AccountInfo, password: str, verb: str) -> None:
     stdout.print("This password is shown once; only its bcrypt hash is stored.", style="dim")
 
 
+def keeps_logins_on_mosquitto(settings: Settings, config: Path | None) -> bool:
+    """True on a Mosquitto deployment: ``[external]`` set (file or environment), credentials there.
+
+    ``external.credentials`` defaults to "mosquitto" everywhere, so the value alone says nothing:
+    a deployment of ``mqttprov serve`` configures no ``[external]`` at all.
+    """
+    if settings.external.credentials != "mosquitto":
+        return False
+    path = resolve_config_path(config)
+    if path is not None and "external" in read_toml(path):
+        return True
+    prefix = f"{ENV_PREFIX}EXTERNAL__"
+    return any(variable.upper().startswith(prefix) for variable in os.environ)
+
+
+def issue_password(
+    settings: Settings,
+    action: Callable[[str, str], Awaitable[AccountInfo]],
+    verb: str,
+    as_json: bool,
+) -> None:
+    """Generate and hash a password, store it with ``action(password, hash)``, print it once."""
+    password = generate_password()
+
+    async def work() -> AccountInfo:
+        return await action(password, await _hash(settings, password))
+
+    account = run(work)
+    if as_json:
+        print_json(_account_json(account, password))
+    else:
+        _print_password(account, password, verb)
+
+
 @app.command("add")
 def add(
     name: NameArg,
@@ -73,25 +119,31 @@ def add(
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create an account with exactly these rules; prints its generated password once."""
+    """Create an account with exactly these rules; prints its generated password once.
+
+    On Mosquitto, on Mosquitto too (rules overlapping provision/ are refused).
+    """
     settings = settings_from(config)
+    on_mosquitto = keeps_logins_on_mosquitto(settings, config)
     try:
         validate_account_name(name)
         rules: list[TopicRule] = [parse_rule(text) for text in allow]
+        if on_mosquitto:
+            check_external_rules(rules)
     except (ValueError, ProvisioningError) as exc:
         fail(f"error: {exc}", 2)
-    password = generate_password()
 
-    async def work() -> AccountInfo:
-        password_hash = await _hash(settings, password)
+    async def in_registry(_password: str, password_hash: str) -> AccountInfo:
         async with _accounts(settings) as accounts:
             return await accounts.add(name, password_hash, rules)
 
-    account = run(work)
-    if as_json:
-        print_json(_account_json(account, password))
-    else:
-        _print_password(account, password, "created")
+    async def on_both(password: str, password_hash: str) -> AccountInfo:
+        address = broker_address(settings, None)
+        return await add_account(
+            settings, address, name, rules=rules, password=password, password_hash=password_hash
+        )
+
+    issue_password(settings, on_both if on_mosquitto else in_registry, "created", as_json)
 
 
 @app.command("list")
@@ -118,20 +170,18 @@ def list_accounts(config: ConfigOption = None, as_json: JsonOption = False) -> N
 
 @app.command("rotate")
 def rotate(name: NameArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Issue a new password; sessions using the old one are disconnected within 2 s."""
+    """Issue a new password (on Mosquitto too, there); sessions using the old one are disconnected."""
     settings = settings_from(config)
-    password = generate_password()
 
-    async def work() -> AccountInfo:
-        password_hash = await _hash(settings, password)
+    async def in_registry(_password: str, password_hash: str) -> AccountInfo:
         async with _accounts(settings) as accounts:
             return await accounts.rotate(name, password_hash)
 
-    account = run(work)
-    if as_json:
-        print_json(_account_json(account, password))
-    else:
-        _print_password(account, password, "rotated")
+    async def on_both(password: str, password_hash: str) -> AccountInfo:
+        return await rotate_account(settings, broker_address(settings, None), name, password, password_hash)
+
+    on_mosquitto = keeps_logins_on_mosquitto(settings, config)
+    issue_password(settings, on_both if on_mosquitto else in_registry, "rotated", as_json)
 
 
 @app.command("remove")
@@ -146,5 +196,10 @@ def remove(name: NameArg, config: ConfigOption = None, as_json: JsonOption = Fal
     run(work)
     if as_json:
         print_json({"removed": name})
-    else:
-        stdout.print(f"removed service account {name!r}")
+        return
+    stdout.print(f"removed service account {name!r}")
+    if keeps_logins_on_mosquitto(settings, config):
+        stdout.print(
+            "Mosquitto: `mqttprov bridge run` deletes its client (when it starts, if not running).",
+            style="dim",
+        )

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from broker.cli.accounts import _account_json, _hash, _print_password
+from broker.cli.accounts import issue_password
 from broker.cli.common import ConfigOption, JsonOption, fail, print_json, run, settings_from, stdout
 from broker.external import broker_address, until_signalled
-from broker.mosquitto.bridge import DynsecBridge
 from broker.mosquitto.layout import check_external_rules
-from broker.mosquitto.runtime import open_bridge, run_bridge, sync
+from broker.mosquitto.runtime import add_account, rotate_account, run_bridge, sync
 from broker.mosquitto.sync import SyncReport
 from config import Settings
 from provisioning.errors import ProvisioningError
 from provisioning.external.link import BrokerAddress
-from provisioning.passwords import generate_password
-from provisioning.registry.accounts import AccountInfo, AccountNotFoundError, validate_account_name
+from provisioning.registry.accounts import AccountInfo, validate_account_name
 from provisioning.topics import parse_rule
 
 app = typer.Typer(help="Mosquitto dynamic security: follow the registry, reconcile, service accounts.")
@@ -102,12 +99,12 @@ def accounts_add(
     except (ValueError, ProvisioningError) as exc:
         fail(f"error: {exc}", 2)
 
-    async def create(bridge: DynsecBridge, password: str, password_hash: str) -> AccountInfo:
-        account = await bridge.accounts.add(name, password_hash, rules)
-        await bridge.account_issued(name, rules, password, password_hash)
-        return account
+    async def create(password: str, password_hash: str) -> AccountInfo:
+        return await add_account(
+            settings, address, name, rules=rules, password=password, password_hash=password_hash
+        )
 
-    _with_new_password(settings, address, create, "created", as_json)
+    issue_password(settings, create, "created", as_json)
 
 
 @accounts_app.command("rotate")
@@ -121,37 +118,10 @@ def accounts_rotate(
     settings = settings_from(config)
     address = _address(settings, broker)
 
-    async def rotate(bridge: DynsecBridge, password: str, password_hash: str) -> AccountInfo:
-        found = await bridge.accounts.find(name)
-        if found is None:
-            raise AccountNotFoundError(f"no service account named {name!r}")
-        # Mosquitto first: the bridge then sees the registry's change already matched there.
-        await bridge.account_issued(name, list(found.account.allow), password, password_hash)
-        return await bridge.accounts.rotate(name, password_hash)
+    async def rotate(password: str, password_hash: str) -> AccountInfo:
+        return await rotate_account(settings, address, name, password, password_hash)
 
-    _with_new_password(settings, address, rotate, "rotated", as_json)
-
-
-def _with_new_password(
-    settings: Settings,
-    address: BrokerAddress,
-    action: Callable[[DynsecBridge, str, str], Awaitable[AccountInfo]],
-    verb: str,
-    as_json: bool,
-) -> None:
-    """Generate and hash a password, run ``action`` with the bridge, print the password once."""
-    password = generate_password()
-
-    async def work() -> AccountInfo:
-        password_hash = await _hash(settings, password)
-        async with open_bridge(settings, address) as bridge:
-            return await action(bridge, password, password_hash)
-
-    account = run(work)
-    if as_json:
-        print_json(_account_json(account, password))
-    else:
-        _print_password(account, password, verb)
+    issue_password(settings, rotate, "rotated", as_json)
 
 
 def _address(settings: Settings, broker: str | None) -> BrokerAddress:

@@ -20,11 +20,13 @@ from broker.external import (
 )
 from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
 from broker.mosquitto.dynsec import DynsecClient
+from broker.mosquitto.layout import check_external_rules
 from broker.mosquitto.sync import SyncReport, reconcile
 from config import Settings
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink
 from provisioning.registry import DeviceRegistry, create_engine
-from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.accounts import AccountInfo, AccountNotFoundError, AccountRegistry
+from provisioning.topics import TopicRule
 
 logger = logging.getLogger(__name__)
 
@@ -115,3 +117,33 @@ async def sync(
         if not dry_run:
             await bridge.ensure_layout()
         return await reconcile(bridge, dry_run=dry_run, grace=grace)
+
+
+async def add_account(
+    settings: Settings,
+    address: BrokerAddress,
+    name: str,
+    *,
+    rules: list[TopicRule],
+    password: str,
+    password_hash: str,
+) -> AccountInfo:
+    """A service account in the registry, then on Mosquitto (rules reaching provision/ refused first)."""
+    check_external_rules(rules)
+    async with open_bridge(settings, address) as bridge:
+        account = await bridge.accounts.add(name, password_hash, rules)
+        await bridge.account_issued(name, rules, password, password_hash)
+        return account
+
+
+async def rotate_account(
+    settings: Settings, address: BrokerAddress, name: str, password: str, password_hash: str
+) -> AccountInfo:
+    """A service account's new password on Mosquitto, then in the registry (old sessions kicked)."""
+    async with open_bridge(settings, address) as bridge:
+        found = await bridge.accounts.find(name)
+        if found is None:
+            raise AccountNotFoundError(f"no service account named {name!r}")
+        # Mosquitto first: the bridge then sees the registry's change already matched there.
+        await bridge.account_issued(name, list(found.account.allow), password, password_hash)
+        return await bridge.accounts.rotate(name, password_hash)
