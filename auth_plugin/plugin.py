@@ -15,10 +15,13 @@ from amqtt.session import Session
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
+from auth_plugin.logsafe import BurstLog, shown
 from auth_plugin.principals import SERVER_UNAVAILABLE, bind_principal, principal_of, set_refusal_code
 from provisioning.errors import RegistryUnavailableError
 
 logger = logging.getLogger(__name__)
+_refused = BurstLog(logger, "connects refused")
+_undecided = BurstLog(logger, "connects not decided", level=logging.WARNING)
 
 
 class MqttprovAuthPlugin(BaseAuthPlugin):
@@ -48,22 +51,22 @@ class MqttprovAuthPlugin(BaseAuthPlugin):
             # refused login would tell it to provision again).
             bind_principal(session, None)
             set_refusal_code(session, SERVER_UNAVAILABLE)
-            logger.warning(
-                "connect not decided client=%r, answered 3 (try again): %s", session.client_id, exc
+            _undecided.refused(
+                "connect not decided client=%s, answered 3 (try again): %s", shown(session.client_id), exc
             )
             return False
         except Exception:
             # amqtt would only log this at DEBUG; a failing check must be loud and must refuse.
-            logger.exception("authentication failed for client %r", session.client_id)
+            logger.exception("authentication failed for client %s", shown(session.client_id))
             bind_principal(session, None)
             return False
         bind_principal(session, decision.principal)
         if not decision.accepted:
             set_refusal_code(session, decision.code)
-            logger.info(
-                "connect refused client=%r username=%r address=%s: %s",
-                session.client_id,
-                session.username,
+            _refused.refused(
+                "connect refused client=%s username=%s address=%s: %s",
+                shown(session.client_id),
+                shown(session.username),
                 session.remote_address,
                 decision.reason,
             )

@@ -43,6 +43,7 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
+from auth_plugin.logsafe import BurstLog, shown
 from auth_plugin.plugin import MqttprovTopicPlugin
 from auth_plugin.principals import (
     NOT_AUTHORIZED,
@@ -59,6 +60,11 @@ from broker.subscriptions import TopicLimits, held_filters
 from broker.turns import ClientIdTurns
 
 logger = logging.getLogger(__name__)
+# Refusals a client can repeat at will: one line per burst of each kind (see auth_plugin.logsafe).
+_no_connect = BurstLog(logger, "connections closed without a CONNECT")
+_over_limits = BurstLog(logger, "refused over the topic and subscription limits")
+_bad_publish = BurstLog(logger, "connections closed for a bad topic")
+_not_retained = BurstLog(logger, "messages not retained (provisioning traffic)")
 
 AMQTT_VERSION = "0.12.1"
 #: Reply publish waits at most this long for the device's PUBACK.
@@ -182,7 +188,7 @@ class MqttprovBroker(Broker):
                     reader, writer, self.plugins_manager
                 )
         except TimeoutError as exc:
-            logger.info("closing %s: no CONNECT within %ss", peer, self.connect_timeout)
+            _no_connect.refused("closing %s: no CONNECT within %ss", peer, self.connect_timeout)
             await writer.close()
             raise AMQTTError(REFUSED_MARKER) from exc
         except MQTTError as exc:
@@ -204,7 +210,7 @@ class MqttprovBroker(Broker):
         if not authenticated:
             await self._refuse(writer, refusal_code(fresh))
         if fresh.will_flag and fresh.will_topic and self.limits.topics.topic_refusal(fresh.will_topic):
-            logger.info("refusing %s: its will topic is over the topic limits", peer)
+            _over_limits.refused("refusing %s: its will topic is over the topic limits", peer)
             await self._refuse(writer, NOT_AUTHORIZED)
         if isinstance(principal_of(fresh), ProvisioningPrincipal):
             # Anonymous: amqtt kept a provisioning session that asked for clean session 0 in its
@@ -281,7 +287,7 @@ class MqttprovBroker(Broker):
                 await asyncio.wait_for(handler.finished.wait(), TAKEOVER_TIMEOUT)
             except TimeoutError:
                 logger.warning(
-                    "client %r: the connection taken over did not finish in time", session.client_id
+                    "client %s: the connection taken over did not finish in time", shown(session.client_id)
                 )
 
     async def _handle_client_session(  # noqa: PLR0917 - amqtt's signature
@@ -333,10 +339,10 @@ class MqttprovBroker(Broker):
         try:
             await handler.mqtt_publish(topic, payload, 1, retain=False, ack_timeout=DELIVERY_TIMEOUT)
         except TimeoutError:
-            logger.warning("client %r did not acknowledge a direct delivery in time", client_id)
+            logger.warning("client %s did not acknowledge a direct delivery in time", shown(client_id))
             return False
         except Exception:
-            logger.warning("could not deliver to client %r", client_id, exc_info=True)
+            logger.warning("could not deliver to client %s", shown(client_id), exc_info=True)
             return False
         return True
 
@@ -347,7 +353,7 @@ class MqttprovBroker(Broker):
             return False
         session.will_flag = False
         session.will_message = None
-        logger.info("disconnecting client %r: %s", client_id, reason)
+        logger.info("disconnecting client %s: %s", shown(client_id), reason)
         await handler.handle_connection_closed()
         return True
 
@@ -382,7 +388,9 @@ class MqttprovBroker(Broker):
             topic_name.startswith(_PROVISION_ROOT)
             or isinstance(principal_of(source_session), ProvisioningPrincipal)
         ):
-            logger.info("not retaining a message on %r (provisioning traffic is never retained)", topic_name)
+            _not_retained.refused(
+                "not retaining a message on %s (provisioning traffic is never retained)", shown(topic_name)
+            )
             return
         await super().retain_message(source_session, topic_name, data, qos)
 
@@ -445,7 +453,12 @@ class MqttprovBroker(Broker):
         """amqtt's checks and grant within the topic limits; subscribing again replaces the QoS."""
         refusal = self.limits.topics.subscribe_refusal(session, subscription[0])
         if refusal is not None:
-            logger.info("client %r: subscription refused: %s", session.client_id, refusal)
+            _over_limits.refused(
+                "client %s: subscription to %s refused: %s",
+                shown(session.client_id),
+                shown(subscription[0]),
+                refusal,
+            )
             return _SUBSCRIBE_FAILURE
         granted: int = await super().add_subscription(subscription, session)
         if granted != _SUBSCRIBE_FAILURE:
@@ -470,9 +483,9 @@ class MqttprovBroker(Broker):
         allowed = topics[: self.limits.topics.max_filters_per_subscribe]
         codes = [await self.add_subscription(subscription, client_session) for subscription in allowed]
         if len(topics) > len(allowed):
-            logger.info(
-                "client %r: %d filters in one SUBSCRIBE refused (limit %d)",
-                client_session.client_id,
+            _over_limits.refused(
+                "client %s: %d filters in one SUBSCRIBE refused (limit %d)",
+                shown(client_session.client_id),
                 len(topics) - len(allowed),
                 len(allowed),
             )
@@ -526,17 +539,19 @@ class MqttprovBroker(Broker):
             # broker.framing). amqtt returned False here, which only left the message loop: the
             # connection stayed open and the session "connected" with nobody reading its packets.
             # End it as a lost link instead, so it is torn down (and its will sent) as usual.
-            logger.info("closing client %r: it published to the invalid topic %r", client_id, topic)
+            _bad_publish.refused(
+                "closing client %s: it published to the invalid topic %s", shown(client_id), shown(topic)
+            )
             await handler.handle_connection_closed()
             return True
         too_big = self.limits.topics.topic_refusal(topic)
         if too_big is not None:
             # MQTT 3.1.1 has no refusal for a PUBLISH: end it as for an invalid topic.
-            logger.info("closing client %r: it published to a topic %s", client_id, too_big)
+            _bad_publish.refused("closing client %s: it published to a topic %s", shown(client_id), too_big)
             await handler.handle_connection_closed()
             return True
         if not await self._topic_filtering(client_session, topic=topic, action=Action.PUBLISH):
-            logger.debug("client %r may not publish to %r", client_id, topic)
+            logger.debug("client %s may not publish to %s", shown(client_id), shown(topic))
             return True
         if self._broadcast_topics is None or topic in self._broadcast_topics:
             await self.plugins_manager.fire_event(
@@ -583,7 +598,9 @@ class MqttprovBroker(Broker):
         session.attributes[_DROPPED_WHILE_OFFLINE] = dropped
         if dropped == 1 or dropped % 1000 == 0:
             logger.warning(
-                "client %r is offline with a full queue: %d messages dropped", session.client_id, dropped
+                "client %s is offline with a full queue: %d messages dropped",
+                shown(session.client_id),
+                dropped,
             )
 
     async def _publish_session_retained_messages(self, session: Session) -> None:

@@ -19,7 +19,10 @@ import struct
 
 from amqtt.adapters import ReaderAdapter
 
+from auth_plugin.logsafe import BurstLog
+
 logger = logging.getLogger(__name__)
+_malformed = BurstLog(logger, "connections closed for a malformed packet")
 
 #: Largest remaining length MQTT can encode (four length bytes).
 MAX_REMAINING_LENGTH = 268_435_455
@@ -318,7 +321,7 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
     def _reject(self, reason: str) -> None:
         self._ended = True
         self.violation = reason
-        logger.info("closing %s: malformed packet: %s", self._peer, reason)
+        _malformed.refused("closing %s: malformed packet: %s", self._peer, reason)
 
 
 #: How much one read from the socket's stream takes at most (what has arrived, up to this).

@@ -36,9 +36,11 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 from amqtt.utils import format_client_message
 
+from auth_plugin.logsafe import BurstLog, shown
 from broker.session import BrokerSession
 
 logger = logging.getLogger(__name__)
+_silent = BurstLog(logger, "clients silent past their keep-alive disconnected")
 
 #: The protocol level of MQTT 3.1.1, the only one amqtt 0.12.1 speaks.
 _MQTT_311 = 4
@@ -140,7 +142,9 @@ class KeepAliveHandler(BrokerProtocolHandler):
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 client_id = self.session.client_id if self.session else None
-                logger.warning("client %r is not keeping up: %d messages dropped", client_id, self.dropped)
+                logger.warning(
+                    "client %s is not keeping up: %d messages dropped", shown(client_id), self.dropped
+                )
             return OutgoingApplicationMessage(None, topic, qos, data, retain)
         self._queued += 1
         try:
@@ -176,7 +180,9 @@ class KeepAliveHandler(BrokerProtocolHandler):
             return
         if len(session.inflight_out) >= self.max_queued:
             self.dropped += 1
-            logger.warning("client %r: too many unacknowledged messages, dropping one", session.client_id)
+            logger.warning(
+                "client %s: too many unacknowledged messages, dropping one", shown(session.client_id)
+            )
             return
         session.inflight_out[message.packet_id] = message
 
@@ -231,8 +237,8 @@ class KeepAliveHandler(BrokerProtocolHandler):
                     # MQTT 3.1.1 has no receive maximum to announce; a client this far ahead of
                     # its acknowledgements is broken or hostile: end it like a lost link.
                     logger.warning(
-                        "client %r: %d incoming messages unfinished, closing the connection",
-                        session.client_id,
+                        "client %s: %d incoming messages unfinished, closing the connection",
+                        shown(session.client_id),
                         pending,
                     )
                     self.refused_incoming += 1
@@ -247,7 +253,7 @@ class KeepAliveHandler(BrokerProtocolHandler):
         if self._expiry is not None:
             return
         client_id = self.session.client_id if self.session else None
-        logger.info("client %r silent past its keep-alive: disconnecting", client_id)
+        _silent.refused("client %s silent past its keep-alive: disconnecting", shown(client_id))
         # Abnormal end of the connection: the broker loop then publishes the will, as for a lost link.
         self._expiry = asyncio.ensure_future(self.handle_connection_closed())
 
