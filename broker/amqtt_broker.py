@@ -48,6 +48,7 @@ from auth_plugin.plugin import MqttprovTopicPlugin
 from auth_plugin.principals import (
     NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
+    AccountPrincipal,
     Principal,
     ProvisioningPrincipal,
     principal_of,
@@ -55,6 +56,7 @@ from auth_plugin.principals import (
 )
 from auth_plugin.sessions import SessionHooks
 from broker.framing import FramingReader
+from broker.ownership import account_client_id_allowed, owner
 from broker.protocol import KeepAliveHandler, grace
 from broker.subscriptions import TopicLimits, held_filters
 from broker.turns import ClientIdTurns
@@ -80,6 +82,8 @@ TAKEOVER_TIMEOUT = 5.0
 _SUBSCRIBE_FAILURE = 0x80
 _DROPPED_WHILE_OFFLINE = "mqttprov.dropped_while_offline"
 _CONNECTING = "mqttprov.connecting"
+#: Set on a session whose principal was revoked: never resumed, discarded once its connection ends.
+_REVOKED = "mqttprov.revoked"
 
 
 @dataclass(frozen=True)
@@ -209,10 +213,19 @@ class MqttprovBroker(Broker):
         fresh.password = None  # checked; amqtt would keep the plaintext for the session's lifetime
         if not authenticated:
             await self._refuse(writer, refusal_code(fresh))
+        principal = principal_of(fresh)
+        if isinstance(principal, AccountPrincipal) and not account_client_id_allowed(
+            principal.name, fresh.client_id or ""
+        ):
+            # The authenticator lets NAME-<anything> in; a client id that reads as a MAC belongs
+            # to that MAC's provisioning session (an account named e.g. "ab", made before names
+            # like it were refused).
+            _over_limits.refused("refusing %s: an account's client id reads as a MAC", peer)
+            await self._refuse(writer, NOT_AUTHORIZED)
         if fresh.will_flag and fresh.will_topic and self.limits.topics.topic_refusal(fresh.will_topic):
             _over_limits.refused("refusing %s: its will topic is over the topic limits", peer)
             await self._refuse(writer, NOT_AUTHORIZED)
-        if isinstance(principal_of(fresh), ProvisioningPrincipal):
+        if isinstance(principal, ProvisioningPrincipal):
             # Anonymous: amqtt kept a provisioning session that asked for clean session 0 in its
             # table forever after it left, with its subscription - one per MAC anyone cares to
             # make up. As "anonymous" it is dropped on disconnect and never queued for (its
@@ -250,9 +263,16 @@ class MqttprovBroker(Broker):
         existing = self._sessions.get(client_id)
         if existing is not None:
             await self._end_live(existing)
-        if fresh.clean_session or existing is None or existing[0].clean_session is not False:
+        if (
+            fresh.clean_session
+            or existing is None
+            or existing[0].clean_session is not False
+            or existing[0].attributes.get(_REVOKED)
+            or owner(principal_of(existing[0])) != owner(principal_of(fresh))
+        ):
             # A clean session ends with its connection [MQTT-3.1.2-6]: amqtt would resume one that
-            # its monitor had not yet removed (up to 1 s), answering "session present".
+            # its monitor had not yet removed (up to 1 s), answering "session present". A session
+            # is resumed only by the principal, and the credential, it was created under.
             if existing is not None:
                 await self._delete_session(client_id)
             fresh.parent = 0
@@ -306,8 +326,20 @@ class MqttprovBroker(Broker):
             )
         finally:
             self.turns.give_back(client_session)
+            if client_session.attributes.get(_REVOKED):
+                await self._discard(client_session)
             if isinstance(handler, KeepAliveHandler):
                 handler.finished.set()
+
+    async def _discard(self, session: Session) -> None:
+        """Remove a session from the table with its subscriptions and queued messages."""
+        client_id = session.client_id or ""
+        current = self._sessions.get(client_id)
+        if current is not None and current[0] is session:
+            await self._delete_session(client_id)
+        else:  # taken over already: only what it held itself
+            await self._del_all_subscriptions(session)
+            session.clear_queues()
 
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """amqtt's loop over the session's packets; from here on, subscriptions are new ones."""
@@ -347,14 +379,26 @@ class MqttprovBroker(Broker):
         return True
 
     async def kick(self, client_id: str, reason: str) -> bool:
-        """End the live session of ``client_id`` without publishing its will."""
+        """End the session of ``client_id`` for good: no will, and nothing left to resume.
+
+        A live session is disconnected and then discarded with its subscriptions and queued
+        messages; an offline persistent session is discarded at once.
+        """
         session, handler = self._sessions.get(client_id, (None, None))
-        if session is None or handler is None or session.transitions.state != "connected":
+        if session is None or handler is None:
             return False
+        live = session.transitions.state == "connected"
+        if not live and session.clean_session is not False:
+            return False  # ended already; amqtt's monitor removes it
+        session.attributes[_REVOKED] = True
         session.will_flag = False
         session.will_message = None
-        logger.info("disconnecting client %s: %s", shown(client_id), reason)
-        await handler.handle_connection_closed()
+        if live:
+            logger.info("disconnecting client %s: %s", shown(client_id), reason)
+            await handler.handle_connection_closed()
+        else:
+            logger.info("discarding the offline session of client %s: %s", shown(client_id), reason)
+            await self._discard(session)
         return True
 
     async def announce(self, topic: str, payload: bytes) -> None:
@@ -366,6 +410,15 @@ class MqttprovBroker(Broker):
         for client_id, (session, _handler) in list(self._sessions.items()):
             principal = principal_of(session)
             if principal is not None and session.transitions.state == "connected":
+                yield client_id, principal
+
+    def held_principals(self) -> Iterator[tuple[str, Principal]]:
+        """As :meth:`live_principals`, and the offline persistent sessions kept for a principal."""
+        for client_id, (session, _handler) in list(self._sessions.items()):
+            principal = principal_of(session)
+            if principal is not None and (
+                session.transitions.state == "connected" or session.clean_session is False
+            ):
                 yield client_id, principal
 
     async def close_listeners(self) -> None:
@@ -647,5 +700,7 @@ class BrokerLink:
         await self._target().announce(topic, payload)
 
     def live_principals(self) -> Iterator[tuple[str, Principal]]:
-        """See :meth:`MqttprovBroker.live_principals`."""
-        return self._target().live_principals()
+        """For the revocation follower: every session the broker keeps for a principal, offline
+        persistent ones too (:meth:`MqttprovBroker.held_principals`), so that :meth:`kick`
+        discards what a revoked principal left behind, not only what is connected."""
+        return self._target().held_principals()

@@ -72,11 +72,21 @@ class AccountCredentials(BaseModel):
 
 
 def validate_account_name(name: str) -> str:
-    """A name usable as MQTT username and client id prefix, distinct from devices and MACs."""
-    if not _NAME.fullmatch(name) or name.lower().startswith(_RESERVED_PREFIXES) or is_mac(name):
+    """A name usable as MQTT username and client id prefix, distinct from devices and MACs.
+
+    The account connects as NAME or NAME-<anything>: neither may read as a MAC in any notation,
+    with or without a suffix. Names hold no '-', so besides a MAC itself (``aabb.ccdd.eeff``,
+    ``aabbccddeeff``) that leaves two hex digits (``ab`` + ``-cd-ef-01-23-45``).
+    """
+    if (
+        not _NAME.fullmatch(name)
+        or name.lower().startswith(_RESERVED_PREFIXES)
+        or is_mac(name)
+        or is_mac(name + "-00-00-00-00-00")
+    ):
         raise AccountError(
             f"invalid account name {name!r}: 1-64 letters, digits, '_' or '.', starting with a letter, "
-            "not a MAC address and not starting with 'device_' or 'provision'"
+            "neither a MAC address nor its first group, and not starting with 'device_' or 'provision'"
         )
     return name
 
