@@ -66,12 +66,17 @@ class BcryptBudget:
 
     async def verify(self, source: str, password: str, hashed: str) -> bool | None:
         """The bcrypt check of ``password`` against ``hashed`` in ``source``'s turn; None if refused."""
-        if self._closed or not await self._turn(source):
-            return None
+        # Announced from now until it is over: the credential pool's idle-time hashes wait.
+        self._hasher.expect(1)
         try:
-            return await self._hasher.verify(password, hashed)
+            if self._closed or not await self._turn(source):
+                return None
+            try:
+                return await self._hasher.verify(password, hashed)
+            finally:
+                self._release()
         finally:
-            self._release()
+            self._hasher.expect(-1)
 
     def room(self) -> int:
         """Checks that may wait now: the capacity less the workers' other work (hashes at issue)."""

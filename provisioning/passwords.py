@@ -70,6 +70,9 @@ class PasswordHasher:
         # Jobs of hash/verify that a worker thread has not finished yet: unlike ``pending``, a job
         # whose caller was cancelled counts until its thread is done with it.
         self._busy = 0
+        # Checks announced by a caller that queues them itself (the login budget) and has not
+        # finished yet: idle-time hashes wait for them as for work already submitted.
+        self._expected = 0
         self._idle_running = False
         # Set whenever a job ends: an idle-time hash waiting for a quiet moment looks again.
         self._job_ended = asyncio.Event()
@@ -96,6 +99,17 @@ class PasswordHasher:
         result: bool = await self._run(_checkpw, raw, hashed)
         return result
 
+    def expect(self, count: int) -> None:
+        """Announce (``+1``) or withdraw (``-1``) a check a caller is about to submit.
+
+        A caller that queues checks before they reach the workers (the login budget) announces
+        each one from the moment it arrives until it is over, so that an idle-time hash never
+        slips in between two of its checks.
+        """
+        self._expected += count
+        if not self._expected:
+            self._job_ended.set()
+
     async def hash_when_idle(self, password: str) -> str:
         """As :meth:`hash`, started only when no other bcrypt work is queued or running.
 
@@ -104,7 +118,7 @@ class PasswordHasher:
         before the hash starts submits nothing.
         """
         raw = password_bytes(password)
-        while self._busy or self._idle_running:
+        while self._busy or self._idle_running or self._expected:
             self._job_ended.clear()
             await self._job_ended.wait()
         # No await between the check above and the submission: nothing can slip in between.

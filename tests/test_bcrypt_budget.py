@@ -14,12 +14,14 @@ import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import bcrypt
 import pytest
 
 from auth_plugin.authenticator import MAX_AUDITS_IN_FLIGHT, ConnectAttempt
 from auth_plugin.budget import BcryptBudget
 from broker import BrokerServer
 from broker.core import AuthCore, auth_core
+from provisioning.credential_pool import CredentialPool
 from provisioning.passwords import PasswordHasher
 from provisioning.registry.migrate import upgrade
 from tests.auth_support import PASSWORD, hashed, login_code, make_device, settings
@@ -248,3 +250,32 @@ async def test_a_login_not_decided_before_the_connect_timeout_is_refused_retryab
         await made.close()
     assert (decision.accepted, decision.code) == (False, UNAVAILABLE)
     assert decision.reason == "not decided within 1s"
+
+
+async def test_the_credential_pool_never_slips_a_hash_between_queued_login_checks(
+    hasher: PasswordHasher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[str] = []
+    checkpw, hashpw = bcrypt.checkpw, bcrypt.hashpw
+
+    def recorded_checkpw(password: bytes, hashed_password: bytes) -> bool:
+        started.append("check")
+        return checkpw(password, hashed_password)
+
+    def recorded_hashpw(password: bytes, salt: bytes) -> bytes:
+        started.append("fill")
+        return hashpw(password, salt)
+
+    monkeypatch.setattr(bcrypt, "checkpw", recorded_checkpw)
+    monkeypatch.setattr(bcrypt, "hashpw", recorded_hashpw)
+    budget = BcryptBudget(hasher, answer_within=10.0)
+    pool = CredentialPool(hasher, 3)
+    checks = [asyncio.create_task(budget.verify(f"10.0.0.{i % 2}", PASSWORD, HASH)) for i in range(6)]
+    filling = asyncio.create_task(pool.run())
+    assert await asyncio.wait_for(asyncio.gather(*checks), 10) == [True] * 6
+    await asyncio.wait_for(pool.wait_full(), 10)
+    pool.request_stop()
+    await filling
+    first, last = started.index("check"), len(started) - 1 - started[::-1].index("check")
+    assert started[first : last + 1] == ["check"] * 6  # no idle-time hash between two checks
+    assert started.count("fill") == 3
