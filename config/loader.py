@@ -1,12 +1,20 @@
 """Load :class:`Settings` from a TOML file overlaid by environment variables.
 
-Precedence, highest first: ``MQTTPROV_<SECTION>__<KEY>`` environment variables, the TOML file
-(``--config PATH``, else ``./mqttprov.toml`` when present), the defaults in :mod:`config.models`.
+Precedence, highest first: ``MQTTPROV_<SECTION>__<KEY>`` environment variables, one TOML file,
+the defaults in :mod:`config.models`. The file is the first of: ``--config PATH``, the
+``MQTTPROV_CONFIG`` variable (both must name an existing file), ``./mqttprov.toml`` and
+``/etc/mqttprov/mqttprov.toml`` (each when present).
+
+Every other ``MQTTPROV_*`` variable must name a setting, as every key in the file must: a
+misspelled one is an error, not silently ignored. ``MQTTPROV_TEST_*`` belongs to the test suite.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +27,11 @@ from config.models import Settings
 
 ENV_PREFIX = "MQTTPROV_"
 DEFAULT_CONFIG_FILE = Path("mqttprov.toml")
+SYSTEM_CONFIG_FILE = Path("/etc/mqttprov/mqttprov.toml")
+#: The variable naming the file when ``--config`` is not given.
+CONFIG_ENV = f"{ENV_PREFIX}CONFIG"
+#: Variables with the prefix that are not settings: the suite's own (``MQTTPROV_TEST_POSTGRES_URL``).
+_NOT_SETTINGS_PREFIX = f"{ENV_PREFIX}TEST_"
 
 
 class _SourcedSettings(BaseSettings, Settings):
@@ -45,13 +58,24 @@ class _SourcedSettings(BaseSettings, Settings):
         return (env_settings, init_settings)
 
 
-def resolve_config_path(path: Path | None) -> Path | None:
-    """The file to read: the explicit one (which must exist), else ``./mqttprov.toml`` if present."""
+def resolve_config_path(path: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file to read (see the module docstring for the order), or None for defaults only."""
+    env = os.environ if environ is None else environ
     if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config error: {path}: no such file")
-        return path
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+        return _existing(path, path)
+    named = env.get(CONFIG_ENV)
+    if named:
+        return _existing(Path(named), f"{CONFIG_ENV}={named}")
+    for candidate in (DEFAULT_CONFIG_FILE, SYSTEM_CONFIG_FILE):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _existing(path: Path, named_by: object) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"config error: {named_by}: no such file")
+    return path
 
 
 def read_toml(path: Path) -> dict[str, Any]:
@@ -68,6 +92,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 def load_settings(path: Path | None = None) -> Settings:
     """The effective configuration, or a :class:`ConfigError` naming the first bad key."""
     resolved = resolve_config_path(path)
+    check_environment(os.environ)
     data = read_toml(resolved) if resolved is not None else {}
     try:
         sourced = _SourcedSettings(**data)
@@ -75,6 +100,37 @@ def load_settings(path: Path | None = None) -> Settings:
         raise ConfigError(format_validation_error(exc)) from exc
     # Hand out the plain model: the environment has been read once, here.
     return Settings.model_validate(sourced.model_dump())
+
+
+def setting_variables() -> list[str]:
+    """Every ``MQTTPROV_<SECTION>__<KEY>`` variable that names a setting."""
+    return [
+        f"{ENV_PREFIX}{name}__{key}".upper()
+        for name, section in Settings()
+        for key in type(section).model_fields
+    ]
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """A :class:`ConfigError` for the first ``MQTTPROV_*`` variable that names no setting.
+
+    pydantic-settings would ignore ``MQTTPROV_BROKR__PORT`` and ``MQTTPROV_BROKER_PORT``; an
+    operator who set one believes it is in force.
+    """
+    known = setting_variables()
+    for name in sorted(environ):
+        upper = name.upper()  # the settings read variables case-insensitively
+        if not upper.startswith(ENV_PREFIX) or upper == CONFIG_ENV or upper.startswith(_NOT_SETTINGS_PREFIX):
+            continue
+        if upper in known:
+            continue
+        # Compared without the prefix, which every name shares and which would make all look alike.
+        bare = {variable.removeprefix(ENV_PREFIX): variable for variable in known}
+        close = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), bare, n=1, cutoff=0.85)
+        hint = (
+            f" (did you mean {bare[close[0]]}?)" if close else f" (settings are {ENV_PREFIX}<SECTION>__<KEY>)"
+        )
+        raise ConfigError(f"config error: {name}: no such setting{hint}")
 
 
 def format_validation_error(exc: ValidationError) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+import config.loader
 from config import (
     DEFAULT_CONFIG_FILE,
     BrokerSettings,
@@ -15,12 +16,14 @@ from config import (
     Settings,
     load_settings,
 )
+from tests.helpers import run_mqttprov
 
 
 @pytest.fixture(autouse=True)
 def _empty_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Run in an empty directory so that no stray ./mqttprov.toml is picked up."""
+    """Run in an empty directory, with no system file, so that no stray configuration is picked up."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config.loader, "SYSTEM_CONFIG_FILE", tmp_path / "etc" / "mqttprov.toml")
 
 
 def write_toml(tmp_path: Path, text: str, name: str = "custom.toml") -> Path:
@@ -81,6 +84,39 @@ def test_explicit_file_wins_over_default_file(tmp_path: Path) -> None:
     explicit = write_toml(tmp_path, "[broker]\nport = 3883\n")
 
     assert load_settings(explicit).broker.port == 3883
+
+
+def test_config_variable_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_toml(tmp_path, "[broker]\nport = 2883\n", name=str(DEFAULT_CONFIG_FILE))
+    named = write_toml(tmp_path, "[broker]\nport = 3883\n")
+    monkeypatch.setenv("MQTTPROV_CONFIG", str(named))
+
+    assert load_settings().broker.port == 3883
+
+
+def test_explicit_file_wins_over_config_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_CONFIG", str(write_toml(tmp_path, "[broker]\nport = 3883\n")))
+    explicit = write_toml(tmp_path, "[broker]\nport = 4883\n", name="explicit.toml")
+
+    assert load_settings(explicit).broker.port == 4883
+
+
+def test_config_variable_naming_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_CONFIG", str(tmp_path / "absent.toml"))
+    # The file it names must exist: no quiet fall-back to ./mqttprov.toml.
+    write_toml(tmp_path, "[broker]\nport = 2883\n", name=str(DEFAULT_CONFIG_FILE))
+
+    assert config_error(None) == f"config error: MQTTPROV_CONFIG={tmp_path / 'absent.toml'}: no such file"
+
+
+def test_system_file_is_the_last_resort(tmp_path: Path) -> None:
+    system = config.loader.SYSTEM_CONFIG_FILE
+    system.parent.mkdir()
+    system.write_text("[broker]\nport = 5883\n", encoding="utf-8")
+
+    assert load_settings().broker.port == 5883
+    write_toml(tmp_path, "[broker]\nport = 2883\n", name=str(DEFAULT_CONFIG_FILE))
+    assert load_settings().broker.port == 2883
 
 
 def test_env_overlay_wins_over_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,10 +220,39 @@ def test_env_bad_value_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config_error(None) == "config error: broker.port: 'abc' is not an integer"
 
 
-def test_env_unknown_nested_key(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("MQTTPROV_BROKER__NOPE", "1")
+@pytest.mark.parametrize(
+    ("variable", "message"),
+    [
+        ("MQTTPROV_BROKR__PORT", "no such setting (did you mean MQTTPROV_BROKER__PORT?)"),
+        ("MQTTPROV_BROKER_PORT", "no such setting (did you mean MQTTPROV_BROKER__PORT?)"),
+        ("MQTTPROV_DATABASE__URI", "no such setting (did you mean MQTTPROV_DATABASE__URL?)"),
+        ("mqttprov_auth_bcrypt_cost", "no such setting (did you mean MQTTPROV_AUTH__BCRYPT_COST?)"),
+        ("MQTTPROV_BROKER__NOPE", "no such setting (settings are MQTTPROV_<SECTION>__<KEY>)"),
+        ("MQTTPROV_PORT", "no such setting (settings are MQTTPROV_<SECTION>__<KEY>)"),
+    ],
+)
+def test_env_variable_that_names_no_setting_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, variable: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, "1884")
 
-    assert config_error(None) == "config error: broker.nope: unknown key"
+    assert config_error(None) == f"config error: {variable}: {message}"
+
+
+def test_env_variables_that_are_not_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MQTTPROV_TEST_POSTGRES_URL", "postgresql+asyncpg://nobody@nowhere/test")
+    monkeypatch.setenv("MQTTPROV_TEST_ANYTHING", "1")
+    monkeypatch.setenv("mqttprov_broker__port", "1999")  # read case-insensitively, like the file's keys
+
+    assert load_settings().broker.port == 1999
+
+
+def test_every_setting_has_its_variable() -> None:
+    variables = config.loader.setting_variables()
+
+    assert "MQTTPROV_BROKER__PORT" in variables
+    assert "MQTTPROV_AUTHD__KICK_COMMAND" in variables
+    assert len(variables) == sum(len(type(section).model_fields) for _, section in Settings())
 
 
 def test_bad_default_file_is_reported(tmp_path: Path) -> None:
@@ -266,3 +331,26 @@ def test_device_template_accepts_a_prefix_with_placeholders(tmp_path: Path) -> N
     path = tmp_path / "c.toml"
     path.write_text('[acl]\ndevice_template = "fleet/{mac}/{device_id}/#"\n')
     assert load_settings(path).acl.device_template == "fleet/{mac}/{device_id}/#"
+
+
+# -- through the CLI --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variable", ["MQTTPROV_BROKR__PORT", "MQTTPROV_BROKER_PORT"])
+def test_cli_misspelled_variable_is_one_line_and_exit_2(tmp_path: Path, variable: str) -> None:
+    done = run_mqttprov("config", "show", cwd=tmp_path, env={variable: "1884"})
+
+    assert done.returncode == 2
+    assert done.stderr == f"config error: {variable}: no such setting (did you mean MQTTPROV_BROKER__PORT?)\n"
+    assert done.stdout == ""
+
+
+def test_cli_reads_the_file_mqttprov_config_names(tmp_path: Path) -> None:
+    named = write_toml(tmp_path, "[broker]\nport = 3883\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    done = run_mqttprov("config", "show", "--json", cwd=elsewhere, env={"MQTTPROV_CONFIG": str(named)})
+
+    assert done.returncode == 0, done.stderr
+    assert '"port": 3883' in done.stdout

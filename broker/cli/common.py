@@ -35,7 +35,7 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="TOML configuration file (default: ./mqttprov.toml when present).",
+        help="TOML configuration file (else $MQTTPROV_CONFIG, ./mqttprov.toml, /etc/mqttprov/mqttprov.toml).",
         dir_okay=False,
     ),
 ]
