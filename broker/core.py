@@ -59,14 +59,24 @@ def auth_core(settings: Settings, *, answer_within: float | None = None) -> Auth
 async def run_until_signalled(
     service: AbstractAsyncContextManager[object], stop: asyncio.Event | None = None
 ) -> None:
-    """Enter ``service``, wait for SIGINT/SIGTERM (or for ``stop``), then leave it cleanly."""
+    """Enter ``service``, wait for SIGINT/SIGTERM (or for ``stop``), then leave it cleanly.
+
+    SIGHUP, which by default ends a process, is answered with one log line and nothing else:
+    nothing is reloaded (a configuration change takes a restart), and a ``kill -HUP`` or a
+    closed controlling terminal never takes the broker down.
+    """
     stop_event = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    handlers: list[tuple[signal.Signals, Callable[..., None], tuple[object, ...]]] = [
+        (signal.SIGINT, _request_stop, (stop_event, signal.SIGINT)),
+        (signal.SIGTERM, _request_stop, (stop_event, signal.SIGTERM)),
+        (signal.SIGHUP, _ignore_hangup, ()),
+    ]
+    for sig, handler, args in handlers:
         # Not on the main thread (tests), signals cannot be handled: ``stop`` still works.
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, _request_stop, stop_event, sig)
+            loop.add_signal_handler(sig, handler, *args)
             handled.append(sig)
     try:
         async with service:
@@ -193,3 +203,7 @@ def settle_heap() -> None:
 def _request_stop(stop: asyncio.Event, sig: signal.Signals) -> None:
     logger.info("received %s, shutting down", sig.name)
     stop.set()
+
+
+def _ignore_hangup() -> None:
+    logger.info("received SIGHUP: nothing reloaded (restart to apply configuration changes)")

@@ -249,7 +249,8 @@ class AuthdSettings(_Section):
     #: The RabbitMQ virtual host MQTT connections use (``mqtt.vhost``); others are refused.
     rabbitmq_vhost: str = "/"
     #: A command run when a credential is revoked, to close the user's live connections on a broker
-    #: whose HTTP auth cannot do it (RabbitMQ: ``rabbitmqctl close_all_user_connections``).
+    #: whose HTTP auth cannot do it (RabbitMQ: ``deploy/rabbitmq-kick``, a ``rabbitmqctl eval`` over
+    #: the MQTT plugin's connections; ``close_all_user_connections`` leaves MQTT connections open).
     #: Placeholders: ``{username}``. Empty: no kicking (the next login is refused all the same).
     kick_command: tuple[str, ...] = ()
     kick_timeout: Annotated[float, Field(gt=0, le=300)] = 15.0
