@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,7 @@ from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.migrate import upgrade
 from tests.helpers import free_port, free_ports, run_mqttprov, self_signed_cert, write_config
 from tests.mqtt_clients import ACCEPTED, SUBACK_FAILURE, WAIT, Client, request_provisioning
+from tests.test_serve import ServeProcess
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 MOSQUITTO_CTRL = shutil.which("mosquitto_ctrl") or "/usr/bin/mosquitto_ctrl"
@@ -51,10 +52,11 @@ pattern read provision/reply/%c
 """
 
 #: The admin role ``mosquitto_ctrl dynsec init`` makes may read every topic ('#'): the bridge's
-#: admin needs the control topics only, or it could read provisioning replies.
+#: admin needs the control topics only, or it could read provisioning replies. What is left of
+#: the role after docs/mosquitto.md's ``removeRoleACL`` commands (tests/test_mosquitto_docs.py).
 ADMIN_ACLS = [
     {"acltype": kind, "topic": "$CONTROL/dynamic-security/#", "allow": True}
-    for kind in ("publishClientSend", "publishClientReceive", "subscribePattern", "unsubscribePattern")
+    for kind in ("publishClientSend", "publishClientReceive", "subscribePattern")
 ]
 
 
@@ -87,10 +89,9 @@ plugin_opt_config_file {directory / "dynamic-security.json"}
 """
 
 
-def _base_conf(directory: Path, device_port: int, provision_port: int) -> str:
+def node_only_conf(directory: Path) -> str:
+    """What a test's node adds to docs/mosquitto.md's lines: its user, its log file."""
     return f"""\
-per_listener_settings true
-persistence false
 # Keep the user that owns these files (mosquitto drops root to 'mosquitto' otherwise).
 user {getpass.getuser()}
 log_dest file {directory / "mosquitto.log"}
@@ -98,7 +99,14 @@ log_type error
 log_type warning
 log_type notice
 log_type information
+"""
 
+
+def _base_conf(directory: Path, device_port: int, provision_port: int) -> str:
+    return f"""\
+per_listener_settings true
+persistence false
+{node_only_conf(directory)}
 # Devices, service accounts, the worker and the bridge: dynamic security, nobody anonymous.
 listener {device_port} 127.0.0.1
 allow_anonymous false
@@ -136,6 +144,8 @@ class MosquittoNode:
     provision_port: int
     tls_port: int | None = None
     process: subprocess.Popen[bytes] | None = None
+    #: The configuration file to run instead of :func:`mosquitto_conf`'s.
+    conf: Path | None = None
 
     @property
     def log(self) -> str:
@@ -145,8 +155,12 @@ class MosquittoNode:
 
     def start(self) -> None:
         """Start it and return once both listeners accept connections."""
-        conf = self.directory / "mosquitto.conf"
-        conf.write_text(mosquitto_conf(self.directory, self.device_port, self.provision_port, self.tls_port))
+        conf = self.conf
+        if conf is None:
+            conf = self.directory / "mosquitto.conf"
+            conf.write_text(
+                mosquitto_conf(self.directory, self.device_port, self.provision_port, self.tls_port)
+            )
         self.process = subprocess.Popen(
             [MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
@@ -320,3 +334,11 @@ def spy(port: int, client_id: str, *filters: str, **login_args: Any) -> Client:
     for topic_filter in filters:
         assert client.subscribe(topic_filter) != SUBACK_FAILURE
     return client
+
+
+async def killed(processes: Iterable[ServeProcess]) -> None:
+    """Kill the ``mqttprov`` processes that still run (after a failure)."""
+    for process in processes:
+        if process.process.returncode is None:
+            process.process.kill()
+            await process.process.communicate()

@@ -19,6 +19,7 @@ from tests.helpers import free_port, mqttprov_executable, run_mqttprov, self_sig
 from tests.mosquitto_node import (
     KICK_WITHIN,
     call,
+    killed,
     mosquitto_missing,
     mosquitto_node,
     mosquitto_stack,
@@ -223,9 +224,7 @@ async def _stopped(process: ServeProcess) -> list[str]:
         try:
             assert await process.stop(signal.SIGTERM) == 0
         finally:
-            if process.process.returncode is None:
-                process.process.kill()
-                await process.process.communicate()
+            await killed([process])
     return process.lines
 
 
@@ -307,10 +306,7 @@ async def test_bridge_and_worker_run_as_processes_until_signalled(tmp_path: Path
             for process in running:
                 assert await process.stop(signal.SIGTERM) == 0
         finally:
-            for process in running:
-                if process.process.returncode is None:
-                    process.process.kill()
-                    await process.process.communicate()
+            await killed(running)
     logged = "\n".join(running[0].lines + running[1].lines)
     assert "Traceback" not in logged
     assert body["mqtt_password"] not in logged
