@@ -7,6 +7,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
 import typer
+import typer.main
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
@@ -18,7 +20,8 @@ app = typer.Typer(
     help="MQTT-native device provisioning broker and auth service.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    # --install-completion and --show-completion: bash, zsh, fish and PowerShell (README).
+    add_completion=True,
 )
 app.add_typer(devices.app, name="devices")
 app.add_typer(db.app, name="db")
@@ -71,7 +74,25 @@ def serve(config: ConfigOption = None) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    command = typer.main.get_command(app)
+    assert isinstance(command, TyperGroup)
+    _blank_flag_placeholders(command)
+    command()
+
+
+def _blank_flag_placeholders(command: TyperCommand | TyperGroup) -> None:
+    """Show flags in help as ``--json``, not ``--json <bool>``: they take no value.
+
+    typer's rich help prints a type placeholder after every option, flags included; an empty
+    metavar is printed instead. ``get_params`` also makes (and keeps) each command's ``--help``.
+    """
+    for param in command.get_params(typer.Context(command)):
+        if isinstance(param, TyperOption) and param.is_flag:
+            param.metavar = ""
+    if isinstance(command, TyperGroup):
+        for sub in command.commands.values():
+            if isinstance(sub, TyperCommand | TyperGroup):
+                _blank_flag_placeholders(sub)
 
 
 __all__ = ["app", "main"]

@@ -35,7 +35,8 @@ ConfigOption = Annotated[
     typer.Option(
         "--config",
         "-c",
-        help="TOML configuration file (else $MQTTPROV_CONFIG, ./mqttprov.toml, /etc/mqttprov/mqttprov.toml).",
+        help="TOML configuration file; else the first of $MQTTPROV_CONFIG, ./mqttprov.toml and "
+        "/etc/mqttprov/mqttprov.toml",
         dir_okay=False,
     ),
 ]
