@@ -7,6 +7,8 @@ import shutil
 import signal
 import subprocess
 import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -43,31 +45,38 @@ def _healthz(port: int) -> int:
         return int(answer.status)
 
 
-async def test_sighup_leaves_authd_serving(tmp_path: Path, sqlite_url: str) -> None:
-    await migrate(sqlite_url)
-    port = free_port()
-    config = write_authd_config(tmp_path / "mqttprov.toml", sqlite_url, port)
+@asynccontextmanager
+async def started(executable: str | Path, *args: str, cwd: Path, ready: str) -> AsyncIterator[ServeProcess]:
+    """``executable ARGS`` (a long-running mqttprov) once a stderr line contained ``ready``; killed
+    on the way out if still running."""
     process = await asyncio.create_subprocess_exec(
-        mqttprov_executable(),
-        "authd",
-        "--config",
-        str(config),
-        cwd=tmp_path,
+        executable,
+        *args,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     served = ServeProcess(process)
     try:
-        await served.read_until("authd listening on")
-        process.send_signal(signal.SIGHUP)
-        await served.read_until("received SIGHUP")
-        assert await asyncio.to_thread(_healthz, port) == 200
-        assert await served.stop(signal.SIGTERM) == 0
+        await served.read_until(ready)
+        yield served
     finally:
         if process.returncode is None:
             process.kill()
             await process.communicate()
+
+
+async def test_sighup_leaves_authd_serving(tmp_path: Path, sqlite_url: str) -> None:
+    await migrate(sqlite_url)
+    port = free_port()
+    config = write_authd_config(tmp_path / "mqttprov.toml", sqlite_url, port)
+    command = ("authd", "--config", str(config))
+    async with started(mqttprov_executable(), *command, cwd=tmp_path, ready="authd listening on") as served:
+        served.process.send_signal(signal.SIGHUP)
+        await served.read_until("received SIGHUP")
+        assert await asyncio.to_thread(_healthz, port) == 200
+        assert await served.stop(signal.SIGTERM) == 0
     assert HANGUP_LINE in served.messages
     assert served.messages[-1] == "authd stopped"
 

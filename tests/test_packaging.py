@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import connack_code, free_port, write_config
-from tests.test_serve import NOT_AUTHORIZED, ServeProcess
+from tests.test_deploy import started
+from tests.test_serve import NOT_AUTHORIZED
 
 ROOT = Path(__file__).resolve().parent.parent
 #: What pip and build print when the package index cannot be reached: a skip, not a failure.
@@ -91,25 +92,12 @@ async def test_installed_mqttprov_serves_and_stops(installed: Path, tmp_path: Pa
             "auth": {"bcrypt_cost": 4},
         },
     )
-    process = await asyncio.create_subprocess_exec(
-        installed / "bin" / "mqttprov",
-        "serve",
-        "--config",
-        str(config),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    served = ServeProcess(process)
-    try:
-        await served.read_until("broker started")
+    command = ("serve", "--config", str(config))
+    async with started(
+        installed / "bin" / "mqttprov", *command, cwd=tmp_path, ready="broker started"
+    ) as served:
         assert await asyncio.to_thread(connack_code, "127.0.0.1", port) == NOT_AUTHORIZED
         assert await served.stop(signal.SIGTERM) == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.communicate()
     assert database.is_file()
     assert served.messages[-1] == "broker stopped"
     assert not any("Traceback" in line for line in served.lines), served.lines
