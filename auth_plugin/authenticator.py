@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
@@ -125,8 +126,11 @@ def _account_principal(record: AccountCredentials, tag: str) -> AccountPrincipal
 
 
 def _account_client_id(name: str, client_id: str) -> bool:
-    """A service account connects as NAME or NAME-<anything> (several connections per back end)."""
-    return client_id == name or client_id.startswith(name + "-")
+    """A service account connects as NAME or NAME-<anything> (several connections per back end),
+    never as a client id that reads as a MAC: that one is a provisioning session's (an account
+    named ``ab``, made before such names were refused, would own ``ab-cd-ef-01-23-45``)."""
+    own = client_id == name or client_id.startswith(name + "-")
+    return own and identity_from_client_id(client_id) is None
 
 
 def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
@@ -176,6 +180,10 @@ class Authenticator:
         self._foreign_key_warned = False
         self._verifier_write_failures = 0
         self._background: set[asyncio.Task[None]] = set()
+        # Decisions under way (each bounded by the deadline): settle() waits for them.
+        self._deciding = 0
+        self._none_deciding = asyncio.Event()
+        self._none_deciding.set()
 
     async def authenticate(self, attempt: ConnectAttempt) -> Decision:
         """Return the decision for one CONNECT.
@@ -185,11 +193,17 @@ class Authenticator:
         decision not reached before the caller gives up (a stalled database, a long bcrypt
         queue) is a retryable refusal (CONNACK 3), never an answer sent to nobody.
         """
+        self._deciding += 1
+        self._none_deciding.clear()
         try:
             async with asyncio.timeout(self._answer_within):
                 decision = await self._decide(attempt)
         except TimeoutError:
             decision = Decision(None, f"not decided within {self._answer_within:g}s", SERVER_UNAVAILABLE)
+        finally:
+            self._deciding -= 1
+            if not self._deciding:
+                self._none_deciding.set()
         if not decision.accepted:
             self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
         return decision
@@ -392,11 +406,14 @@ class Authenticator:
         return Decision(principal, f"provisioning session ({policy.auth})")
 
     async def settle(self, within: float = 5.0) -> None:
-        """Wait (up to ``within`` seconds) for background writes still in flight.
+        """Wait (up to ``within`` seconds) for decisions and background writes still in flight.
 
         Called before the engine is disposed: a write cut off there would leave its database
-        connection to the garbage collector, and its event unwritten.
+        connection to the garbage collector, and its event unwritten; a decision cut off would
+        leave its client's connection unanswered and open.
         """
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._none_deciding.wait(), within)
         if self._background:
             await asyncio.wait(set(self._background), timeout=within)
 

@@ -45,6 +45,11 @@ class BcryptBudget:
         self.refused = 0
 
     @property
+    def waiting(self) -> int:
+        """Checks waiting for their turn now."""
+        return self._waiting
+
+    @property
     def slots(self) -> int:
         """Checks run at once: one per bcrypt worker."""
         return self._hasher.workers

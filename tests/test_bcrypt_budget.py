@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import bcrypt
 import pytest
+from sqlalchemy import insert
 
 from auth_plugin.authenticator import MAX_AUDITS_IN_FLIGHT, ConnectAttempt
 from auth_plugin.budget import BcryptBudget
@@ -24,6 +25,7 @@ from broker.core import AuthCore, auth_core
 from provisioning.credential_pool import CredentialPool
 from provisioning.passwords import PasswordHasher
 from provisioning.registry.migrate import upgrade
+from provisioning.registry.models import ServiceAccount, utcnow
 from tests.auth_support import PASSWORD, hashed, login_code, make_device, settings
 
 ACCEPTED, UNAVAILABLE, BAD_CREDENTIALS, NOT_AUTHORIZED = 0, 3, 4, 5
@@ -176,16 +178,20 @@ async def test_refusal_audits_in_flight_are_bounded(core: AuthCore, monkeypatch:
 
 @pytest.mark.slow
 async def test_a_flood_from_one_address_does_not_keep_a_real_device_out(sqlite_url: str) -> None:
-    # bcrypt at cost 10 and a 2 s CONNECT timeout: the budget holds about 30 waiting checks, and
-    # 48 flooding connections keep it full. Under first come, first served, the real device's
-    # check would be refused or wait behind the whole flood every time.
+    # bcrypt at cost 10 and a 2 s CONNECT timeout: 48 flooding connections keep a queue of checks
+    # as long as the budget's room (or longer). First come, first served, the real device's check
+    # would wait behind the whole queue and miss its deadline, or be refused, every time.
     config = settings(
-        sqlite_url, broker={"connect_timeout": 2.0}, bcrypt_cost=10, max_refusal_delay=0, lockout_after=1000
+        sqlite_url, broker={"connect_timeout": 1.0}, bcrypt_cost=10, max_refusal_delay=0, lockout_after=1000
     )
     async with BrokerServer(config) as server:
         port = server.settings.broker.port
-        victims = [await make_device(server.registry, f"02:00:00:00:0f:{i:02x}") for i in range(20)]
-        real = await make_device(server.registry, "02:00:00:00:0e:ff", password_hash=hashed(PASSWORD, 10))
+        at_cost_10 = hashed(PASSWORD, 10)  # every check the flood causes costs a real one
+        victims = [
+            await make_device(server.registry, f"02:00:00:00:0f:{i:02x}", password_hash=at_cost_10)
+            for i in range(20)
+        ]
+        real = await make_device(server.registry, "02:00:00:00:0e:ff", password_hash=at_cost_10)
         stop = threading.Event()
 
         def flood(worker: int) -> int:
@@ -206,10 +212,10 @@ async def test_a_flood_from_one_address_does_not_keep_a_real_device_out(sqlite_u
                 codes.append(login_code(port, name, source="127.0.0.1", username=name, password=PASSWORD))
             return codes
 
-        with ThreadPoolExecutor(max_workers=49) as pool:
-            floods = [pool.submit(flood, i) for i in range(48)]
+        with ThreadPoolExecutor(max_workers=97) as pool:
+            floods = [pool.submit(flood, i) for i in range(96)]
             try:
-                await asyncio.to_thread(_until_refusing, server)
+                await asyncio.to_thread(_until_queued, server)
                 codes = await asyncio.wait_for(asyncio.to_thread(real_device), 60)
             finally:
                 stop.set()
@@ -219,14 +225,15 @@ async def test_a_flood_from_one_address_does_not_keep_a_real_device_out(sqlite_u
     assert sent > len(codes)
 
 
-def _until_refusing(server: BrokerServer) -> None:
-    """Wait until the flood fills the budget (its first refusals), up to 30 s."""
+def _until_queued(server: BrokerServer) -> None:
+    """Wait until the flood keeps a queue of checks waiting for the worker (or full), up to 30 s."""
+    budget = server.services.authenticator.budget
     pause = threading.Event()
     for _ in range(300):
-        if server.services.authenticator.budget.refused:
+        if budget.waiting >= 16 or budget.refused:
             return
         pause.wait(0.1)
-    raise AssertionError("the flood never filled the bcrypt budget")
+    raise AssertionError("the flood never queued checks for the bcrypt worker")
 
 
 async def test_a_login_not_decided_before_the_connect_timeout_is_refused_retryably(
@@ -279,3 +286,19 @@ async def test_the_credential_pool_never_slips_a_hash_between_queued_login_check
     first, last = started.index("check"), len(started) - 1 - started[::-1].index("check")
     assert started[first : last + 1] == ["check"] * 6  # no idle-time hash between two checks
     assert started.count("fill") == 3
+
+
+async def test_an_account_never_logs_in_with_a_client_id_that_reads_as_a_mac(core: AuthCore) -> None:
+    # An account named "ab" (refused today, possible in an older registry) must not own the
+    # provisioning session of ab:cd:ef:01:23:45, through the broker or through authd.
+    async with core.registry.engine.begin() as conn:
+        await conn.execute(
+            insert(ServiceAccount).values(
+                name="ab", password_hash=hashed(PASSWORD), rules=[], created_at=utcnow(), updated_at=utcnow()
+            )
+        )
+    as_mac = await core.authenticator.authenticate(ConnectAttempt("ab-cd-ef-01-23-45", "ab", PASSWORD))
+    as_itself = await core.authenticator.authenticate(ConnectAttempt("ab-worker", "ab", PASSWORD))
+    assert (as_mac.accepted, as_mac.code) == (False, NOT_AUTHORIZED)
+    assert as_itself.accepted
+    assert await core.authenticator.principal_for("ab", "ab-cd-ef-01-23-45") is None
