@@ -339,7 +339,10 @@ def test_devices_show_unknown_id(config_file: Path, device: DeviceInfo) -> None:
 def test_devices_show_bad_mac_text(config_file: Path, device: DeviceInfo) -> None:
     result = invoke("devices", "show", "not-a-mac", "--config", str(config_file))
     assert result.exit_code == 1
-    assert result.stderr == "error: not a MAC address: 'not-a-mac' (expected e.g. aa:bb:cc:dd:ee:ff)\n"
+    # Not "not a MAC address": it may have been meant as an id or a username (issue 17).
+    assert result.stderr == (
+        "error: no device matches 'not-a-mac' (give a device id, a MAC address or a username)\n"
+    )
 
 
 # -- devices decommission and delete -----------------------------------------------------------
@@ -385,7 +388,7 @@ def test_devices_delete_refuses_without_yes_when_stdin_is_not_a_terminal(
 ) -> None:
     result = invoke("devices", "delete", device.mac, "--config", str(config_file), stdin="y\n")
     assert result.exit_code == 2
-    assert result.stderr == "refusing to ask for confirmation: stdin is not a terminal (pass --yes)\n"
+    assert result.stderr == "error: refusing to ask for confirmation: stdin is not a terminal (pass --yes)\n"
     assert lookup(sqlite_url, device.id) is not None
 
 

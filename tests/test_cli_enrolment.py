@@ -139,7 +139,7 @@ def test_add_duplicate_and_bad_mac_fail_with_one_line(config_file: Path, sqlite_
         "error: a device with MAC aa:bb:cc:dd:ee:01 already exists"
     )
     bad = devices(config_file, "add", "aa:bb:cc:dd:ee")
-    one_error_line(bad, 1, "error: not a MAC address: 'aa:bb:cc:dd:ee'")
+    one_error_line(bad, 2, "error: not a MAC address: 'aa:bb:cc:dd:ee'")  # a bad command line
     too_long = devices(config_file, "add", "aa:bb:cc:dd:ee:02", "--firmware", "x" * 65)
     one_error_line(too_long, 2, "error: firmware is longer than 64 characters")
     assert list(stored(sqlite_url)) == ["aa:bb:cc:dd:ee:01"]
@@ -292,12 +292,12 @@ def test_keys_derive_prints_only_the_device_key(
         "keys", "derive", "aabbccddee02", env={"MQTTPROV_PROVISIONING__DEVICE_KEY_SECRET": "other"}
     )
     assert from_env.stdout == derive_device_key("other", "aa:bb:cc:dd:ee:02") + "\n"
-    one_error_line(invoke("keys", "derive", "nope", "--config", str(config)), 1, "error: not a MAC address")
+    one_error_line(invoke("keys", "derive", "nope", "--config", str(config)), 2, "error: not a MAC address")
 
 
 def test_keys_derive_without_a_secret_exits_2(config_file: Path) -> None:
     result = invoke("keys", "derive", "aa:bb:cc:dd:ee:01", "--config", str(config_file))
-    assert one_error_line(result, 2, "") == "provisioning.device_key_secret is not set"
+    assert one_error_line(result, 2, "") == "error: provisioning.device_key_secret is not set"
     assert result.stdout == ""
 
 
@@ -422,5 +422,5 @@ def test_provision_device_refuses_to_print_a_password_to_a_terminal(tmp_path: Pa
     )
     assert result.returncode == 2
     assert result.stdout.strip() == (
-        "refusing to print the password to a terminal: use --out FILE or --show-password"
+        "error: refusing to print the password to a terminal: use --out FILE or --show-password"
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
@@ -12,6 +13,7 @@ from typer.core import TyperCommand, TyperGroup, TyperOption
 
 from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
+from broker.errors import ServeError
 from broker.loop import loop_factory
 from broker.server import serve as serve_forever
 
@@ -65,11 +67,29 @@ def main_options(
 def serve(config: ConfigOption = None) -> None:
     """Run the broker until SIGINT or SIGTERM (migrates the database first)."""
     settings = settings_from(config)
-    run(
-        lambda: serve_forever(settings),
-        log_level=logging.INFO,
-        loop_factory=loop_factory(settings.broker.event_loop),
-    )
+
+    async def work() -> None:
+        try:
+            await serve_forever(settings)
+        except ServeError as exc:
+            if not _address_in_use(exc):
+                raise
+            raise ServeError(
+                f"{exc} (set another: [broker] port in the config file or MQTTPROV_BROKER__PORT; "
+                "tls_port and ws_port likewise)"
+            ) from exc
+
+    run(work, log_level=logging.INFO, loop_factory=loop_factory(settings.broker.event_loop))
+
+
+def _address_in_use(exc: BaseException) -> bool:
+    """True when a listener could not bind because its address is taken."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno == errno.EADDRINUSE:
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def main() -> None:

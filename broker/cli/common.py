@@ -89,11 +89,11 @@ def run(
     except (ProvisioningError, ServeError) as exc:
         fail(f"error: {exc}")
     except KeyboardInterrupt:
-        fail("interrupted", 130)
+        fail("error: interrupted", 130)
     except Exception as exc:
         if state.debug:
             raise
-        fail(f"internal error: {type(exc).__name__}: {exc} (run with --debug for a traceback)")
+        fail(f"error: internal: {type(exc).__name__}: {exc} (a bug: run with --debug for a traceback)")
 
 
 async def _awaited(work: Callable[[], Awaitable[T]]) -> T:

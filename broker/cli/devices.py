@@ -26,7 +26,7 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
-from provisioning import DeviceExistsError, InvalidMacError, parse_mac
+from provisioning import DeviceExistsError, DeviceNotFoundError, InvalidMacError, parse_mac
 from provisioning.registry import DeviceEventInfo, DeviceInfo, DevicePage, DeviceRegistry, DeviceStatus
 
 app = typer.Typer(
@@ -41,6 +41,20 @@ NOTE_MAX = 256
 DeviceArg = Annotated[
     str, typer.Argument(metavar="ID_OR_MAC", help="Device id, MAC (any notation) or username.")
 ]
+
+
+async def find(registry: DeviceRegistry, device: str) -> DeviceInfo:
+    """The device ``device`` names, as :meth:`DeviceRegistry.resolve` finds it.
+
+    Text that is neither an id, a MAC nor a username is "no device", saying what is accepted,
+    rather than resolve's "not a MAC address" (it may have been meant as a username).
+    """
+    try:
+        return await registry.resolve(device)
+    except InvalidMacError as exc:
+        raise DeviceNotFoundError(
+            f"no device matches {device.strip()!r} (give a device id, a MAC address or a username)"
+        ) from exc
 
 
 def device_json(device: DeviceInfo) -> dict[str, Any]:
@@ -91,7 +105,7 @@ def show(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = F
 
     async def work() -> tuple[DeviceInfo, list[DeviceEventInfo]]:
         async with open_registry(settings) as registry:
-            found = await registry.resolve(device)
+            found = await find(registry, device)
             return found, await registry.events(found.id, limit=20)
 
     found, events = run(work)
@@ -119,7 +133,7 @@ def decommission(device: DeviceArg, config: ConfigOption = None, as_json: JsonOp
 
     async def work() -> DeviceInfo:
         async with open_registry(settings) as registry:
-            found = await registry.resolve(device)
+            found = await find(registry, device)
             return await registry.decommission(found.id)
 
     done = run(work)
@@ -141,14 +155,14 @@ def delete(
 
     async def lookup() -> DeviceInfo:
         async with open_registry(settings) as registry:
-            return await registry.resolve(device)
+            return await find(registry, device)
 
     found = run(lookup)
     if not yes:
         if not sys.stdin.isatty():
-            fail("refusing to ask for confirmation: stdin is not a terminal (pass --yes)", EXIT_USAGE)
+            fail("error: refusing to ask for confirmation: stdin is not a terminal (pass --yes)", EXIT_USAGE)
         if not typer.confirm(f"delete device {found.id} ({found.mac}, {found.status.value})?"):
-            fail("not deleted")
+            fail("error: not deleted")
 
     async def work() -> DeviceInfo:
         async with open_registry(settings) as registry:
@@ -184,6 +198,10 @@ def add(
     problem = _too_long(firmware, note)
     if problem is not None:
         fail(f"error: {problem}", EXIT_USAGE)
+    try:
+        parse_mac(mac)
+    except InvalidMacError as exc:
+        fail(f"error: {exc}", EXIT_USAGE)
     settings = settings_from(config)
 
     async def work() -> DeviceInfo:
@@ -320,31 +338,44 @@ def import_devices(
 Transition = Callable[[DeviceRegistry, uuid.UUID], Awaitable[DeviceInfo]]
 
 
-def _decide(device: str, config: Path | None, as_json: bool, change: Transition, done: str) -> None:
+def _decide(
+    device: str,
+    config: Path | None,
+    as_json: bool,
+    change: Transition,
+    done: str,
+    *,
+    target: DeviceStatus | None = None,
+) -> None:
+    """Apply ``change`` to the device; when it is in ``target`` already, change nothing (exit 0)."""
     settings = settings_from(config)
 
-    async def work() -> DeviceInfo:
+    async def work() -> tuple[DeviceInfo, bool]:
         async with open_registry(settings) as registry:
-            found = await registry.resolve(device)
-            return await change(registry, found.id)
+            found = await find(registry, device)
+            if found.status is target:
+                return found, False
+            return await change(registry, found.id), True
 
-    changed = run(work)
+    changed, did = run(work)
     if as_json:
         print_json(device_json(changed))
-    else:
+    elif did:
         stdout.print(f"{done} {changed.id} ({changed.mac}): now {changed.status.value}")
+    else:
+        stdout.print(f"{changed.id} ({changed.mac}) is {changed.status.value} already: nothing changed")
 
 
 @app.command("approve")
 def approve(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Let a pending or rejected device enrol on its next request."""
-    _decide(device, config, as_json, DeviceRegistry.approve, "approved")
+    """Let a pending or rejected device enrol on its next request (approved already: no change)."""
+    _decide(device, config, as_json, DeviceRegistry.approve, "approved", target=DeviceStatus.APPROVED)
 
 
 @app.command("reject")
 def reject(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
-    """Refuse a pending or approved (not yet enrolled) device."""
-    _decide(device, config, as_json, DeviceRegistry.reject, "rejected")
+    """Refuse a pending or approved (not yet enrolled) device (rejected already: no change)."""
+    _decide(device, config, as_json, DeviceRegistry.reject, "rejected", target=DeviceStatus.REJECTED)
 
 
 @app.command("reset")

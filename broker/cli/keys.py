@@ -25,9 +25,9 @@ def derive(
     settings = settings_from(config)
     secret = settings.provisioning.device_key_secret
     if secret is None or not secret.get_secret_value():
-        fail("provisioning.device_key_secret is not set", EXIT_USAGE)
+        fail("error: provisioning.device_key_secret is not set", EXIT_USAGE)
     try:
         key = derive_device_key(secret.get_secret_value(), mac)
     except InvalidMacError as exc:
-        fail(f"error: {exc}")
+        fail(f"error: {exc}", EXIT_USAGE)
     typer.echo(key)
