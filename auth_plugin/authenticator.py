@@ -8,6 +8,7 @@ import enum
 import logging
 import math
 import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ DEVICE_USERNAME_PREFIX = "device_"
 # bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_DIGEST_CHARS = 31
+#: Verified credentials loaded into the cache at start (most recently seen first).
+WARM_UP_LIMIT = 50_000
 #: Background registry writes (refusal audits) at once; more refusals are counted, not written.
 MAX_AUDITS_IN_FLIGHT = 8
 #: The budget's source for checks of usernames that are not registered: one share for all of them.
@@ -160,7 +163,8 @@ class Authenticator:
         #: How long a caller waits for an answer: a login that could not be checked sooner is
         #: refused at once rather than checked for nobody (the CONNECT timeout, or less).
         self._answer_within = min(settings.broker.connect_timeout, answer_within or math.inf)
-        self.cache = VerifiedCache()
+        self.verifier_key: VerifierKey | None = load_verifier_key(settings)
+        self.cache = VerifiedCache(verifier_key=self.verifier_key)
         auth = settings.auth
         self.throttle = LoginThrottle(
             ThrottlePolicy(
@@ -173,7 +177,6 @@ class Authenticator:
         )
         self.stats = AuthStats()
         self.budget = BcryptBudget(hasher, answer_within=self._answer_within)
-        self.verifier_key: VerifierKey | None = load_verifier_key(settings)
         self._verifiers = VerifierStore(registry.engine)
         self._dummy_hash = unmatchable_hash(hasher.cost)
         self._dummy_verifier = StoredVerifier("", "", secrets.token_hex(32))
@@ -405,6 +408,53 @@ class Authenticator:
             return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
 
+    async def warm_up(self, limit: int = WARM_UP_LIMIT) -> int:
+        """Load the stored verifiers of the most recently seen credentials into the cache.
+
+        Called at start, after the change-feed follower has taken its position (a change made
+        from then on drops what this loaded): the fleet that reconnects after a restart is then
+        answered from memory, as before the restart, without a registry read per login. Returns
+        how many were loaded; a registry that cannot be read loads none (one warning).
+        """
+        key = self.verifier_key
+        if key is None or limit <= 0:
+            return 0
+        started = time.perf_counter()
+        try:
+            devices = await self._verifiers.verified_devices(key.key_id, limit)
+            accounts = await self._verifiers.verified_accounts(key.key_id, limit)
+        except RegistryUnavailableError as exc:
+            logger.warning("verified credentials not loaded at start (logins read the registry): %s", exc)
+            return 0
+        loaded = 0
+        for device in devices:
+            if device.password_hash is not None and _usable(device.password_hash, device.verifier):
+                tag = credential_tag(device.password_hash)
+                principal: Principal = self._device_principal(device.device, tag)
+                loaded += self._preload(
+                    device.device.mqtt_username, device.password_hash, device.verifier, principal
+                )
+        for account in accounts:
+            if _usable(account.password_hash, account.verifier):
+                principal = _account_principal(account, credential_tag(account.password_hash))
+                loaded += self._preload(
+                    account.account.name, account.password_hash, account.verifier, principal
+                )
+        logger.info(
+            "%d verified credentials loaded in %.1fs: their logins need no registry read",
+            loaded,
+            time.perf_counter() - started,
+        )
+        return loaded
+
+    def _preload(
+        self, username: str, stored_hash: str, stored: StoredVerifier | None, principal: Principal
+    ) -> bool:
+        assert stored is not None  # checked by _usable
+        return self.cache.preload(
+            username, stored_hash, credential_tag(stored_hash), stored.digest, principal
+        )
+
     async def settle(self, within: float = 5.0) -> None:
         """Wait (up to ``within`` seconds) for decisions and background writes still in flight.
 
@@ -470,6 +520,12 @@ class Authenticator:
                 "the same [auth] verifier_key; checking with bcrypt and storing a verifier under this key",
                 username,
             )
+
+
+def _usable(stored_hash: str | None, stored: StoredVerifier | None) -> bool:
+    """True when ``stored`` was made for this very hash (one made for an earlier credential is
+    never trusted)."""
+    return stored_hash is not None and stored is not None and stored.tag == credential_tag(stored_hash)
 
 
 def _unchecked(check: Check) -> Decision:

@@ -6,6 +6,11 @@ matches while the stored hash is the one it was verified against, so a changed, 
 decommissioned credential can never be accepted from the cache; the change feed also drops
 entries as soon as it sees a change. Plaintext passwords are never held.
 
+At start, a process may also load entries made from the verifiers stored in the registry
+(:meth:`VerifiedCache.preload`): their digest is the stored one, checked with the server's
+verifier key over the stored hash, so the fleet's first logins after a restart need no
+registry read either.
+
 Once a login has been fully accepted, the entry also holds the session's principal: a warm
 reconnect is then answered without a registry read, and the change feed (which drops the entry)
 is what keeps that answer current. So that answer is only given while the feed is being read:
@@ -23,8 +28,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from auth_plugin.principals import Principal
+
+if TYPE_CHECKING:
+    from auth_plugin.verifiers import VerifierKey
 
 
 @dataclass(slots=True)
@@ -32,13 +41,23 @@ class _Entry:
     tag: str
     digest: bytes
     principal: Principal | None = None
+    #: Set for an entry loaded from a stored verifier: ``digest`` is that verifier (hex), made
+    #: with the server's key over this hash.
+    stored_hash: str | None = None
 
 
 class VerifiedCache:
     """Bounded LRU map username -> (credential tag, keyed password digest, principal)."""
 
-    def __init__(self, max_entries: int = 200_000, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_entries: int = 200_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        verifier_key: VerifierKey | None = None,
+    ) -> None:
         self._key = secrets.token_bytes(32)
+        self._verifier_key = verifier_key
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.max_entries = max_entries
         self._clock = clock
@@ -75,7 +94,13 @@ class VerifiedCache:
         entry = self._entries.get(username)
         if entry is None or (tag is not None and entry.tag != tag):
             return None
-        if not hmac.compare_digest(entry.digest, self._digest(username, entry.tag, password)):
+        if entry.stored_hash is None:
+            expected = self._digest(username, entry.tag, password)
+        elif self._verifier_key is not None:
+            expected = self._verifier_key.digest(username, entry.stored_hash, password).encode("ascii")
+        else:  # pragma: no cover - preload() refuses entries without a key
+            return None
+        if not hmac.compare_digest(entry.digest, expected):
             return None
         self._entries.move_to_end(username)
         return entry
@@ -102,6 +127,16 @@ class VerifiedCache:
         self._entries.move_to_end(username)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
+
+    def preload(self, username: str, password_hash: str, tag: str, digest: str, principal: Principal) -> bool:
+        """Add the entry of a credential from its stored verifier (``digest``, made with this
+        cache's verifier key over ``password_hash``); an entry already there is kept. False when
+        the cache has no verifier key or no room left."""
+        if self._verifier_key is None or username in self._entries or len(self._entries) >= self.max_entries:
+            return False
+        self._entries[username] = _Entry(tag, digest.encode("ascii"), principal, password_hash)
+        self._entries.move_to_end(username, last=False)  # the oldest: the first to go for room
+        return True
 
     def accept(self, username: str, tag: str, principal: Principal) -> None:
         """Attach the principal of an accepted login to the entry of the credential it used."""

@@ -143,6 +143,7 @@ class AuthdServer:
         # The follower rides out the database being away (at start too) by itself.
         with contextlib.suppress(RegistryUnavailableError):
             await revoker.begin()
+        await core.authenticator.warm_up()  # after the follower's position, as in serve
         follower = Supervised("mqttprov-authd-revocation", revoker).start()
         self._running = _Running(core, service, revoker, runner, follower)
         logger.info("authd listening on %s (contracts: %s)", self.url, ", ".join(section.contracts))

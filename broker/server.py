@@ -115,6 +115,8 @@ class BrokerServer:
             await upgrade_if_behind(running.core.registry.engine)
             await running.services.presence.start_clean()
             await running.revoker.begin()
+            # After the follower's position is taken: a change made from then on drops what it loads.
+            await running.core.authenticator.warm_up()
             broker = MqttprovBroker(
                 amqtt_config(self.settings, running.services),
                 limits=ConnectionLimits(

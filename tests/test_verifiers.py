@@ -22,17 +22,20 @@ from auth_plugin.principals import credential_tag
 from auth_plugin.verifiers import KEY_FILE_NAME, VerifierKey, default_key_file
 from broker import BrokerServer
 from config import Settings
-from provisioning.registry import DeviceInfo
+from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from provisioning.registry.models import Device
 from provisioning.registry.verifiers import VerifierStore
 from tests.auth_support import (
     ACCOUNT_PASSWORD,
     PASSWORD,
+    eventually,
     hashed,
     login_code,
     make_account,
     make_device,
+    polled,
     settings,
+    stored_hash,
 )
 
 ACCEPTED, BAD_CREDENTIALS = 0, 4
@@ -58,9 +61,10 @@ async def login(server: BrokerServer, username: str, password: str = PASSWORD) -
 
 
 def counts(server: BrokerServer) -> tuple[int, int]:
-    """(bcrypt checks, verifier checks) of this broker process so far."""
+    """(bcrypt checks, stored-verifier checks: the verifier read with the credential, or loaded
+    at start and answered from memory) of this broker process so far."""
     stats = authenticator(server).stats
-    return stats.bcrypt_checks, stats.verifier_checks
+    return stats.bcrypt_checks, stats.verifier_checks + stats.cache_hits
 
 
 def with_auth(config: Settings, **auth: object) -> Settings:
@@ -89,8 +93,10 @@ async def test_after_a_restart_known_credentials_are_checked_by_their_verifier_n
         assert await login(second, "backend", ACCOUNT_PASSWORD) == ACCEPTED
         assert await login(second, device.mqtt_username, "wrong-password") == BAD_CREDENTIALS
         assert await login(second, "backend", "wrong-password") == BAD_CREDENTIALS
-        # Two acceptances, two refusals, not one bcrypt run (the cache had nothing after the restart).
+        # Not one bcrypt run: the acceptances come from the verifiers loaded at start (no registry
+        # read), the refusals from the verifiers read with the credential.
         assert counts(second) == (0, 4)
+        assert authenticator(second).stats.cache_hits == 2
 
 
 async def test_the_key_file_is_made_once_beside_the_sqlite_database_with_mode_0600(
@@ -285,3 +291,65 @@ async def test_the_key_file_text_given_as_verifier_key_is_the_same_key(
         assert await login(second, device.mqtt_username) == ACCEPTED
         assert counts(second) == (0, 1)
     assert not (tmp_path / KEY_FILE_NAME).exists()  # a configured key makes no file
+
+
+# -- loaded at start ---------------------------------------------------------------------------------
+
+
+async def test_a_restarted_broker_answers_the_fleet_from_the_verifiers_it_loaded(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = settings(database_url, verifier_key=KEY)
+    async with running(config) as first:
+        devices = [await make_device(first.registry, f"02:00:00:00:10:0{i}") for i in range(3)]
+        for device in devices:
+            assert await login(first, device.mqtt_username) == ACCEPTED
+    async with running(config) as second:
+        assert len(authenticator(second).cache) == 3
+
+        async def unread(*_: object) -> None:  # fault: any registry read of a credential fails
+            raise AssertionError("a login read the registry")
+
+        monkeypatch.setattr(second.registry, "find_credentials_by_username", unread)
+        for device in devices:
+            assert await login(second, device.mqtt_username) == ACCEPTED
+        assert await login(second, devices[0].mqtt_username, PASSWORD) == ACCEPTED
+        assert authenticator(second).stats.cache_hits == 4
+
+
+async def test_a_change_made_after_the_start_drops_what_was_loaded(sqlite_url: str) -> None:
+    config = settings(sqlite_url)
+    async with running(config) as first:
+        device = await make_device(first.registry, "02:00:00:00:10:08")
+        assert await login(first, device.mqtt_username) == ACCEPTED
+    async with running(config) as second:
+        tag = credential_tag(await stored_hash(second, device))
+        assert authenticator(second).cache.holds(device.mqtt_username, tag)
+        # Another process (its own engine: this broker learns it from the change feed only).
+        other = DeviceRegistry(create_engine(sqlite_url))
+        try:
+            await other.decommission(device.id)
+        finally:
+            await other.close()
+        await eventually(
+            polled(lambda: authenticator(second).cache.holds(device.mqtt_username, tag)),
+            lambda held: not held,
+        )
+        assert await login(second, device.mqtt_username) == BAD_CREDENTIALS
+
+
+async def test_verifiers_for_an_earlier_credential_or_another_key_are_not_loaded(sqlite_url: str) -> None:
+    config = settings(sqlite_url)
+    async with running(config) as first:
+        changed = await make_device(first.registry, "02:00:00:00:10:09")
+        kept = await make_device(first.registry, "02:00:00:00:10:0a")
+        for device in (changed, kept):
+            assert await login(first, device.mqtt_username) == ACCEPTED
+        async with first.registry.engine.begin() as conn:  # around the registry: no change feed
+            await conn.execute(
+                update(Device).where(Device.id == changed.id).values(password_hash=hashed("new-password"))
+            )
+    async with running(config) as second:
+        assert len(authenticator(second).cache) == 1  # the kept one
+    async with running(with_auth(config, verifier_key=OTHER_KEY)) as third:
+        assert len(authenticator(third).cache) == 0

@@ -14,9 +14,8 @@ from sqlalchemy.exc import IntegrityError
 from provisioning.errors import ProvisioningError
 from provisioning.mac import is_mac
 from provisioning.registry.models import CredentialVerifier, ServiceAccount, utcnow
-from provisioning.registry.schemas import aware
+from provisioning.registry.schemas import StoredVerifier, aware
 from provisioning.registry.transactions import Repository, record_change
-from provisioning.registry.verifiers import StoredVerifier
 from provisioning.topics import TopicRule
 
 logger = logging.getLogger(__name__)
@@ -70,6 +69,15 @@ class AccountCredentials(BaseModel):
     #: The stored verifier of this credential, if one was made (``credential_verifiers``).
     verifier: StoredVerifier | None = Field(default=None, repr=False)
 
+    @classmethod
+    def from_rows(cls, row: ServiceAccount, verifier: CredentialVerifier | None) -> AccountCredentials:
+        """The view of an account row (and the row of its verifier, if read with it)."""
+        return cls(
+            account=AccountInfo.from_row(row),
+            password_hash=row.password_hash,
+            verifier=StoredVerifier.from_row(verifier),
+        )
+
 
 def validate_account_name(name: str) -> str:
     """A name usable as MQTT username and client id prefix, distinct from devices and MACs.
@@ -121,13 +129,7 @@ class AccountRegistry(Repository):
         )
         async with self._read() as session:
             found = (await session.execute(query)).first()
-            if found is None:
-                return None
-            return AccountCredentials(
-                account=AccountInfo.from_row(found[0]),
-                password_hash=found[0].password_hash,
-                verifier=StoredVerifier.from_row(found[1]),
-            )
+            return None if found is None else AccountCredentials.from_rows(found[0], found[1])
 
     async def list_accounts(self) -> list[AccountInfo]:
         """Every account, by name."""

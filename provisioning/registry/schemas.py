@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -10,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import Row
 
 from provisioning.registry.models import CredentialVerifier, Device, DeviceEvent, DeviceStatus
-from provisioning.registry.verifiers import StoredVerifier
 
 
 def aware(value: datetime | None) -> datetime | None:
@@ -19,6 +19,20 @@ def aware(value: datetime | None) -> datetime | None:
     if value is not None and value.tzinfo is None:
         return value.replace(tzinfo=UTC)
     return value
+
+
+@dataclass(frozen=True, slots=True)
+class StoredVerifier:
+    """A verifier as stored: for the credential ``tag``, made under the key ``key_id``."""
+
+    tag: str
+    key_id: str
+    digest: str = field(repr=False)
+
+    @classmethod
+    def from_row(cls, row: CredentialVerifier | None) -> StoredVerifier | None:
+        """The verifier of a row read beside its credential (None when there is none)."""
+        return None if row is None else cls(row.tag, row.key_id, row.digest)
 
 
 class _View(BaseModel):

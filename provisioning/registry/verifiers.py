@@ -6,29 +6,17 @@ which lives outside the database: :mod:`auth_plugin.verifiers`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from provisioning.registry.models import CredentialVerifier, Device, ServiceAccount, utcnow
+from provisioning.registry.accounts import AccountCredentials
+from provisioning.registry.models import ACTIVE_STATUSES, CredentialVerifier, Device, ServiceAccount, utcnow
+from provisioning.registry.schemas import DeviceCredentials, StoredVerifier
 from provisioning.registry.transactions import Repository
 
-
-@dataclass(frozen=True, slots=True)
-class StoredVerifier:
-    """A verifier as stored: for the credential ``tag``, made under the key ``key_id``."""
-
-    tag: str
-    key_id: str
-    digest: str = field(repr=False)
-
-    @classmethod
-    def from_row(cls, row: CredentialVerifier | None) -> StoredVerifier | None:
-        """The verifier of a row read beside its credential (None when there is none)."""
-        return None if row is None else cls(row.tag, row.key_id, row.digest)
+__all__ = ["StoredVerifier", "VerifierStore"]
 
 
 class VerifierStore(Repository):
@@ -61,6 +49,36 @@ class VerifierStore(Repository):
                 )
             )
         return True
+
+    async def verified_devices(self, key_id: str, limit: int) -> list[DeviceCredentials]:
+        """Active devices with a verifier made under ``key_id``, most recently seen first."""
+        query = (
+            select(Device, CredentialVerifier)
+            .join(CredentialVerifier, CredentialVerifier.username == Device.mqtt_username)
+            .where(
+                CredentialVerifier.key_id == key_id,
+                Device.status.in_([status.value for status in ACTIVE_STATUSES]),
+                Device.password_hash.is_not(None),
+            )
+            .order_by(Device.last_seen_at.desc().nulls_last())
+            .limit(limit)
+        )
+        async with self._read() as session:
+            rows = (await session.execute(query)).all()
+            return [DeviceCredentials.from_row(device, verifier) for device, verifier in rows]
+
+    async def verified_accounts(self, key_id: str, limit: int) -> list[AccountCredentials]:
+        """Service accounts with a verifier made under ``key_id``."""
+        query = (
+            select(ServiceAccount, CredentialVerifier)
+            .join(CredentialVerifier, CredentialVerifier.username == ServiceAccount.name)
+            .where(CredentialVerifier.key_id == key_id)
+            .order_by(ServiceAccount.name)
+            .limit(limit)
+        )
+        async with self._read() as session:
+            rows = (await session.execute(query)).all()
+            return [AccountCredentials.from_rows(account, verifier) for account, verifier in rows]
 
     async def count(self) -> int:
         """How many verifiers are stored (for operators and tests)."""
