@@ -3,7 +3,9 @@
 Every broker process runs one follower. It polls ``credential_changes`` by primary key every
 ``interval`` seconds; on PostgreSQL a NOTIFY sent in the changing transaction wakes it at once.
 A session is disconnected when the credential it logged in with is no longer the current one
-(reissued, rotated, reset, decommissioned, deleted, removed).
+(reissued, rotated, reset, decommissioned, deleted, removed), and where the broker keeps retained
+messages (:class:`RetainedMessages`), those such a credential published are cleared: a device that
+is gone has no session for the follower to see, but its retained state would reach new subscribers.
 
 While the feed cannot be read, the verified cache stops vouching for its principals after
 ``trust_window`` seconds (see :class:`VerifiedCache`): a device revoked meanwhile by another
@@ -15,8 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
-from typing import Any, Protocol
+from collections.abc import Collection, Iterable
+from typing import Any, Protocol, runtime_checkable
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -52,6 +54,22 @@ class LiveSessions(Protocol):
         ...
 
 
+@runtime_checkable
+class RetainedMessages(Protocol):
+    """A broker's retained messages by publisher; offered by the sessions object if it has them.
+
+    Optional: authd's brokers keep their own retained messages, out of our reach.
+    """
+
+    def retained_publishers(self, names: Collection[str]) -> Iterable[Principal]:
+        """The principals named ``names`` (usernames, account names) with retained messages."""
+        ...
+
+    async def retire(self, principal: Principal) -> int:
+        """Clear the retained messages ``principal`` (this credential) published; how many."""
+        ...
+
+
 class Revoker:
     """Applies credential changes to this process's cache and sessions.
 
@@ -74,6 +92,7 @@ class Revoker:
         self._accounts = accounts
         self._cache = cache
         self._sessions = sessions
+        self._retained = sessions if isinstance(sessions, RetainedMessages) else None
         self._interval = interval
         self._outage = outage or OutageLog(logger)
         self._wake = asyncio.Event()
@@ -157,7 +176,9 @@ class Revoker:
         return True
 
     async def apply(self, usernames: set[str]) -> None:
-        """Drop cache entries and end the sessions whose credential is no longer current.
+        """Drop cache entries, end the sessions whose credential is no longer current, and clear
+        the retained messages such a credential published (reissue and rotate included: the
+        broker cannot tell a compromised credential's messages from the device's own).
 
         Raises :class:`RegistryUnavailableError` when a session could not be re-checked: the
         caller applies the same changes again later (dropping and kicking twice is harmless).
@@ -168,6 +189,10 @@ class Revoker:
             if _name_of(principal) not in usernames or await self._still_valid(principal):
                 continue
             await self._kick(client_id, principal)
+        if self._retained is not None:
+            for principal in list(self._retained.retained_publishers(usernames)):
+                if not await self._still_valid(principal):
+                    await self._retained.retire(principal)
 
     def _changed_here(self, usernames: frozenset[str]) -> None:
         for username in usernames:
@@ -197,7 +222,7 @@ class Revoker:
             self._pending[client_id] = principal
             return
         if not valid:
-            await self._kick(client_id, principal)
+            await self._revoke_late(client_id, principal)
 
     async def _recheck_pending(self) -> None:
         if not self._pending:
@@ -206,8 +231,15 @@ class Revoker:
         for client_id, principal in list(self._pending.items()):
             # The same session only: its client may have reconnected with a valid credential since.
             if live.get(client_id) == principal and not await self._still_valid(principal):
-                await self._kick(client_id, principal)
+                await self._revoke_late(client_id, principal)
             del self._pending[client_id]
+
+    async def _revoke_late(self, client_id: str, principal: Principal) -> None:
+        """A session that went live on a credential already revoked: end it, and clear what it
+        may have retained since the round that cleared the rest."""
+        await self._kick(client_id, principal)
+        if self._retained is not None:
+            await self._retained.retire(principal)
 
     async def _kick(self, client_id: str, principal: Principal) -> None:
         if await self._sessions.kick(client_id, "credentials revoked"):

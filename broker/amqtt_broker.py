@@ -18,7 +18,9 @@
 - read only whole, well-formed packets (see :mod:`broker.framing`).
 - remove a subscription entry once nobody holds it, and bound what one session may subscribe
   and the topics it may use (see :mod:`broker.subscriptions`);
-- tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends.
+- tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends;
+- record who published each retained message, and clear a revoked principal's (see
+  :mod:`broker.retained`);
 - fire amqtt's broadcast event only for the topics its listeners declare (see
   :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`).
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
@@ -58,6 +60,7 @@ from auth_plugin.sessions import SessionHooks
 from broker.framing import FramingReader
 from broker.ownership import account_client_id_allowed, owner
 from broker.protocol import KeepAliveHandler, grace
+from broker.retained import RetainedPublishers, publisher_name
 from broker.subscriptions import TopicLimits, held_filters
 from broker.turns import ClientIdTurns
 
@@ -141,6 +144,8 @@ class MqttprovBroker(Broker):
             if isinstance(only, MqttprovTopicPlugin):
                 self._acl_check = only.check
         self._broadcast_topics = _broadcast_topics(self.plugins_manager.plugins)
+        #: The principal behind each retained message (see :meth:`retire`).
+        self.retained_by = RetainedPublishers()
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         # amqtt 0.12.1 runs each check as one task per topic plugin and gathers them, for every
@@ -446,6 +451,32 @@ class MqttprovBroker(Broker):
             )
             return
         await super().retain_message(source_session, topic_name, data, qos)
+        if topic_name is None:
+            return
+        if topic_name in self._retained_messages:
+            self.retained_by.record(topic_name, principal_of(source_session))
+        else:
+            self.retained_by.forget(topic_name)
+
+    def retained_publishers(self, names: Collection[str]) -> set[Principal]:
+        """The principals named ``names`` whose retained messages the broker holds."""
+        return self.retained_by.principals(names)
+
+    async def retire(self, principal: Principal) -> int:
+        """Clear every retained message ``principal`` published (its credential was revoked)."""
+        cleared = 0
+        for topic in self.retained_by.topics_of(principal):
+            # Each clear awaits amqtt's event: someone else may have retained on a topic since.
+            if self.retained_by.publisher(topic) == principal:
+                await self.retain_message(None, topic, None)
+                cleared += 1
+        if cleared:
+            logger.info(
+                "cleared %d retained messages of a revoked credential of %s",
+                cleared,
+                shown(publisher_name(principal) or ""),
+            )
+        return cleared
 
     async def _publish_retained_messages_for_subscription(
         self, subscription: tuple[str, int], session: Session
@@ -704,3 +735,11 @@ class BrokerLink:
         persistent ones too (:meth:`MqttprovBroker.held_principals`), so that :meth:`kick`
         discards what a revoked principal left behind, not only what is connected."""
         return self._target().held_principals()
+
+    def retained_publishers(self, names: Collection[str]) -> set[Principal]:
+        """See :meth:`MqttprovBroker.retained_publishers`."""
+        return self._target().retained_publishers(names)
+
+    async def retire(self, principal: Principal) -> int:
+        """See :meth:`MqttprovBroker.retire`."""
+        return await self._target().retire(principal)
