@@ -272,11 +272,13 @@ class MqttprovBroker(Broker):
             fresh.clean_session
             or existing is None
             or existing[0].clean_session is not False
+            or existing[0].is_anonymous
             or existing[0].attributes.get(_REVOKED)
             or owner(principal_of(existing[0])) != owner(principal_of(fresh))
         ):
             # A clean session ends with its connection [MQTT-3.1.2-6]: amqtt would resume one that
-            # its monitor had not yet removed (up to 1 s), answering "session present". A session
+            # its monitor had not yet removed (up to 1 s), answering "session present"; so would
+            # a provisioning session (anonymous: anyone may claim its MAC), for the next. A session
             # is resumed only by the principal, and the credential, it was created under.
             if existing is not None:
                 await self._delete_session(client_id)

@@ -20,10 +20,19 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
+import provisioning.registry.accounts
 from broker import BrokerServer
 from provisioning.contract import event_topic
-from provisioning.registry import DeviceInfo
-from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, RawSession, make_account, make_device, settings
+from provisioning.registry import ACTIVE_STATUSES, DeviceInfo
+from tests.auth_support import (
+    ACCOUNT_PASSWORD,
+    PASSWORD,
+    RawSession,
+    hashed,
+    make_account,
+    make_device,
+    settings,
+)
 from tests.mqtt_clients import (
     ACCEPTED,
     BAD_USERNAME_OR_PASSWORD,
@@ -35,6 +44,8 @@ from tests.mqtt_clients import (
     Client,
     Received,
 )
+from tests.test_hardening_sessions import QUEUED, leave_with_a_queued_message, resume
+from tests.test_hardening_subscriptions import Wire
 
 #: Every async test here runs on the loop of the module's shared broker.
 on_shared_loop = pytest.mark.asyncio(loop_scope="module")
@@ -497,3 +508,141 @@ async def test_a_valid_login_of_the_same_device_takes_over_as_mqtt_says(world: W
     assert gone
     assert alive
     assert all(m.payload != b"second" for m in first_got)
+
+
+# -- session resume across principal kinds --------------------------------------------------------
+
+# first | second | expected: the first principal leaves a persistent session (clean session 0)
+# subscribed to a topic it may receive, offline, with one QoS 1 message queued for it (anon:
+# nothing can be queued for a provisioning session); the second connects with the same client id
+# and clean session 0.
+#  principals: A, B, anon, wide as above (fresh ones per row); A-reissued is A after a new
+#  password was issued to it; narrower and wider are the first account removed and made again
+#  under its name with NARROW_RULES or WIDE_RULES; mac-account an account named like the first
+#  group of anon's MAC (made before such names were refused), with anon's client id.
+#  expected:
+#   resumed  CONNACK 0, session present 1, the queued message delivered
+#   fresh    CONNACK 0, session present 0, nothing delivered: the old session was discarded
+#   refused  CONNACK 5, nothing delivered, and the first principal's session is still its own
+RESUME = """
+A      | A           | resumed
+A      | B           | refused
+A      | anon        | refused
+A      | wide        | refused
+A      | A-reissued  | fresh
+narrow | narrow      | resumed
+wide   | narrower    | fresh
+narrow | wider       | fresh
+anon   | anon        | fresh
+anon   | mac-account | refused
+"""
+RESUME_MAC = "02:00:00:00:0d:0e"
+RESUME_MAC_CLIENT_ID = "02-00-00-00-0d-0e"
+Login = dict[str, Any]
+
+
+def resume_rows() -> list[tuple[str, str, str]]:
+    """The resume table, parsed."""
+    parsed = []
+    for line in RESUME.strip().splitlines():
+        first, second, expected = (cell.strip() for cell in line.split("|"))
+        assert expected in ("resumed", "fresh", "refused"), line
+        parsed.append((first, second, expected))
+    return parsed
+
+
+async def _first_principal(world: World, first: str) -> tuple[str, Login, str | None]:
+    """A fresh principal of kind ``first``: its client id, its login, a topic it may receive."""
+    server = world.server
+    if first in ("A", "B"):
+        device = await make_device(server.registry, f"02:00:00:00:0e:{uuid.uuid4().hex[:2]}")
+        world.devices[f"resume-{device.id}"] = device
+        login = {"username": device.mqtt_username, "password": PASSWORD}
+        return device.mqtt_username, login, f"devices/{device.id}/commands"
+    if first == "anon":
+        return RESUME_MAC_CLIENT_ID, {}, None
+    name = f"resume_{uuid.uuid4().hex[:8]}"
+    await make_account(server.accounts, name, NARROW_RULES if first == "narrow" else WIDE_RULES)
+    return f"{name}-p", {"username": name, "password": ACCOUNT_PASSWORD}, "devices/x/telemetry"
+
+
+async def _second_login(
+    world: World, second: str, first_login: Login, monkeypatch: pytest.MonkeyPatch
+) -> Login:
+    """The second principal's login, after the change the row names (re-issue, re-creation)."""
+    server = world.server
+    if second == "B":
+        user = world.devices["B"].mqtt_username
+        return {"username": user, "password": PASSWORD}
+    if second == "anon":
+        return {}
+    if second == "wide":
+        return {"username": "wide", "password": ACCOUNT_PASSWORD}
+    if second == "A-reissued":
+        record = await server.registry.find_credentials_by_username(first_login["username"])
+        assert record is not None
+        await server.registry.issue_credentials(
+            record.device.id,
+            hashed(PASSWORD),
+            expected_hash=record.password_hash,
+            allowed_from=set(ACTIVE_STATUSES),  # online or offline by now
+        )
+    elif second in ("narrower", "wider"):
+        await server.accounts.remove(first_login["username"])
+        rules = NARROW_RULES if second == "narrower" else WIDE_RULES
+        await make_account(server.accounts, first_login["username"], rules)
+    elif second == "mac-account":
+        # Named before names like it were refused (test_hardening_sessions has the refusal).
+        monkeypatch.setattr(provisioning.registry.accounts, "validate_account_name", lambda name: name)
+        await server.accounts.add(RESUME_MAC_CLIENT_ID[:2], hashed(ACCOUNT_PASSWORD), [])
+        return {"username": RESUME_MAC_CLIENT_ID[:2], "password": ACCOUNT_PASSWORD}
+    return first_login
+
+
+def _leave_provisioning_session(port: int) -> None:
+    wire = Wire(port, RESUME_MAC_CLIENT_ID, clean_session=False)
+    assert wire.code == ACCEPTED
+    assert wire.subscribe([REPLY_PREFIX + RESUME_MAC_CLIENT_ID]) == [1]
+    wire.disconnect()
+
+
+@on_shared_loop
+@pytest.mark.parametrize(
+    ("first", "second", "expected"),
+    [pytest.param(*row, id=f"{row[0]} -> {row[1]}: {row[2]}") for row in resume_rows()],
+)
+async def test_session_resume(
+    world: World, first: str, second: str, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = world.port
+    client_id, first_login, topic = await _first_principal(world, first)
+    if topic is None:
+        await asyncio.to_thread(_leave_provisioning_session, port)
+    else:
+        await asyncio.to_thread(
+            leave_with_a_queued_message, port, client_id, topic, feeder="wide", **first_login
+        )
+    login = await _second_login(world, second, first_login, monkeypatch)
+    code, present, received = await asyncio.to_thread(resume, port, client_id, **login)
+    outcome = {(ACCEPTED, 1): "resumed", (ACCEPTED, 0): "fresh"}.get((code, present), "refused")
+    assert outcome == expected
+    if outcome == "resumed":
+        assert received == [(topic, QUEUED)]
+        return
+    assert received == []
+    if outcome == "refused":
+        assert code == NOT_AUTHORIZED
+        if topic is not None:  # a refused CONNECT never touches the owner's session
+            assert await asyncio.to_thread(resume, port, client_id, **first_login) == (
+                ACCEPTED,
+                1,
+                [(topic, QUEUED)],
+            )
+
+
+def test_the_resume_table_covers_every_kind_of_principal() -> None:
+    table = resume_rows()
+    firsts, seconds = {row[0] for row in table}, {row[1] for row in table}
+    assert {"A", "narrow", "wide", "anon"} <= firsts
+    assert {"A", "B", "anon", "wide", "narrow"} <= seconds
+    assert len({row[:2] for row in table}) == len(table), "duplicate rows"

@@ -65,18 +65,25 @@ async def test_an_old_account_named_like_a_mac_cannot_use_that_macs_client_id(
     assert await asyncio.to_thread(logins) == [5, 5, 0]
 
 
-def _leave_with_a_queued_message(port: int, client_id: str, topic: str, **login: object) -> None:
-    """A persistent session subscribed to ``topic``, offline, with one QoS 1 message queued."""
+#: What :func:`leave_with_a_queued_message` queues.
+QUEUED = b"queued under the old credential"
+
+
+def leave_with_a_queued_message(
+    port: int, client_id: str, topic: str, *, feeder: str = "feeder", **login: object
+) -> None:
+    """A persistent session subscribed to ``topic``, offline, with one QoS 1 message queued
+    (published by the account ``feeder``, whose password is ``ACCOUNT_PASSWORD``)."""
     wire = Wire(port, client_id, clean_session=False, **login)
     assert wire.code == 0
     assert wire.subscribe([topic]) == [1]
     wire.disconnect()
-    feeder = Wire(port, "feeder", username="feeder", password=ACCOUNT_PASSWORD)
-    feeder.publish(topic, b"queued under the old credential")
-    feeder.disconnect()
+    publisher = Wire(port, f"{feeder}-queues", username=feeder, password=ACCOUNT_PASSWORD)
+    publisher.publish(topic, QUEUED)
+    publisher.disconnect()
 
 
-def _resume(port: int, client_id: str, **login: object) -> tuple[int, int, list[tuple[str, bytes]]]:
+def resume(port: int, client_id: str, **login: object) -> tuple[int, int, list[tuple[str, bytes]]]:
     """Connect again with clean session 0: CONNACK code, session present, what arrived."""
     wire = Wire(port, client_id, clean_session=False, **login)
     try:
@@ -93,7 +100,7 @@ async def test_an_accounts_removal_or_rotation_discards_its_offline_sessions(
 ) -> None:
     port = server.settings.broker.port
     login = {"username": "svc", "password": ACCOUNT_PASSWORD}
-    await asyncio.to_thread(_leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
+    await asyncio.to_thread(leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
     assert "svc-p" in server.broker.sessions
     if change == "remove":
         await server.accounts.remove("svc")
@@ -102,28 +109,28 @@ async def test_an_accounts_removal_or_rotation_discards_its_offline_sessions(
         await server.accounts.rotate("svc", hashed(ACCOUNT_PASSWORD))
     gone = await eventually(polled(lambda: "svc-p" not in server.broker.sessions), bool)
     assert gone
-    code, present, received = await asyncio.to_thread(_resume, port, "svc-p", **login)
+    code, present, received = await asyncio.to_thread(resume, port, "svc-p", **login)
     assert (code, present, received) == (0, 0, [])
 
 
 async def test_the_same_credential_resumes_its_session(server: BrokerServer) -> None:
     port = server.settings.broker.port
     login = {"username": "svc", "password": ACCOUNT_PASSWORD}
-    await asyncio.to_thread(_leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
-    code, present, received = await asyncio.to_thread(_resume, port, "svc-p", **login)
-    assert (code, present, received) == (0, 1, [("devices/q", b"queued under the old credential")])
+    await asyncio.to_thread(leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
+    code, present, received = await asyncio.to_thread(resume, port, "svc-p", **login)
+    assert (code, present, received) == (0, 1, [("devices/q", QUEUED)])
 
 
 async def test_a_recreated_account_never_resumes_the_old_session(server: BrokerServer) -> None:
     # Decided at CONNECT, whether or not the change feed was applied yet: the credential differs.
     port = server.settings.broker.port
     login = {"username": "svc", "password": ACCOUNT_PASSWORD}
-    await asyncio.to_thread(_leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
+    await asyncio.to_thread(leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
     session = server.broker.sessions["svc-p"][0]
     server.services.revoker.request_stop()  # the follower must not get there first
     await server.accounts.remove("svc")
     await make_account(server.accounts, "svc", ["subscribe devices/other/#"])
-    code, present, received = await asyncio.to_thread(_resume, port, "svc-p", **login)
+    code, present, received = await asyncio.to_thread(resume, port, "svc-p", **login)
     assert (code, present, received) == (0, 0, [])
     assert server.broker.sessions.get("svc-p", (None,))[0] is not session
 
@@ -134,7 +141,7 @@ async def test_a_revoked_devices_offline_session_is_discarded(server: BrokerServ
     device = await make_device(server.registry, "02:00:00:00:5e:01")
     user = device.mqtt_username
     topic = f"devices/{device.id}/commands"
-    await asyncio.to_thread(_leave_with_a_queued_message, port, user, topic, username=user, password=PASSWORD)
+    await asyncio.to_thread(leave_with_a_queued_message, port, user, topic, username=user, password=PASSWORD)
     assert user in server.broker.sessions
     await getattr(server.registry, change)(device.id)
     assert await eventually(polled(lambda: user not in server.broker.sessions), bool)
