@@ -31,7 +31,7 @@ from auth_plugin.principals import (
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from auth_plugin.verifiers import VerifierKey, load_verifier_key
 from config import Settings
-from provisioning.contract import PROVISION_USERNAME, identity_from_client_id
+from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME, identity_from_client_id
 from provisioning.errors import RegistryUnavailableError
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
@@ -42,7 +42,6 @@ from provisioning.topics import validate_filter
 
 logger = logging.getLogger(__name__)
 
-DEVICE_USERNAME_PREFIX = "device_"
 # bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_DIGEST_CHARS = 31

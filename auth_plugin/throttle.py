@@ -51,7 +51,6 @@ class LoginThrottle:
         self._locked_until: OrderedDict[str, float] = OrderedDict()
         # Checks running per pair; an entry lives only while one runs (bounded by connections).
         self._in_flight: dict[str, int] = {}
-        self.refused_locked = 0
 
     def locked(self, username: str, address: str | None) -> bool:
         """True when this username is locked out from this address right now."""
@@ -62,7 +61,6 @@ class LoginThrottle:
         if self._clock() >= until:
             del self._locked_until[key]
             return False
-        self.refused_locked += 1
         return True
 
     def begin_check(self, username: str, address: str | None) -> bool:
@@ -76,7 +74,6 @@ class LoginThrottle:
         horizon = self._clock() - self.policy.window
         failures = sum(1 for stamp in stamps if stamp >= horizon) if stamps else 0
         if failures + running >= self.policy.lockout_after:
-            self.refused_locked += 1
             return False
         self._in_flight[key] = running + 1
         return True

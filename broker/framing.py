@@ -24,9 +24,6 @@ from auth_plugin.logsafe import BurstLog
 logger = logging.getLogger(__name__)
 _malformed = BurstLog(logger, "connections closed for a malformed packet")
 
-#: Largest remaining length MQTT can encode (four length bytes).
-MAX_REMAINING_LENGTH = 268_435_455
-
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14
 _SERVER_TO_CLIENT = {CONNACK: "CONNACK", SUBACK: "SUBACK", UNSUBACK: "UNSUBACK", PINGRESP: "PINGRESP"}

@@ -1,4 +1,4 @@
-"""Device provisioning: MAC parsing, the device registry and (soon) the MQTT provisioning handler."""
+"""Device provisioning: MAC parsing, the device registry, the provisioning service and its MQTT plugin."""
 
 from provisioning.errors import (
     ConcurrentChangeError,

@@ -22,6 +22,8 @@ REPLY_PREFIX = "provision/reply/"
 EVENT_PREFIX = "mqttprov/events/device/"
 #: The username a provisioning session presents with ``fleet_secret`` or ``device_key`` proof.
 PROVISION_USERNAME = "provision"
+#: Every device's MQTT username starts with this (``device_`` and 12 hex digits of its id).
+DEVICE_USERNAME_PREFIX = "device_"
 
 _MAX_REQUEST_ID = 128
 _MAX_FIELD = 64

@@ -23,10 +23,11 @@ from typing import Protocol
 from auth_plugin.acl import Action
 from auth_plugin.authd.metrics import Metrics
 from auth_plugin.authd.policy import external_allows
-from auth_plugin.authenticator import DEVICE_USERNAME_PREFIX, Authenticator, ConnectAttempt
+from auth_plugin.authenticator import Authenticator, ConnectAttempt
 from auth_plugin.errors import AuthError
 from auth_plugin.principals import SERVER_UNAVAILABLE, Principal
 from auth_plugin.revocation import Revoker
+from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry

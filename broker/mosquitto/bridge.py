@@ -31,6 +31,7 @@ from broker.mosquitto.layout import (
     worker_acls,
 )
 from config import Settings
+from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
@@ -216,7 +217,7 @@ class DynsecBridge:
 
     async def current_tag(self, username: str) -> str | None:
         """The tag of the credential the registry holds for this username (None: no valid one)."""
-        if username.startswith("device_"):
+        if username.startswith(DEVICE_USERNAME_PREFIX):
             record = await self.devices.find_credentials_by_username(username)
             if record is None or record.password_hash is None or record.device.status not in ACTIVE_STATUSES:
                 return None
@@ -231,7 +232,7 @@ class DynsecBridge:
             if tag is None:
                 await self.revoke(username)
                 continue
-            if username.startswith("device_"):
+            if username.startswith(DEVICE_USERNAME_PREFIX):
                 continue  # issued: the worker has set it, before the reply
             client = await self.dynsec.get_client(username)
             if client is not None and not client.disabled and tag_of(client.textdescription) != tag:

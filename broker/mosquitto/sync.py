@@ -21,6 +21,7 @@ from auth_plugin.principals import credential_tag
 from broker.mosquitto.bridge import DynsecBridge
 from broker.mosquitto.dynsec import ClientInfo
 from broker.mosquitto.layout import tag_of
+from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo
 from provisioning.registry.models import utcnow
 
@@ -90,7 +91,7 @@ async def reconcile(
             if client is not None and not client.disabled:
                 await _step(report, SyncStep("disable_client", account.name, "stale password"), bridge, None)
     for username, client in sorted(clients.items()):
-        managed = username.startswith("device_") or tag_of(client.textdescription) is not None
+        managed = username.startswith(DEVICE_USERNAME_PREFIX) or tag_of(client.textdescription) is not None
         if managed and username not in registry_tags and not client.disabled:
             await _step(
                 report,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
+from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME
 from provisioning.errors import ProvisioningError
 from provisioning.mac import is_mac
 from provisioning.registry.models import CredentialVerifier, ServiceAccount, utcnow
@@ -21,7 +22,7 @@ from provisioning.topics import TopicRule
 logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,63}")
-_RESERVED_PREFIXES = ("device_", "provision")
+_RESERVED_PREFIXES = (DEVICE_USERNAME_PREFIX, PROVISION_USERNAME)
 
 
 class AccountError(ProvisioningError):

@@ -15,6 +15,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.errors import (
     ConcurrentChangeError,
     DeviceExistsError,
@@ -37,7 +38,7 @@ MAX_PAGE = 1000
 
 def username_for(device_id: uuid.UUID) -> str:
     """The MQTT username of a device: ``device_`` and the first 12 hex digits of its id."""
-    return f"device_{device_id.hex[:12]}"
+    return f"{DEVICE_USERNAME_PREFIX}{device_id.hex[:12]}"
 
 
 class DeviceRegistry(Repository):
@@ -75,7 +76,7 @@ class DeviceRegistry(Repository):
             device_id = None
         if device_id is not None:
             return await self.get(device_id)
-        if text.startswith("device_"):
+        if text.startswith(DEVICE_USERNAME_PREFIX):
             found = await self.find_by_username(text)
         else:
             found = await self.find_by_mac(text)
