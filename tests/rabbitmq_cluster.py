@@ -51,8 +51,19 @@ def rabbitmq_missing() -> str | None:
     return None
 
 
-def rabbitmq_conf(mqtt_port: int, authd_url: str) -> str:
-    """A node's rabbitmq.conf: MQTT on loopback, authd as the only auth backend (docs/scaling-out.md)."""
+def rabbitmq_conf(mqtt_port: int, authd_url: str, auth_cache_ttl_ms: int | None = None) -> str:
+    """A node's rabbitmq.conf: MQTT on loopback, authd as the only auth backend (docs/scaling-out.md).
+
+    With ``auth_cache_ttl_ms``, RabbitMQ's ``rabbitmq_auth_backend_cache`` sits in front of the
+    HTTP backend and keeps every allowed answer for that long (refusals are not cached).
+    """
+    backend = "auth_backends.1 = http\n"
+    if auth_cache_ttl_ms is not None:
+        backend = (
+            "auth_backends.1 = cache\n"
+            "auth_cache.cached_backend = http\n"
+            f"auth_cache.cache_ttl = {auth_cache_ttl_ms}\n"
+        )
     return f"""\
 listeners.tcp = none
 mqtt.listeners.tcp.default = 127.0.0.1:{mqtt_port}
@@ -61,8 +72,7 @@ mqtt.default_user = {ANONYMOUS_USER}
 mqtt.default_pass = {ANONYMOUS_USER}
 mqtt.vhost = /
 mqtt.exchange = amq.topic
-auth_backends.1 = http
-auth_http.http_method = post
+{backend}auth_http.http_method = post
 auth_http.user_path = {authd_url}/rabbitmq/user
 auth_http.vhost_path = {authd_url}/rabbitmq/vhost
 auth_http.resource_path = {authd_url}/rabbitmq/resource
@@ -83,9 +93,11 @@ class Node:
 class Cluster:
     """Two nodes joined into one cluster, with ``authd_url`` as their HTTP auth backend."""
 
-    def __init__(self, directory: Path, authd_url: str) -> None:
+    def __init__(self, directory: Path, authd_url: str, *, auth_cache_ttl_ms: int | None = None) -> None:
         self.directory = directory
         self.authd_url = authd_url
+        #: With a TTL, the nodes run ``rabbitmq_auth_backend_cache`` in front of the HTTP backend.
+        self.auth_cache_ttl_ms = auth_cache_ttl_ms
         self.home = directory / "home"
         tag = secrets.token_hex(3)
         epmd_port, *ports = free_ports(5)
@@ -132,10 +144,14 @@ class Cluster:
         cookie.write_text(secrets.token_hex(16).upper())
         cookie.chmod(0o400)
         (self.directory / "rabbitmq-env.conf").write_text("")
-        (self.directory / "enabled_plugins").write_text("[rabbitmq_mqtt,rabbitmq_auth_backend_http].\n")
+        plugins = ["rabbitmq_mqtt", "rabbitmq_auth_backend_http"]
+        if self.auth_cache_ttl_ms is not None:
+            plugins.append("rabbitmq_auth_backend_cache")
+        (self.directory / "enabled_plugins").write_text(f"[{','.join(plugins)}].\n")
         for node in self.nodes:
             node.directory.mkdir()
-            (node.directory / "rabbitmq.conf").write_text(rabbitmq_conf(node.mqtt_port, self.authd_url))
+            conf = rabbitmq_conf(node.mqtt_port, self.authd_url, self.auth_cache_ttl_ms)
+            (node.directory / "rabbitmq.conf").write_text(conf)
         env = self.env()
         private = {key: value for key, value in env.items() if key.startswith(("HOME", "ERL_", "RABBIT"))}
         exports = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in private.items())

@@ -1,23 +1,32 @@
 """Login storms through a private two-node RabbitMQ cluster: ``mqttprov authd`` versus internal users.
 
 One cluster (tests/rabbitmq_cluster.py) serves both sides; only the authentication backend
-changes between them, switched on both nodes at run time (``application:set_env`` of
+changes between storms, switched on both nodes at run time (``application:set_env`` of
 ``auth_backends``, which RabbitMQ reads at every login): ``rabbit_auth_backend_http`` asking a
-real ``mqttprov authd`` process, or ``rabbit_auth_backend_internal`` with the same usernames and
-passwords created as RabbitMQ users. Each round runs, interleaved: authd started fresh (cold
-cache), a cold storm (every device logs in once) through it, the same storm against internal
-users, then a warm storm (reconnects) on each. The storm is split over both nodes. authd's
-request latency comes from its ``/metrics`` histogram, read before and after each storm.
+real ``mqttprov authd`` process, ``rabbit_auth_backend_internal`` with the same usernames and
+passwords created as RabbitMQ users, or ``rabbit_auth_backend_cache`` (RabbitMQ's own plugin) in
+front of the HTTP backend. Each round starts authd fresh with a new verifier key and runs,
+interleaved with the same storm against internal users: a cold storm (every device logs in
+once: bcrypt), a warm storm (reconnects), then authd restarted on the same registry and key and
+the warm storm again (after-restart: the first login of each device is a stored verifier's
+HMAC, not bcrypt). Then, for each auth-cache TTL, a warm storm through the cache, authd
+restarted, and the same storm again. The storm is split over both nodes. authd's request
+latency and its password checks (bcrypt, verifier, in-memory cache) come from ``/metrics``, read
+before and after each storm.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import secrets
+import time
 import urllib.request
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from provisioning.passwords import default_workers
 from tests.authd_support import SECRET, authd_process, write_authd_config
@@ -25,6 +34,7 @@ from tests.bench.brokers import cpu_seconds
 from tests.bench.context import Context
 from tests.bench.figures.common import StormSummary, free_port, sqlite_url, summarize_storm
 from tests.bench.figures.external import (
+    STORM_GOAL,
     Side,
     cpu_row,
     load_average,
@@ -43,19 +53,30 @@ TITLE = "login storms through RabbitMQ with mqttprov authd"
 STORM_LIMIT = 120.0
 HTTP_BACKEND = "rabbit_auth_backend_http"
 INTERNAL_BACKEND = "rabbit_auth_backend_internal"
+CACHE_BACKEND = "rabbit_auth_backend_cache"
+#: The storm kind after an authd restart.
+AFTER = "after-restart"
+#: TTLs of RabbitMQ's auth cache measured: 1 s, short enough for the revocation promise
+#: (docs/scaling-out.md), and RabbitMQ's default, 15 s.
+CACHE_TTLS_MS = (1_000, 15_000)
+#: authd's password checks, by how they were answered.
+_CHECKS = re.compile(r"^mqttprov_authd_(bcrypt_checks|verifier_checks|cache_hits)_total (\d+)")
 #: authd's latency histogram for the RabbitMQ contract, one line per bucket.
 _BUCKET = re.compile(r'^mqttprov_authd_request_seconds_bucket\{contract="rabbitmq",le="([^"]+)"\} (\d+)')
 
 
 @dataclass
 class _Ours(Side):
-    """Our side, with authd's latency per storm kind: [(p50 ms, p99 ms, requests per login)]."""
+    """Our side, with authd's latency per storm kind: [(p50 ms, p99 ms, requests per login)],
+    what answered its password checks in each storm, and how long each restart took."""
 
     latency: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+    restarts: list[str] = field(default_factory=list)
 
 
 def run(ctx: Context) -> FigureResult:
-    """Start the cluster, create both sides' users, then interleaved cold and warm rounds."""
+    """Start the cluster, create both sides' users, then interleaved rounds (see the module doc)."""
     figure = FigureResult(NAME, TITLE)
     missing = rabbitmq_missing()
     if missing is not None:
@@ -73,11 +94,12 @@ def run(ctx: Context) -> FigureResult:
     logins = fleet.logins()
     reconnects = list(itertools.islice(itertools.cycle(logins), sizes.rabbitmq_reconnects))
     port = free_port()
-    config = write_authd_config(
-        directory / "mqttprov.toml", url, port, auth={"bcrypt_cost": cost}, contracts=["rabbitmq"]
-    )
     # The secret as the password of the URL's user info: RabbitMQ sends it as HTTP basic auth.
-    cluster = Cluster(directory / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}")
+    cluster = Cluster(
+        directory / "cluster",
+        f"http://rabbitmq:{SECRET}@127.0.0.1:{port}",
+        auth_cache_ttl_ms=CACHE_TTLS_MS[0],
+    )
     ours, reference = _Ours("authd"), Side("internal")
     checks_ms: list[float] = []
     # authd runs with [auth] bcrypt_workers unset: the default pool size.
@@ -88,16 +110,28 @@ def run(ctx: Context) -> FigureResult:
         cluster.ctl(cluster.nodes[0], "eval", add_users_expression(logins))
         for round_ in range(1, sizes.external_rounds + 1):
             checks_ms.append(seconds_per_check(cost) * 1000)
-            with authd_process(config, port, directory) as authd_url:
-                authd_pid = _pid_of(config)
-                for kind, which in (("cold", logins), ("warm", reconnects)):
-                    _use_backend(cluster, HTTP_BACKEND)
-                    _measure(ctx, cluster, ours, (kind, round_), which, authd=(authd_url, authd_pid))
-                    _use_backend(cluster, INTERNAL_BACKEND)
-                    _measure(ctx, cluster, reference, (kind, round_), which, authd=None)
-            _use_backend(cluster, HTTP_BACKEND)
+            # A new verifier key each round: its cold storm is a bcrypt check for every device
+            # (verifiers made under another key are never used); its restarts keep the key.
+            config = write_authd_config(
+                directory / f"mqttprov-{round_}.toml",
+                url,
+                port,
+                auth={"bcrypt_cost": cost, "verifier_key": secrets.token_hex(32)},
+                contracts=["rabbitmq"],
+            )
+            with _Authd(config, port, directory) as authd:
+                _round(
+                    ctx, cluster, authd, sides=(ours, reference), round_=round_, storms=(logins, reconnects)
+                )
     what = "RabbitMQ + authd"
     figure.rows += storm_rows(what, ours, reference, "RabbitMQ internal users")
+    figure.rows.append(
+        _versus_internal(f"after-restart login storm, {what}", ours, reference, AFTER, STORM_GOAL)
+    )
+    for ttl in CACHE_TTLS_MS:
+        for kind in ("warm", AFTER):
+            label = f"{kind} login storm, RabbitMQ + auth cache ({ttl / 1000:g} s) + authd"
+            figure.rows.append(_versus_internal(label, ours, reference, _cached(kind, ttl), None))
     bounds = [workers * 1000 / ms for ms in checks_ms]
     cold = ours.rates.get("cold", [])
     figure.rows.append(
@@ -115,14 +149,15 @@ def run(ctx: Context) -> FigureResult:
     figure.rows += latency_rows(ours.latency)
     figure.rows += login_latency_rows(ours, reference, "RabbitMQ internal users")
     figure.rows.append(cpu_row(what, ours, reference, "RabbitMQ internal users"))
+    figure.rows.append(cpu_row(what, ours, reference, "RabbitMQ internal users", kind=AFTER))
     load = (
         f"{max(2, sizes.external_storm_processes)} load processes split over both nodes, "
-        f"{sizes.rabbitmq_cold_concurrency} (cold) or {sizes.storm_concurrency} (warm) concurrent "
-        "raw-socket clients in all"
+        f"{sizes.rabbitmq_cold_concurrency} (cold) or {sizes.storm_concurrency} (other storms) "
+        "concurrent raw-socket clients in all"
     )
     figure.processes = {
         "RabbitMQ + authd": "broker: 2 RabbitMQ nodes (one Erlang VM each) + 1 `mqttprov authd` process "
-        f"(fresh each round: event loop + bcrypt worker threads); {load}",
+        f"(fresh each round, restarted within it: event loop + bcrypt worker threads); {load}",
         "RabbitMQ internal users": f"broker: the same 2 RabbitMQ nodes; {load}",
     }
     figure.sizes = {
@@ -137,6 +172,16 @@ def run(ctx: Context) -> FigureResult:
         f"one bcrypt check at cost {cost}, measured in the bench process before each round: "
         + ", ".join(f"{ms:.1f} ms" for ms in checks_ms),
         (
+            "each round: authd started fresh with a new verifier key; cold then warm storm through "
+            "authd, each followed by the same storm against internal users; authd restarted (SIGTERM, "
+            "started again on the same registry and key) and the warm storm again (after-restart), "
+            "then once more against internal users; then, per auth-cache TTL, the warm storm through "
+            "RabbitMQ's rabbitmq_auth_backend_cache in front of authd, authd restarted, and the same "
+            "storm again (RabbitMQ's cache survives an authd restart; entries older than the TTL do "
+            "not). The internal-user reference of the after-restart and cache rows is every warm "
+            "storm against internal users in the run"
+        ),
+        (
             "authd latency from its /metrics histogram (buckets 1, 2.5, 5, 10, 25, 50, 100 ms, ..., "
             "2.5 s, 5 s), interpolated within a bucket as Prometheus' histogram_quantile does: a p99 "
             "in the (2.5 s, 5 s] bucket is a rough figure. Each login makes two requests, the user "
@@ -144,6 +189,8 @@ def run(ctx: Context) -> FigureResult:
         ),
         "authd requests per login: "
         + ", ".join(f"{kind} {r:.1f}" for kind, samples in ours.latency.items() for _, _, r in samples),
+        *ours.checks,
+        *ours.restarts,
         *ours.cpu_notes(),
         *reference.cpu_notes(),
         (
@@ -155,6 +202,96 @@ def run(ctx: Context) -> FigureResult:
         load_note(load_before),
     ]
     return figure
+
+
+def _round(
+    ctx: Context,
+    cluster: Cluster,
+    authd: _Authd,
+    *,
+    sides: tuple[_Ours, Side],
+    round_: int,
+    storms: tuple[list[Login], list[Login]],
+) -> None:
+    """One round of storms on a freshly started authd (see the module doc)."""
+    ours, reference = sides
+    logins, reconnects = storms
+
+    def through_authd(kind: str, which: list[Login], backend: str = HTTP_BACKEND) -> None:
+        _use_backend(cluster, backend)
+        _measure(ctx, cluster, ours, (kind, round_), which, authd=authd)
+
+    def internal(kind: str, which: list[Login]) -> None:
+        _use_backend(cluster, INTERNAL_BACKEND)
+        _measure(ctx, cluster, reference, (kind, round_), which, authd=None)
+
+    for kind, which in (("cold", logins), ("warm", reconnects)):
+        through_authd(kind, which)
+        internal(kind, which)
+    ours.restarts.append(f"round {round_}: {authd.restart()}")
+    through_authd(AFTER, reconnects)
+    internal("warm", reconnects)
+    for ttl in CACHE_TTLS_MS:
+        _use_auth_cache(cluster, ttl)
+        through_authd(_cached("warm", ttl), reconnects, CACHE_BACKEND)
+        ours.restarts.append(f"round {round_}, auth cache {ttl} ms: {authd.restart()}")
+        through_authd(_cached(AFTER, ttl), reconnects, CACHE_BACKEND)
+    _use_backend(cluster, HTTP_BACKEND)
+
+
+def _cached(kind: str, ttl_ms: int) -> str:
+    return f"{kind}, auth cache {ttl_ms / 1000:g} s"
+
+
+def _versus_internal(label: str, ours: Side, reference: Side, kind: str, goal: Goal | None) -> Row:
+    """Our ``kind`` storms against every warm storm on internal users in the run."""
+    return Row(
+        label,
+        "logins/s",
+        median(ours.rates.get(kind, [])),
+        median(reference.rates.get("warm", [])),
+        "RabbitMQ internal users",
+        goal,
+        ours.rates.get(kind, []),
+        reference.rates.get("warm", []),
+    )
+
+
+class _Authd:
+    """The figure's ``mqttprov authd`` process: started, and restarted on the same config (and so
+    the same registry and verifier key) with SIGTERM and a new start. A context manager."""
+
+    def __init__(self, config: Path, port: int, directory: Path) -> None:
+        self.config, self.port, self.directory = config, port, directory
+        self.url = f"http://127.0.0.1:{port}"
+        self.pid = 0
+        self._starts = 0
+        self._stack = ExitStack()
+
+    def _start(self) -> None:
+        self._starts += 1
+        # One folder per start: authd_process names its log after the port, which stays the same.
+        cwd = self.directory / f"{self.config.stem}-start-{self._starts}"
+        cwd.mkdir()
+        self.url = self._stack.enter_context(authd_process(self.config, self.port, cwd))
+        self.pid = _pid_of(self.config)
+
+    def restart(self) -> str:
+        """SIGTERM, wait for the exit, start again until /healthz answers; how long each took."""
+        started = time.perf_counter()
+        self._stack.close()
+        stopped = time.perf_counter()
+        self._stack = ExitStack()
+        self._start()
+        again = time.perf_counter() - stopped
+        return f"authd stopped in {stopped - started:.2f} s, healthy again {again:.2f} s later"
+
+    def __enter__(self) -> Self:
+        self._start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
 
 
 def add_users_expression(logins: Sequence[Login]) -> str:
@@ -210,6 +347,19 @@ def _storm(cluster: Cluster, logins: list[Login], ctx: Context, concurrency: int
     return summarize_storm(results)
 
 
+def _use_auth_cache(cluster: Cluster, ttl_ms: int) -> None:
+    """Set the auth cache's TTL on both nodes and empty it (nothing cached under another TTL)."""
+    # The cache's ETS table is private to its server: empty it from inside (its state's first field).
+    clear = "fun(S) -> ets:delete_all_objects(element(2, S)), S end"
+    expression = (
+        f"rpc:multicall(application, set_env, [rabbitmq_auth_backend_cache, cache_ttl, {ttl_ms}]), "
+        f"rpc:multicall(sys, replace_state, [rabbit_auth_cache_ets, {clear}])."
+    )
+    out = cluster.ctl(cluster.nodes[0], "eval", expression)
+    if "badrpc" in out:
+        raise RuntimeError(f"setting up the auth cache: {out}")
+
+
 def _measure(
     ctx: Context,
     cluster: Cluster,
@@ -217,15 +367,15 @@ def _measure(
     storm_id: tuple[str, int],
     logins: list[Login],
     *,
-    authd: tuple[str, int] | None,
+    authd: _Authd | None,
 ) -> None:
     """One storm (kind, round); its rate, CPU per login and (ours) authd's latency go to ``side``."""
     kind, round_ = storm_id
     pids = dict(zip(("node a", "node b"), _node_pids(cluster), strict=True))
     if authd is not None:
-        pids["authd"] = authd[1]
+        pids["authd"] = authd.pid
     cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    before = read_buckets(authd[0]) if authd is not None else {}
+    before = _metrics(authd.url) if authd is not None else ""
     sizes = ctx.sizes
     concurrency = sizes.rabbitmq_cold_concurrency if kind == "cold" else sizes.storm_concurrency
     # Never more at once than there are devices: RabbitMQ would take over a live client id.
@@ -237,19 +387,33 @@ def _measure(
     )
     extra = ""
     if authd is not None and isinstance(side, _Ours):
-        delta = bucket_delta(before, read_buckets(authd[0]))
+        after = _metrics(authd.url)
+        delta = bucket_delta(parse_buckets(before), parse_buckets(after))
         count = delta.get(float("inf"), 0)
         p50, p99 = histogram_quantile(delta, 0.5), histogram_quantile(delta, 0.99)
         if p50 is not None and p99 is not None:
             side.latency.setdefault(kind, []).append((p50 * 1000, p99 * 1000, count / logins_done))
             extra = f", authd p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {count} requests"
+        checks = parse_checks(after)
+        answered = ", ".join(f"{checks[n] - parse_checks(before).get(n, 0)} {n}" for n in sorted(checks))
+        side.checks.append(f"round {round_} {kind}: authd password checks: {answered or 'none'}")
+        extra += f" ({answered})"
     side.record(ctx, kind, round_, result, extra)
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+def parse_checks(text: str) -> dict[str, int]:
+    """authd's password-check counters in a /metrics text: bcrypt_checks, verifier_checks, cache_hits."""
+    return {m[1]: int(m[2]) for line in text.splitlines() if (m := _CHECKS.match(line))}
 
 
 def read_buckets(url: str) -> dict[float, int]:
     """authd's cumulative latency buckets for the RabbitMQ contract: upper bound (s) -> count."""
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as answer:
-        return parse_buckets(answer.read().decode())
+    return parse_buckets(_metrics(url))
 
 
 def parse_buckets(text: str) -> dict[float, int]:
