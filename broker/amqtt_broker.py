@@ -22,7 +22,9 @@
 - record who published each retained message, and clear a revoked principal's (see
   :mod:`broker.retained`);
 - fire amqtt's broadcast event only for the topics its listeners declare (see
-  :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`).
+  :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`);
+- match a publish against the filters it can match, and a new subscription against the retained
+  topics it can match, through topic tries (see :mod:`broker.topictree`), not everything stored.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from broker.ownership import account_client_id_allowed, owner
 from broker.protocol import KeepAliveHandler, grace
 from broker.retained import RetainedPublishers, publisher_name
 from broker.subscriptions import TopicLimits, held_filters
+from broker.topictree import FilterTree, TopicTree
 from broker.turns import ClientIdTurns
 
 logger = logging.getLogger(__name__)
@@ -146,6 +149,16 @@ class MqttprovBroker(Broker):
         self._broadcast_topics = _broadcast_topics(self.plugins_manager.plugins)
         #: The principal behind each retained message (see :meth:`retire`).
         self.retained_by = RetainedPublishers()
+        # Indexes of amqtt's subscription table and retained store, kept in step with them.
+        self._filters = FilterTree()
+        self._retained_topics = TopicTree()
+
+    async def start(self) -> None:
+        """amqtt's start, which empties the subscription table and retained store: their indexes too."""
+        self._filters.clear()
+        self._retained_topics.clear()
+        self.retained_by.clear()
+        await super().start()
 
     async def _topic_filtering(self, session: Session, topic: str, action: Action) -> bool:
         # amqtt 0.12.1 runs each check as one task per topic plugin and gathers them, for every
@@ -457,8 +470,10 @@ class MqttprovBroker(Broker):
             return
         if topic_name in self._retained_messages:
             self.retained_by.record(topic_name, principal_of(source_session))
+            self._retained_topics.add(topic_name)
         else:
             self.retained_by.forget(topic_name)
+            self._retained_topics.remove(topic_name)
 
     def retained_publishers(self, names: Collection[str]) -> set[Principal]:
         """The principals named ``names`` whose retained messages the broker holds."""
@@ -520,19 +535,15 @@ class MqttprovBroker(Broker):
     ) -> AsyncIterator[tuple[str, RetainedApplicationMessage]]:
         """The retained messages ``topic_filter`` matches, without holding the loop on a big store.
 
-        A filter without wildcards is one lookup; a wildcard filter is matched against every
-        retained message (amqtt's store is a flat dict), yielding to the event loop every
-        :data:`RETAINED_SCAN_SLICE` messages so other clients are served meanwhile.
+        The topic trie gives the matching topics alone (amqtt matched the filter against every
+        retained message); the loop is yielded to every :data:`RETAINED_SCAN_SLICE` of them, so a
+        ``#`` over a large store lets other clients be served meanwhile.
         """
-        if "+" not in topic_filter and "#" not in topic_filter:
-            found = self._retained_messages.get(topic_filter)
-            if found is not None:
-                yield topic_filter, found
-            return
-        for count, (topic, retained) in enumerate(list(self._retained_messages.items()), 1):
+        for count, topic in enumerate(self._retained_topics.matching(topic_filter), 1):
             if count % RETAINED_SCAN_SLICE == 0:
                 await asyncio.sleep(0)
-            if self._matches(topic, topic_filter):
+            retained = self._retained_messages.get(topic)  # cleared meanwhile: skipped
+            if retained is not None:
                 yield topic, retained
 
     async def add_subscription(self, subscription: tuple[str, int], session: Session) -> int:
@@ -554,6 +565,7 @@ class MqttprovBroker(Broker):
                 if subscriber.client_id == session.client_id:
                     entries[index] = (session, granted)
             held_filters(session).add(subscription[0])
+            self._filters.add(subscription[0])
         return granted
 
     async def _handle_subscription(
@@ -600,6 +612,7 @@ class MqttprovBroker(Broker):
         entries = self._subscriptions.get(a_filter)
         if entries is not None and not entries:
             del self._subscriptions[a_filter]
+            self._filters.remove(a_filter)
         return deleted
 
     async def _del_all_subscriptions(self, session: Session) -> None:
@@ -657,12 +670,11 @@ class MqttprovBroker(Broker):
         topic: str = broadcast["topic"]
         published: int | None = broadcast.get("qos")
         targets: dict[str | None, tuple[Session, int]] = {}
-        for topic_filter, subscriptions in self._subscriptions.items():
-            if self._matches(topic, topic_filter):
-                for subscriber, granted in subscriptions:
-                    best = targets.get(subscriber.client_id)
-                    if best is None or granted > best[1]:
-                        targets[subscriber.client_id] = (subscriber, granted)
+        for topic_filter in self._filters.matching(topic):
+            for subscriber, granted in self._subscriptions.get(topic_filter, ()):
+                best = targets.get(subscriber.client_id)
+                if best is None or granted > best[1]:
+                    targets[subscriber.client_id] = (subscriber, granted)
         for subscriber, granted in targets.values():
             qos = granted if published is None else min(granted, published)
             if not await self._topic_filtering(subscriber, topic=topic, action=Action.RECEIVE):
