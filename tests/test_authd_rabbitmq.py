@@ -33,7 +33,7 @@ from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.service import Outcome, ProvisioningService
 from tests.auth_support import ACCOUNT_PASSWORD, RawSession, hashed, make_account
-from tests.authd_support import SECRET, authd_process, write_authd_config
+from tests.authd_support import SECRET, authd_process, client_for, write_authd_config
 from tests.helpers import broker_settings, free_port, mqttprov_executable, run_mqttprov
 from tests.mqtt_clients import Client, assert_ok, provisioning_session
 from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_cluster, rabbitmq_missing
@@ -541,3 +541,80 @@ async def test_mqttprov_worker_serves_until_sigterm_and_logs_no_password(
     assert "provisioning worker serving provision/request" in text
     assert ACCOUNT_PASSWORD not in text
     assert creds["mqtt_password"] not in text
+
+
+#: The TTL of RabbitMQ's auth cache in the cached deployment: long enough that a login made right
+#: after authd has seen a revocation is still answered from the cache on any machine.
+CACHE_TTL_MS = 20_000
+
+
+@pytest.fixture(scope="module")
+def cached_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """A second cluster with ``rabbitmq_auth_backend_cache`` in front of the HTTP backend."""
+    base = tmp_path_factory.mktemp("rabbitmq-cached")
+    database_url = f"sqlite+aiosqlite:///{base / 'registry.db'}"
+    port = free_port()
+    cluster = Cluster(
+        base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}", auth_cache_ttl_ms=CACHE_TTL_MS
+    )
+    kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
+    config = write_authd_config(
+        base / "mqttprov.toml", database_url, port, contracts=["rabbitmq"], kick_command=kick
+    )
+    done = run_mqttprov("db", "upgrade", "--config", str(config), cwd=base)
+    assert done.returncode == 0, done.stderr
+    with authd_process(config, port, base) as url:
+        (base / "cluster").mkdir()
+        with rabbitmq_cluster(cluster):
+            yield Deployment(cluster, database_url, url, config)
+
+
+async def authd_denies(url: str, creds: dict[str, Any]) -> bool:
+    """True once authd itself answers "deny" to this login, trying until KICK_DEADLINE."""
+    deadline = time.monotonic() + KICK_DEADLINE
+    async with client_for(url) as client:
+        while (
+            await client.rabbit_user(creds["mqtt_username"], creds["mqtt_password"], creds["mqtt_client_id"])
+            != "deny"
+        ):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.1)  # polling against the deadline above
+    return True
+
+
+@pytest.mark.slow
+async def test_with_rabbitmqs_auth_cache_a_revoked_login_is_accepted_until_the_ttl_and_the_live_one_closed(
+    cached_deployment: Deployment,
+) -> None:
+    # What docs/scaling-out.md says of rabbitmq_auth_backend_cache: it keeps allowed logins for
+    # its TTL whatever authd now answers, so a decommissioned device logs in again until then;
+    # the kick still closes the live connection at once.
+    deployment = cached_deployment
+    reg = DeviceRegistry(create_engine(deployment.database_url))
+    try:
+        creds = await provisioned(reg, broker_settings(deployment.database_url), "02:00:00:00:0c:01")
+        # A login on node a (cached there) and a live connection on node b.
+        assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
+        live = await asyncio.to_thread(
+            connect,
+            deployment.node_b,
+            creds["mqtt_client_id"],
+            creds["mqtt_username"],
+            creds["mqtt_password"],
+        )
+        try:
+            await reg.decommission((await reg.resolve(creds["device_id"])).id)
+            assert await asyncio.to_thread(live.disconnected.wait, KICK_DEADLINE)
+        finally:
+            await asyncio.to_thread(live.close)
+    finally:
+        await reg.close()
+    assert await authd_denies(deployment.authd_url, creds)
+    # authd says no, yet node a's cache still says yes ...
+    assert await asyncio.to_thread(login, deployment.node_a, creds) == ACCEPTED
+    # ... until its entry expires; from then on the login reaches authd and is refused.
+    deadline = time.monotonic() + CACHE_TTL_MS / 1000 + KICK_DEADLINE
+    while await asyncio.to_thread(login, deployment.node_a, creds) != REFUSED:
+        assert time.monotonic() < deadline, "still accepted long after the auth cache's TTL"
+        await asyncio.sleep(0.5)  # polling against the deadline above
