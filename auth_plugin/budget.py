@@ -6,10 +6,14 @@ workers' queue decides who logs in. Checks are therefore not queued first come, 
 - each waits in the queue of its *source* (the client's address, or one shared source for
   usernames that are not registered), and a free worker takes the next check from the sources
   in turn, so one address flooding CONNECTs gets one turn per round like a real device does;
+- a source whose check found a wrong password is *suspect* for a minute: its checks are served
+  only when no other source has one waiting (the passwords mqttprov issues are never mistyped:
+  a wrong one is a guess), so a flood of guesses runs on idle time only;
 - the queues hold no more than could be checked before a client gives up (the CONNECT
   timeout), counting what the workers have to do first; when they are full, a newcomer takes
-  the place of the newest check of the longest queue if that one is longer than its own, and
-  is refused at once otherwise (CONNACK 3: "try again"), never queued for nobody.
+  the place of the newest check of a suspect queue, or of the longest queue if that one is
+  longer than its own, and is refused at once otherwise (CONNACK 3: "try again"), never queued
+  for nobody.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 
 from provisioning.passwords import PasswordHasher
 
@@ -26,6 +30,10 @@ logger = logging.getLogger(__name__)
 #: Seconds one bcrypt check at cost 12 takes on one core of the machines we measured on; the
 #: estimate until the workers have timed a check of their own.
 _COST_12_SECONDS = 0.24
+#: How long a source whose check found a wrong password is served after all others.
+SUSPECT_SECONDS = 60.0
+#: Suspect sources remembered at once (the oldest are forgotten first).
+MAX_SUSPECTS = 10_000
 
 
 class BcryptBudget:
@@ -41,6 +49,8 @@ class BcryptBudget:
         self._burst_refused = 0
         self._burst_started = 0.0
         self._closed = False
+        # Source -> until when it is suspect (monotonic), in marking order: oldest first.
+        self._suspects: OrderedDict[str, float] = OrderedDict()
         #: Checks refused without being made (the queues were full), since the start.
         self.refused = 0
 
@@ -77,9 +87,12 @@ class BcryptBudget:
             if self._closed or not await self._turn(source):
                 return None
             try:
-                return await self._hasher.verify(password, hashed)
+                verified = await self._hasher.verify(password, hashed)
             finally:
                 self._release()
+            if not verified:
+                self._mark_suspect(source)
+            return verified
         finally:
             self._hasher.expect(-1)
 
@@ -109,10 +122,32 @@ class BcryptBudget:
             self._refuse(source)
         return given
 
+    def is_suspect(self, source: str) -> bool:
+        """True while ``source`` is served after every other (a wrong password, recently)."""
+        until = self._suspects.get(source)
+        if until is None:
+            return False
+        if until <= time.monotonic():
+            del self._suspects[source]
+            return False
+        return True
+
+    def _mark_suspect(self, source: str) -> None:
+        self._suspects.pop(source, None)
+        self._suspects[source] = time.monotonic() + SUSPECT_SECONDS
+        while len(self._suspects) > MAX_SUSPECTS:
+            self._suspects.popitem(last=False)
+
     def _evict_for(self, source: str) -> bool:
-        """Make room for ``source`` by refusing the newest check of a longer queue."""
+        """Make room for ``source`` by refusing the newest check of a suspect or a longer queue."""
         own = len(self._queues.get(source, ()))
-        longest = max(self._queues, key=lambda name: len(self._queues[name]), default=None)
+        suspects = [name for name in self._queues if self.is_suspect(name)]
+        if suspects and not self.is_suspect(source):
+            own = -1  # any suspect queue gives way to a source that has guessed nothing
+            candidates = suspects
+        else:
+            candidates = suspects if self.is_suspect(source) else list(self._queues)
+        longest = max(candidates, key=lambda name: len(self._queues[name]), default=None)
         if longest is None or len(self._queues[longest]) <= own + 1:
             return False
         queue = self._queues[longest]
@@ -135,7 +170,7 @@ class BcryptBudget:
     def _release(self) -> None:
         self._running -= 1
         while self._queues and self._running < self.slots:
-            source = next(iter(self._queues))
+            source = self._next_source()
             queue = self._queues.pop(source)
             turn = queue.popleft()
             self._waiting -= 1
@@ -152,6 +187,13 @@ class BcryptBudget:
                 time.monotonic() - self._burst_started,
             )
             self._burst_refused = 0
+
+    def _next_source(self) -> str:
+        """The first source in turn order that is not suspect; the first of all if all are."""
+        for name in self._queues:
+            if not self.is_suspect(name):
+                return name
+        return next(iter(self._queues))
 
     def _refuse(self, source: str) -> None:
         self.refused += 1

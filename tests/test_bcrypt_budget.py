@@ -79,6 +79,45 @@ async def test_a_full_budget_refuses_the_longest_queue_first(
     assert any(w.startswith("bcrypt budget: the burst is over; 3 login checks refused") for w in warnings)
 
 
+async def test_a_source_that_guessed_wrong_is_served_after_every_other(hasher: PasswordHasher) -> None:
+    budget = BcryptBudget(hasher, answer_within=10.0)
+    assert await budget.verify("guesser", "a-guess", HASH) is False
+    assert budget.is_suspect("guesser")
+    finished: list[str] = []
+
+    async def check(name: str, source: str, password: str) -> None:
+        await budget.verify(source, password, HASH)
+        finished.append(name)
+
+    guesses = [check(f"guess{i}", "guesser", f"guess-{i}") for i in range(5)]
+    devices = [check(f"device{i}", f"10.0.0.{i}", PASSWORD) for i in range(3)]
+    await asyncio.wait_for(asyncio.gather(*guesses, *devices), 10)
+    # guess0 took the idle worker at once; then every device before any other guess.
+    assert finished[:4] == ["guess0", "device0", "device1", "device2"]
+
+
+async def test_a_full_budget_gives_a_suspect_check_s_place_to_anyone_else(hasher: PasswordHasher) -> None:
+    hasher.seconds_per_check = 1.0
+    budget = BcryptBudget(hasher, answer_within=3.0)  # room for 3 waiting checks
+    assert await budget.verify("guesser", "a-guess", HASH) is False
+    hasher.seconds_per_check = 1.0
+    gate = threading.Event()
+    hasher._pool.submit(gate.wait)  # fault: the one worker is held until every check has asked
+    try:
+        first = asyncio.create_task(budget.verify("guesser", "guess-0", HASH))  # has the turn
+        waiting = [asyncio.create_task(budget.verify("guesser", f"guess-{i}", HASH)) for i in (1, 2)]
+        device = asyncio.create_task(budget.verify("10.0.0.1", PASSWORD, HASH))  # the third place
+        await asyncio.sleep(0)
+        newcomer = asyncio.create_task(budget.verify("10.0.0.2", PASSWORD, HASH))
+        await asyncio.sleep(0)
+    finally:
+        gate.set()
+    results = await asyncio.wait_for(asyncio.gather(first, *waiting, device, newcomer), 10)
+    # The budget was full: the newcomer took the newest guess's place, though that queue (2) was
+    # not longer than its own would be; the devices' checks both ran.
+    assert results == [False, False, None, True, True]
+
+
 async def test_other_bcrypt_work_queued_first_counts_against_the_room(hasher: PasswordHasher) -> None:
     hasher.seconds_per_check = 1.0
     budget = BcryptBudget(hasher, answer_within=3.0)
@@ -178,11 +217,11 @@ async def test_refusal_audits_in_flight_are_bounded(core: AuthCore, monkeypatch:
 
 @pytest.mark.slow
 async def test_a_flood_from_one_address_does_not_keep_a_real_device_out(sqlite_url: str) -> None:
-    # bcrypt at cost 10 and a 2 s CONNECT timeout: 48 flooding connections keep a queue of checks
+    # bcrypt at cost 10 and a 2 s CONNECT timeout: 96 flooding connections keep a queue of checks
     # as long as the budget's room (or longer). First come, first served, the real device's check
     # would wait behind the whole queue and miss its deadline, or be refused, every time.
     config = settings(
-        sqlite_url, broker={"connect_timeout": 1.0}, bcrypt_cost=10, max_refusal_delay=0, lockout_after=1000
+        sqlite_url, broker={"connect_timeout": 2.0}, bcrypt_cost=10, max_refusal_delay=0, lockout_after=1000
     )
     async with BrokerServer(config) as server:
         port = server.settings.broker.port
