@@ -1,5 +1,6 @@
-"""mqttprov's four top-level packages must be its own: another distribution's ``config`` (there
-is one on PyPI) installed beside it would shadow ours and fail far from the cause.
+"""What mqttprov must find installed before it imports anything: its own four top-level packages
+(another distribution's ``config``, on PyPI, would shadow ours and fail far from the cause), and
+the one amqtt release its broker is written against (docs/amqtt.md).
 
 Imports nothing of ours, so that it can run before anything that would import a shadowed package.
 """
@@ -7,7 +8,11 @@ Imports nothing of ours, so that it can run before anything that would import a 
 from __future__ import annotations
 
 import importlib.util
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+#: The amqtt release ``broker/`` overrides the internals of (pyproject.toml pins the same).
+AMQTT_PIN = "0.12.1"
 
 #: Each package beside ``broker``, with a module only ours has.
 _OURS = {"config": "models.py", "provisioning": "contract.py", "auth_plugin": "authenticator.py"}
@@ -33,4 +38,22 @@ def require_own_packages() -> None:
             "error: mqttprov's packages are shadowed by others of the same name: "
             + ", ".join(foreign)
             + "; install mqttprov into an environment of its own (a venv, or pipx install)"
+        )
+
+
+def require_amqtt_pin() -> None:
+    """Stop with one line when the installed amqtt is not the release our broker overrides.
+
+    ``broker/`` replaces and reads amqtt's private methods and attributes; another release could
+    change them underneath without an error, only wrong behaviour (docs/amqtt.md).
+    """
+    try:
+        found = version("amqtt")
+    except PackageNotFoundError:
+        found = "none"
+    if found != AMQTT_PIN:
+        raise SystemExit(
+            f"error: mqttprov needs amqtt {AMQTT_PIN} (its broker overrides amqtt's internals), "
+            f"found {found}: pip install 'amqtt=={AMQTT_PIN}', or install mqttprov into an "
+            "environment of its own"
         )
