@@ -17,7 +17,7 @@ import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,13 +76,16 @@ class Deployment:
         return self.cluster.nodes[1]
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    base = tmp_path_factory.mktemp("rabbitmq")
+@contextmanager
+def deployed(base: Path, *, auth_cache_ttl_ms: int | None = None) -> Iterator[Deployment]:
+    """An SQLite registry, authd with the kick command, and a cluster asking it (through
+    RabbitMQ's auth cache with ``auth_cache_ttl_ms``), until the block ends."""
     database_url = f"sqlite+aiosqlite:///{base / 'registry.db'}"
     port = free_port()
     # The secret as the password of the URL's user info: RabbitMQ sends it as HTTP basic auth.
-    cluster = Cluster(base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}")
+    cluster = Cluster(
+        base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}", auth_cache_ttl_ms=auth_cache_ttl_ms
+    )
     # Kicks run on node a: the devices these tests kick are connected to node b.
     kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
     config = write_authd_config(
@@ -94,6 +97,12 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         (base / "cluster").mkdir()
         with rabbitmq_cluster(cluster):
             yield Deployment(cluster, database_url, url, config)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with deployed(tmp_path_factory.mktemp("rabbitmq")) as made:
+        yield made
 
 
 @pytest.fixture
@@ -551,22 +560,8 @@ CACHE_TTL_MS = 20_000
 @pytest.fixture(scope="module")
 def cached_deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """A second cluster with ``rabbitmq_auth_backend_cache`` in front of the HTTP backend."""
-    base = tmp_path_factory.mktemp("rabbitmq-cached")
-    database_url = f"sqlite+aiosqlite:///{base / 'registry.db'}"
-    port = free_port()
-    cluster = Cluster(
-        base / "cluster", f"http://rabbitmq:{SECRET}@127.0.0.1:{port}", auth_cache_ttl_ms=CACHE_TTL_MS
-    )
-    kick = [str(cluster.ctl_script), "-n", cluster.nodes[0].name, "eval", KICK_EXPRESSION]
-    config = write_authd_config(
-        base / "mqttprov.toml", database_url, port, contracts=["rabbitmq"], kick_command=kick
-    )
-    done = run_mqttprov("db", "upgrade", "--config", str(config), cwd=base)
-    assert done.returncode == 0, done.stderr
-    with authd_process(config, port, base) as url:
-        (base / "cluster").mkdir()
-        with rabbitmq_cluster(cluster):
-            yield Deployment(cluster, database_url, url, config)
+    with deployed(tmp_path_factory.mktemp("rabbitmq-cached"), auth_cache_ttl_ms=CACHE_TTL_MS) as made:
+        yield made
 
 
 async def authd_denies(url: str, creds: dict[str, Any]) -> bool:
