@@ -36,7 +36,7 @@ from provisioning.errors import RegistryUnavailableError
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, Actor, DeviceInfo, DeviceRegistry
-from provisioning.registry.accounts import AccountCredentials, AccountRegistry
+from provisioning.registry.accounts import AccountCredentials, AccountRegistry, account_client_id_allowed
 from provisioning.registry.verifiers import StoredVerifier, VerifierStore
 from provisioning.topics import validate_filter
 
@@ -125,14 +125,6 @@ def _account_principal(record: AccountCredentials, tag: str) -> AccountPrincipal
         publish=tuple(r.filter for r in rules if r.action == "publish"),
         tag=tag,
     )
-
-
-def _account_client_id(name: str, client_id: str) -> bool:
-    """A service account connects as NAME or NAME-<anything> (several connections per back end),
-    never as a client id that reads as a MAC: that one is a provisioning session's (an account
-    named ``ab``, made before such names were refused, would own ``ab-cd-ef-01-23-45``)."""
-    own = client_id == name or client_id.startswith(name + "-")
-    return own and identity_from_client_id(client_id) is None
 
 
 def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
@@ -310,7 +302,7 @@ class Authenticator:
                 self._audit(principal.device_id, "client id differs from username")
                 return Decision(None, "client id must equal the username")
             return Decision(principal, "device credentials (cached)")
-        if not _account_client_id(username, client_id):
+        if not account_client_id_allowed(username, client_id):
             return Decision(None, "client id must be the account name or NAME-<anything>")
         return Decision(principal, "service account (cached)")
 
@@ -356,7 +348,7 @@ class Authenticator:
         if check is not Check.VERIFIED:
             return _unchecked(check)
         client_id = attempt.client_id or ""
-        if not _account_client_id(username, client_id):
+        if not account_client_id_allowed(username, client_id):
             return Decision(None, "client id must be the account name or NAME-<anything>")
         principal = _account_principal(record, tag)
         self.cache.accept(username, tag, principal)
@@ -385,7 +377,7 @@ class Authenticator:
         if not username:
             return None
         account = await self._accounts.find(username)
-        if account is None or not _account_client_id(username, client_id or ""):
+        if account is None or not account_client_id_allowed(username, client_id or ""):
             return None
         return _account_principal(account, credential_tag(account.password_hash))
 

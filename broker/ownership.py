@@ -4,7 +4,8 @@ A persistent session (clean session 0) holds subscriptions granted and messages 
 principal's rules. amqtt resumes it for whoever next connects with its client id; here only the
 same principal with the same credential does (:func:`owner`), so a re-created account, a device
 provisioned again or another kind of login starts afresh. An account's client ids (``NAME`` and
-``NAME-<anything>``) must never read as a MAC (:func:`account_client_id_allowed`), or an account
+``NAME-<anything>``) must never read as a MAC (:func:`account_client_id_allowed`, kept with the
+accounts in :mod:`provisioning.registry.accounts`), or an account
 named ``ab`` would share ``ab-cd-ef-01-23-45`` with that MAC's provisioning session.
 """
 
@@ -13,7 +14,9 @@ from __future__ import annotations
 import uuid
 
 from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal, ProvisioningPrincipal
-from provisioning.contract import identity_from_client_id
+from provisioning.registry.accounts import account_client_id_allowed
+
+__all__ = ["Owner", "account_client_id_allowed", "owner"]
 
 Owner = tuple[str, str | uuid.UUID, str]
 
@@ -27,10 +30,3 @@ def owner(principal: Principal | None) -> Owner | None:
     if isinstance(principal, ProvisioningPrincipal):
         return "provisioning", principal.identity.mac, ""
     return None
-
-
-def account_client_id_allowed(name: str, client_id: str) -> bool:
-    """An account connects as NAME or NAME-<anything>, never with a client id that reads as a MAC."""
-    return (client_id == name or client_id.startswith(name + "-")) and identity_from_client_id(
-        client_id
-    ) is None

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 
-from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME
+from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME, identity_from_client_id
 from provisioning.errors import ProvisioningError
 from provisioning.mac import is_mac
 from provisioning.registry.models import CredentialVerifier, ServiceAccount, utcnow
@@ -21,7 +21,7 @@ from provisioning.topics import TopicRule
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,63}")
+_NAME = re.compile(r"[A-Za-z](?:[A-Za-z0-9_.-]{0,62}[A-Za-z0-9_.])?")
 _RESERVED_PREFIXES = (DEVICE_USERNAME_PREFIX, PROVISION_USERNAME)
 
 
@@ -84,28 +84,55 @@ def validate_account_name(name: str) -> str:
     """A name usable as MQTT username and client id prefix, distinct from devices and MACs.
 
     The account connects as NAME or NAME-<anything>: neither may read as a MAC in any notation,
-    with or without a suffix. Names hold no '-', so besides a MAC itself (``aabb.ccdd.eeff``,
-    ``aabbccddeeff``) that leaves two hex digits (``ab`` + ``-cd-ef-01-23-45``).
+    with or without a suffix. Besides a MAC itself (``aabb.ccdd.eeff``, ``aabbccddeeff``), that
+    rules out the first groups of a MAC in dash notation (``ab``, ``ab-cd``, ... ``ab-cd-ef-01-23``),
+    which a suffix would complete.
     """
     if (
         not _NAME.fullmatch(name)
         or name.lower().startswith(_RESERVED_PREFIXES)
         or is_mac(name)
-        or is_mac(name + "-00-00-00-00-00")
+        or any(is_mac(name + "-00" * missing) for missing in range(1, 6))
     ):
         raise AccountError(
-            f"invalid account name {name!r}: 1-64 letters, digits, '_' or '.', starting with a letter, "
-            "neither a MAC address nor its first group, and not starting with 'device_' or 'provision'"
+            f"invalid account name {name!r}: 1-64 letters, digits, '_', '.' or '-', starting with a "
+            "letter and not ending with '-', neither a MAC address nor its first groups, and not "
+            "starting with 'device_' or 'provision'"
         )
     return name
+
+
+def account_client_id_allowed(name: str, client_id: str) -> bool:
+    """A service account connects as NAME or NAME-<anything> (several connections per back end),
+    never with a client id that reads as a MAC: that one is a provisioning session's (an account
+    named ``ab``, made before such names were refused, would own ``ab-cd-ef-01-23-45``)."""
+    own = client_id == name or client_id.startswith(name + "-")
+    return own and identity_from_client_id(client_id) is None
+
+
+def client_ids_overlap(name: str, other: str) -> bool:
+    """True when one account's client ids (NAME, NAME-<anything>) could be the other's: one name
+    followed by '-' begins the other, as ``telemetry`` and ``telemetry-reader``."""
+    return name == other or name.startswith(other + "-") or other.startswith(name + "-")
 
 
 class AccountRegistry(Repository):
     """Create, read, rotate and remove service accounts."""
 
     async def add(self, name: str, password_hash: str, rules: Sequence[TopicRule]) -> AccountInfo:
-        """Create an account; :class:`AccountExistsError` if the name is taken."""
+        """Create an account; :class:`AccountExistsError` if the name is taken, or if its client ids
+        could be another account's (``telemetry`` and ``telemetry-reader``: ``telemetry-reader-1``
+        would be a client id of both, and one back end could throw the other off)."""
         validate_account_name(name)
+        async with self._read() as session:
+            names = (await session.scalars(select(ServiceAccount.name))).all()
+        overlapping = sorted(other for other in names if other != name and client_ids_overlap(name, other))
+        if overlapping:
+            raise AccountExistsError(
+                f"a service account named {overlapping[0]!r} would share client ids with {name!r} "
+                "(each connects as NAME or NAME-<anything>): choose a name that neither begins with "
+                "nor is begun by another account's name and '-'"
+            )
         row = ServiceAccount(
             name=name,
             password_hash=password_hash,
