@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import enum
 import logging
-import math
 import secrets
 import time
 import uuid
@@ -45,6 +44,8 @@ logger = logging.getLogger(__name__)
 # bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_DIGEST_CHARS = 31
+#: Seconds a login decision may take at least, whatever the CONNECT timeout (a device waits longer).
+MIN_LOGIN_DEADLINE = 5.0
 #: Verified credentials loaded into the cache at start (most recently seen first).
 WARM_UP_LIMIT = 50_000
 #: Background registry writes (refusal audits) at once; more refusals are counted, not written.
@@ -151,9 +152,15 @@ class Authenticator:
         self._hasher = hasher
         self._settings = settings
         self._template = settings.acl.device_template
-        #: How long a caller waits for an answer: a login that could not be checked sooner is
-        #: refused at once rather than checked for nobody (the CONNECT timeout, or less).
-        self._answer_within = min(settings.broker.connect_timeout, answer_within or math.inf)
+        #: The deadline of each decision: the caller's own (authd's request_timeout) when it has
+        #: one, else the CONNECT timeout but never under MIN_LOGIN_DEADLINE. The CONNECT timeout
+        #: bounds how long a client may idle before it speaks; a loaded broker's own work on a
+        #: login may take longer than a short one without anyone having given up.
+        self._answer_within = (
+            answer_within
+            if answer_within is not None
+            else max(settings.broker.connect_timeout, MIN_LOGIN_DEADLINE)
+        )
         self.verifier_key: VerifierKey | None = load_verifier_key(settings)
         self.cache = VerifiedCache(verifier_key=self.verifier_key)
         auth = settings.auth

@@ -217,20 +217,18 @@ async def test_refusal_audits_in_flight_are_bounded(core: AuthCore, monkeypatch:
 
 @pytest.mark.slow
 async def test_a_flood_from_one_address_does_not_keep_a_real_device_out(sqlite_url: str) -> None:
-    # bcrypt at cost 10 and a 2 s CONNECT timeout: 96 flooding connections keep a queue of checks
+    # bcrypt at cost 11 and the 5 s login deadline: 96 flooding connections keep a queue of checks
     # as long as the budget's room (or longer). First come, first served, the real device's check
     # would wait behind the whole queue and miss its deadline, or be refused, every time.
-    config = settings(
-        sqlite_url, broker={"connect_timeout": 2.0}, bcrypt_cost=10, max_refusal_delay=0, lockout_after=1000
-    )
+    config = settings(sqlite_url, bcrypt_cost=11, max_refusal_delay=0, lockout_after=1000)
     async with BrokerServer(config) as server:
         port = server.settings.broker.port
-        at_cost_10 = hashed(PASSWORD, 10)  # every check the flood causes costs a real one
+        at_cost_11 = hashed(PASSWORD, 11)  # every check the flood causes costs a real one
         victims = [
-            await make_device(server.registry, f"02:00:00:00:0f:{i:02x}", password_hash=at_cost_10)
+            await make_device(server.registry, f"02:00:00:00:0f:{i:02x}", password_hash=at_cost_11)
             for i in range(20)
         ]
-        real = await make_device(server.registry, "02:00:00:00:0e:ff", password_hash=at_cost_10)
+        real = await make_device(server.registry, "02:00:00:00:0e:ff", password_hash=at_cost_11)
         stop = threading.Event()
 
         def flood(worker: int) -> int:
@@ -275,10 +273,11 @@ def _until_queued(server: BrokerServer) -> None:
     raise AssertionError("the flood never queued checks for the bcrypt worker")
 
 
-async def test_a_login_not_decided_before_the_connect_timeout_is_refused_retryably(
+@pytest.mark.slow
+async def test_a_login_not_decided_before_its_deadline_is_refused_retryably(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    made = auth_core(settings(sqlite_url, broker={"connect_timeout": 1.0}))
+    made = auth_core(settings(sqlite_url), answer_within=1.0)  # authd's request_timeout, say
     await upgrade(made.registry.engine)
     try:
         device = await make_device(made.registry, "02:00:00:00:0e:04")
