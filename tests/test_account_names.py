@@ -67,6 +67,7 @@ async def test_accounts_whose_client_ids_could_meet_are_refused_both_ways(sqlite
             await make_account(server.accounts, "billing", ["subscribe devices/+/telemetry"])
 
 
+@pytest.mark.slow
 def test_the_readme_s_accounts_example_runs(tmp_path: Path, sqlite_url: str) -> None:
     config = write_config(
         tmp_path / "mqttprov.toml", {"database": {"url": sqlite_url}, "auth": {"bcrypt_cost": 4}}

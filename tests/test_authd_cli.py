@@ -14,6 +14,9 @@ from broker.authd import AuthdServer
 from tests.authd_support import SECRET, authd_process, authd_settings, migrate, write_authd_config
 from tests.helpers import free_port, run_mqttprov, self_signed_cert
 
+# slow, the whole file: runs mqttprov authd processes.
+pytestmark = pytest.mark.slow
+
 
 def test_config_show_masks_the_shared_secret(tmp_path: Path, sqlite_url: str) -> None:
     config = write_authd_config(tmp_path / "mqttprov.toml", sqlite_url, free_port())

@@ -450,6 +450,7 @@ async def test_database_unreachable_denies_everything_and_fails_health(
     assert PASSWORD not in caplog.text
 
 
+@pytest.mark.slow
 async def test_over_max_concurrent_or_past_the_deadline_is_a_deny(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

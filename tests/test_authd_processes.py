@@ -27,7 +27,8 @@ from tests.authd_support import (
 )
 from tests.helpers import free_ports, run_mqttprov
 
-pytestmark = pytest.mark.postgres
+# slow, the whole file: two mqttprov authd processes.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 async def within_deadline(check: Callable[[], Awaitable[bool]]) -> bool:

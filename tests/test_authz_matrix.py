@@ -438,6 +438,7 @@ def _watch_dropped_requests() -> Iterator[None]:
         plugin_logger.removeHandler(handler)
 
 
+@pytest.mark.slow
 @on_shared_loop
 @pytest.mark.parametrize("row", rows(), ids=lambda row: row.name)
 async def test_matrix(world: World, row: Row) -> None:

@@ -138,6 +138,7 @@ async def test_wrong_password_takeover_does_not_disturb_the_victim(
     assert not victim.disconnected.is_set()
 
 
+@pytest.mark.slow
 async def test_a_valid_second_login_takes_over_as_mqtt_says(
     server: BrokerServer, devices: list[Device]
 ) -> None:
@@ -180,6 +181,7 @@ async def test_connack_codes_for_good_and_bad_credentials(server: BrokerServer) 
     assert (ok, wrong) == (0, 4)
 
 
+@pytest.mark.slow
 async def test_a_connection_that_never_sends_connect_is_closed(server: BrokerServer) -> None:
     port = server.settings.broker.port  # connect_timeout is 1 s for this fixture
     started = time.monotonic()
@@ -193,6 +195,7 @@ async def test_a_connection_that_never_sends_connect_is_closed(server: BrokerSer
     assert server.broker.sessions == {}
 
 
+@pytest.mark.slow
 async def test_silent_clients_are_dropped_after_one_and_a_half_keep_alives(server: BrokerServer) -> None:
     port = server.settings.broker.port
     info = await make_device(server.registry, "02:00:00:00:00:05")
@@ -208,6 +211,7 @@ async def test_silent_clients_are_dropped_after_one_and_a_half_keep_alives(serve
         sock.close()
 
 
+@pytest.mark.slow
 async def test_a_client_that_pings_stays_connected(server: BrokerServer) -> None:
     port = server.settings.broker.port
     info = await make_device(server.registry, "02:00:00:00:00:06")

@@ -285,6 +285,7 @@ def device(sqlite_url: str) -> DeviceInfo:
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["id", "mac-dashes", "mac-cisco", "mac-upper", "username"])
 def test_devices_show_finds_a_device_however_it_is_named(
     config_file: Path, device: DeviceInfo, how: str
@@ -422,6 +423,7 @@ def test_unmigrated_postgres_database_says_run_db_upgrade(postgres_url: str) -> 
 # -- the installed script ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_script_loads_no_library_only_other_commands_use() -> None:
     # Every command, `mqttprov serve` included, loads the whole command tree: Alembic (db) and
     # aiohttp (authd) must be imported by the commands that use them, or each broker carries
@@ -434,6 +436,7 @@ def test_script_loads_no_library_only_other_commands_use() -> None:
     assert not loaded & {"alembic", "mako", "pygments", "aiohttp"}
 
 
+@pytest.mark.slow
 def test_script_version(tmp_path: Path) -> None:
     done = run_mqttprov("--version", cwd=tmp_path)
     assert done.returncode == 0
@@ -441,6 +444,7 @@ def test_script_version(tmp_path: Path) -> None:
     assert done.stderr == ""
 
 
+@pytest.mark.slow
 def test_script_config_error(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[broker]\nport = "abc"\n', encoding="utf-8")
@@ -450,6 +454,7 @@ def test_script_config_error(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_script_unreachable_database(tmp_path: Path) -> None:
     url = f"postgresql+asyncpg://mqtt:s3cr3t@127.0.0.1:{free_port()}/mqttprov"
     done = run_mqttprov("devices", "list", cwd=tmp_path, env={"MQTTPROV_DATABASE__URL": url})
@@ -458,6 +463,7 @@ def test_script_unreachable_database(tmp_path: Path) -> None:
     assert done.stdout == ""
 
 
+@pytest.mark.slow
 def test_script_list_show_decommission(tmp_path: Path, database_url: str) -> None:
     """The operator's round trip as real processes, on SQLite and on PostgreSQL."""
     config = write_config(tmp_path / "mqttprov.toml", {"database": {"url": database_url}})
@@ -485,6 +491,7 @@ def test_script_list_show_decommission(tmp_path: Path, database_url: str) -> Non
     assert stored.status == DeviceStatus.DECOMMISSIONED
 
 
+@pytest.mark.slow
 def test_script_db_upgrade_via_environment(tmp_path: Path, database_url: str) -> None:
     env = {"MQTTPROV_DATABASE__URL": database_url}
     first = run_mqttprov("db", "upgrade", cwd=tmp_path, env=env)

@@ -47,6 +47,7 @@ def stored(url: str, name: str) -> AccountCredentials | None:
     return asyncio.run(read())
 
 
+@pytest.mark.slow
 def test_add_prints_the_password_once_and_stores_only_its_hash(config_file: Path, sqlite_url: str) -> None:
     result = invoke(
         "accounts",
@@ -75,6 +76,7 @@ def test_add_prints_the_password_once_and_stores_only_its_hash(config_file: Path
     assert json.loads(listed.stdout)["accounts"][0]["allow"] == data["allow"]
 
 
+@pytest.mark.slow
 def test_rotate_changes_the_password(config_file: Path, sqlite_url: str) -> None:
     first = json.loads(
         invoke("accounts", "add", "svc", "-a", "subscribe #", "--json", "-c", str(config_file)).stdout
@@ -89,6 +91,7 @@ def test_rotate_changes_the_password(config_file: Path, sqlite_url: str) -> None
     assert not bcrypt.checkpw(first["password"].encode(), record.password_hash.encode())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -111,6 +114,7 @@ def test_refusals_are_one_line(config_file: Path, args: list[str], code: int, me
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_duplicate_and_remove_as_a_real_process(config_file: Path, sqlite_url: str, tmp_path: Path) -> None:
     assert (
         run_mqttprov(

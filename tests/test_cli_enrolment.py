@@ -198,6 +198,7 @@ def test_import_json_reports_the_same_errors(config_file: Path, sqlite_url: str,
     assert result.stderr == ""
 
 
+@pytest.mark.slow
 def test_import_of_a_clean_file_exits_zero(config_file: Path, sqlite_url: str, tmp_path: Path) -> None:
     source = tmp_path / "clean.csv"
     source.write_text("mac\n" + "".join(f"02:00:00:00:{i // 256:02x}:{i % 256:02x}\n" for i in range(300)))
@@ -310,6 +311,7 @@ def provision_args(server: BrokerServer, mac: str) -> list[str]:
     return ["provision-device", "--mac", mac, "--host", address.host, "--port", str(address.port)]
 
 
+@pytest.mark.slow
 async def test_provision_device_writes_private_credentials(broker: BrokerServer, tmp_path: Path) -> None:
     address = broker.settings.broker
     out = tmp_path / "creds.json"
@@ -405,6 +407,7 @@ def test_provision_device_usage_and_connection_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "c.json").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux script(1) for a terminal")
 def test_provision_device_refuses_to_print_a_password_to_a_terminal(tmp_path: Path) -> None:
     # The refusal happens before any connection: nothing listens on this port.

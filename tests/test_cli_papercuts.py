@@ -15,6 +15,9 @@ from broker import BrokerServer
 from config import load_settings
 from tests.helpers import free_port, mqttprov_executable, run_mqttprov, write_config
 
+# slow, the whole file: runs the installed mqttprov for every step.
+pytestmark = pytest.mark.slow
+
 
 @pytest.mark.parametrize(
     "command",

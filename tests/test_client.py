@@ -121,6 +121,7 @@ async def test_reply_topic_follows_the_mac_as_written(sqlite_url: str) -> None:
     assert credentials.device_id == device.id
 
 
+@pytest.mark.slow
 async def test_rate_limited_request_is_retried_after_retry_after(sqlite_url: str) -> None:
     reasons: list[str] = []
     async with running(sqlite_url, reprovision="reissue", reissue_cooldown=1) as server:
@@ -137,6 +138,7 @@ async def test_rate_limited_request_is_retried_after_retry_after(sqlite_url: str
 # -- approval and allowlist --------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_approval_mode_waits_until_an_operator_approves(sqlite_url: str) -> None:
     asked_again = threading.Event()
     reasons: list[str] = []

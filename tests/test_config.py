@@ -336,6 +336,7 @@ def test_device_template_accepts_a_prefix_with_placeholders(tmp_path: Path) -> N
 # -- through the CLI --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["MQTTPROV_BROKR__PORT", "MQTTPROV_BROKER_PORT"])
 def test_cli_misspelled_variable_is_one_line_and_exit_2(tmp_path: Path, variable: str) -> None:
     done = run_mqttprov("config", "show", cwd=tmp_path, env={variable: "1884"})

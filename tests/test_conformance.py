@@ -277,6 +277,7 @@ def publishes(packets: list[Packet]) -> list[Packet]:
 # -- keep-alive and the will -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_keep_alive_drops_a_silent_client_and_publishes_its_will(world: World) -> None:
     will_topic = world.ns + "status"
     watcher = await asyncio.to_thread(world.account_wire, "watcher")
@@ -602,6 +603,7 @@ async def test_overlapping_subscriptions_deliver_one_copy_at_the_highest_granted
         device.close()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("published", "granted"), [(0, 2), (1, 2), (0, 1), (2, 1), (2, 0), (1, 0)])
 async def test_a_subscriber_never_gets_a_higher_qos_than_published(
     world: World, published: int, granted: int
@@ -721,6 +723,7 @@ async def test_a_take_over_hands_unacknowledged_messages_to_the_new_connection(w
             new.close()
 
 
+@pytest.mark.slow
 async def test_a_disconnect_while_messages_are_being_resent_ends_the_session(world: World) -> None:
     # The resend happens while amqtt is still setting the connection up; a DISCONNECT (or a lost
     # link) then was dropped and the session stayed "connected" on a closed socket for good.

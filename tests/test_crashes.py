@@ -17,6 +17,8 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from provisioning.client import provision
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.migrate import upgrade
@@ -24,6 +26,9 @@ from tests.auth_support import PASSWORD, eventually, make_device
 from tests.helpers import free_port, write_config
 from tests.mqtt_clients import ACCEPTED, Client, login, request_provisioning
 from tests.test_serve import ServeProcess, serving
+
+# slow, the whole file: kills and restarts mqttprov serve processes.
+pytestmark = pytest.mark.slow
 
 STORM_DEVICES = 200
 #: SIGKILL once this many devices have their ``ok``: well inside the storm, never before it.

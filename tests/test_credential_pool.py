@@ -259,6 +259,7 @@ async def _mac_of(server: BrokerServer, body: dict[str, Any]) -> str:
     return (await server.registry.get(assert_ok(body))).mac
 
 
+@pytest.mark.slow
 async def test_a_burst_of_requests_gets_every_credential_once(
     sqlite_url: str, pooled_passwords: list[str]
 ) -> None:
@@ -279,6 +280,7 @@ async def test_a_burst_of_requests_gets_every_credential_once(
     assert len(from_pool) == pool.taken >= 8  # the whole pool, and what refilled in lulls
 
 
+@pytest.mark.slow
 async def test_pool_size_zero_hashes_at_issue_and_never_fills(
     sqlite_url: str, pooled_passwords: list[str]
 ) -> None:

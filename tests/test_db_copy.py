@@ -152,6 +152,7 @@ def with_password(url: str) -> str:
 # -- the copy -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("far_from_utc")
 async def test_every_row_arrives_unchanged(sqlite_url: str, postgres_url: str) -> None:
     ids = await seed(sqlite_url)
@@ -198,6 +199,7 @@ async def test_every_row_arrives_unchanged(sqlite_url: str, postgres_url: str) -
     assert destination.rows == len(destination.counted)
 
 
+@pytest.mark.slow
 async def test_a_postgres_registry_copies_back_to_sqlite(
     sqlite_url: str, postgres_url: str, tmp_path: Path
 ) -> None:
@@ -212,6 +214,7 @@ async def test_a_postgres_registry_copies_back_to_sqlite(
     assert copied.kept == copied.counted == (await status_counts_at(sqlite_url)).counted
 
 
+@pytest.mark.slow
 async def test_inserts_after_the_copy_take_fresh_ids(sqlite_url: str, postgres_url: str) -> None:
     ids = await seed(sqlite_url)
     copied = await copy(sqlite_url, postgres_url)
@@ -231,6 +234,7 @@ async def test_inserts_after_the_copy_take_fresh_ids(sqlite_url: str, postgres_u
         await registry.close()
 
 
+@pytest.mark.slow
 async def test_a_failed_copy_leaves_the_destination_empty(sqlite_url: str, postgres_url: str) -> None:
     await seed(sqlite_url)
 
@@ -246,6 +250,7 @@ async def test_a_failed_copy_leaves_the_destination_empty(sqlite_url: str, postg
     assert await copy(sqlite_url, postgres_url) == await counts(sqlite_url)
 
 
+@pytest.mark.slow
 async def test_a_count_mismatch_commits_nothing(sqlite_url: str, postgres_url: str) -> None:
     await seed(sqlite_url)
     # The fault: the destination silently drops the folded refusal rows.
@@ -285,6 +290,7 @@ async def test_a_destination_without_status_triggers_commits_nothing(sqlite_url:
     assert set((await counts(destination)).values()) == {0}
 
 
+@pytest.mark.slow
 async def test_a_row_postgres_refuses_is_one_line_without_the_row(sqlite_url: str, postgres_url: str) -> None:
     ids = await seed(sqlite_url)
     engine = create_engine(sqlite_url)
@@ -307,6 +313,7 @@ async def test_a_row_postgres_refuses_is_one_line_without_the_row(sqlite_url: st
     assert set((await counts(postgres_url)).values()) == {0}
 
 
+@pytest.mark.slow
 async def test_a_non_empty_destination_is_refused(sqlite_url: str, postgres_url: str) -> None:
     await seed(sqlite_url)
     engine = create_engine(postgres_url)
@@ -375,6 +382,7 @@ async def enrolled_then_copied(sqlite_url: str, postgres_url: str) -> tuple[dict
     return creds, gone
 
 
+@pytest.mark.slow
 async def test_an_enrolled_device_logs_in_on_a_broker_over_the_copy(
     sqlite_url: str, postgres_url: str
 ) -> None:
@@ -427,6 +435,7 @@ def config_file(tmp_path: Path, sqlite_url: str) -> Path:
     return write_config(tmp_path / "mqttprov.toml", {"database": {"url": sqlite_url}})
 
 
+@pytest.mark.slow
 def test_the_command_as_a_process(
     tmp_path: Path, config_file: Path, sqlite_url: str, postgres_url: str
 ) -> None:
@@ -458,6 +467,7 @@ def test_the_command_for_people(config_file: Path, sqlite_url: str, postgres_url
     assert "row counts verified" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_command_refuses_a_non_empty_destination(
     config_file: Path, sqlite_url: str, postgres_url: str
 ) -> None:
@@ -505,6 +515,7 @@ def test_the_command_reports_an_unknown_database_without_its_password(
     assert_one_line_error(result, 1, 'destination database error: database "mqttprov_no_such_database"')
 
 
+@pytest.mark.slow
 async def test_an_enrolled_device_logs_in_through_authd_over_the_copy(
     sqlite_url: str, postgres_url: str
 ) -> None:
@@ -520,6 +531,7 @@ async def test_an_enrolled_device_logs_in_through_authd_over_the_copy(
         assert (await client.json("/emqx/authn", emqx)).json()["result"] == "allow"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
 async def test_a_copied_device_re_enrols_on_mosquitto_after_bridge_sync(
     tmp_path: Path, sqlite_url: str, postgres_url: str

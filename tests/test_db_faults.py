@@ -112,6 +112,7 @@ async def _decommissioned_and_refused(broker: Broker, device: DeviceInfo) -> Non
     assert await broker.login(device.mqtt_username) is None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("owner", "method"),
     [

@@ -25,6 +25,9 @@ from tests.auth_support import PASSWORD, eventually, make_device, polled
 from tests.authd_support import AuthdClient, authd_settings, migrate, running_authd
 from tests.faulty_proxy import FaultyProxy
 
+# slow, the whole file: an authd through a fault proxy and outages that must be waited out.
+pytestmark = pytest.mark.slow
+
 Call = Callable[..., Awaitable[Any]]
 #: Generous bound on "the feed went stale" / "the follower read it again" (a trust window is 2 s).
 SETTLE = 30.0

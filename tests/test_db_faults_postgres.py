@@ -33,7 +33,8 @@ from tests.faulty_proxy import FaultyProxy
 from tests.helpers import broker_settings, free_port, mqttprov_executable, write_config
 from tests.test_revocation import Sessions
 
-pytestmark = pytest.mark.postgres
+# slow, the whole file: a PostgreSQL fault proxy and mqttprov processes.
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 #: Generous: what the documentation promises (30 s) with room for a loaded test machine.
 SHUTDOWN_DEADLINE = 60.0
@@ -192,7 +193,6 @@ async def _started(
     return process, lines
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("command", ["serve", "authd"])
 async def test_sigterm_ends_the_process_with_the_database_stalled(
     postgres_url: str, proxy: FaultyProxy, tmp_path: Path, command: str

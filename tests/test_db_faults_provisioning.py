@@ -190,6 +190,7 @@ async def test_a_commit_landing_after_the_deadline_is_replaced_by_the_next_reque
         await asyncio.gather(*late)
 
 
+@pytest.mark.slow
 async def test_the_device_client_asks_again_after_unavailable(
     sqlite_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

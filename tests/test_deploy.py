@@ -19,6 +19,9 @@ from tests.helpers import connack_code, free_port, mqttprov_executable, write_co
 from tests.rabbitmq_cluster import KICK_EXPRESSION
 from tests.test_serve import NOT_AUTHORIZED, ServeProcess, serving
 
+# slow, the whole file: runs mqttprov serve and authd processes.
+pytestmark = pytest.mark.slow
+
 HANGUP_LINE = "received SIGHUP: nothing reloaded (restart to apply configuration changes)"
 
 

@@ -88,6 +88,7 @@ async def refusing_broker() -> AsyncIterator[RefusingBroker]:
         await broker.stop()
 
 
+@pytest.mark.slow
 async def test_a_publish_given_up_on_is_not_sent_again_on_every_reconnect(
     refusing_broker: RefusingBroker,
 ) -> None:

@@ -80,6 +80,7 @@ def test_shown_truncates_and_escapes() -> None:
     assert len(long) < MAX_SHOWN + 40
 
 
+@pytest.mark.slow
 async def test_huge_client_ids_and_refusal_bursts_write_a_bounded_log(
     server: BrokerServer, captured: Captured
 ) -> None:

@@ -82,6 +82,7 @@ async def _device_with_retained_state(server: BrokerServer, mac: str) -> tuple[D
     return device, topic
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["decommission", "delete", "reset", "reissue"])
 async def test_a_revoked_devices_retained_messages_are_cleared(server: BrokerServer, change: str) -> None:
     # The device is offline: nothing but its retained message is left for the follower to find.

@@ -158,6 +158,7 @@ def entries(server: BrokerServer) -> int:
     return held
 
 
+@pytest.mark.slow
 async def test_unsubscribe_and_session_end_remove_emptied_entries(server: BrokerServer) -> None:
     port = server.settings.broker.port
     baseline = entries(server)

@@ -279,6 +279,7 @@ BEFORE_CONNECT: dict[str, tuple[list[bytes], bytes]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BEFORE_CONNECT))
 async def test_malformed_or_missing_connect_is_closed_and_leaves_nothing(harness: Harness, case: str) -> None:
     steps, expected = BEFORE_CONNECT[case]
@@ -295,6 +296,7 @@ SLOW: dict[str, tuple[list[bytes], bool]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(SLOW))
 async def test_a_connect_that_never_finishes_is_closed(harness: Harness, case: str) -> None:
     steps, half_close = SLOW[case]
@@ -331,11 +333,13 @@ AFTER_CONNECT: dict[str, bytes] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(AFTER_CONNECT))
 async def test_malformed_packet_after_connect_closes_the_connection(harness: Harness, case: str) -> None:
     await repeated(harness, [PROVISIONING, AFTER_CONNECT[case]], CONNACK_ACCEPTED)
 
 
+@pytest.mark.slow
 async def test_a_packet_that_never_finishes_after_connect_is_closed(harness: Harness) -> None:
     # Keep-alive 0 (no keep-alive at all): only the packet timeout can end this one.
     start = connect_packet("02:00:00:00:bb:02", keep_alive=0)
@@ -419,6 +423,7 @@ ODD_LOGINS: dict[str, tuple[str | None, bytes | None, bytes | None, bytes]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ODD_LOGINS))
 async def test_odd_logins_are_refused_cleanly(harness: Harness, case: str) -> None:
     client_id, username, password, expected = ODD_LOGINS[case]
@@ -478,6 +483,7 @@ def connect_from(source: str, port: int, client_id: str, **kwargs: object) -> tu
         raise
 
 
+@pytest.mark.slow
 async def test_connections_over_the_per_address_limit_get_connack_3(limited: Harness) -> None:
     port = limited.port  # limit 3 per address; the control device is one from 127.0.0.1
     baseline = limited.snapshot()
@@ -502,6 +508,7 @@ async def test_connections_over_the_per_address_limit_get_connack_3(limited: Har
     assert code == 0
 
 
+@pytest.mark.slow
 async def test_connections_over_the_global_limit_get_connack_3_before_any_password_check(
     limited: Harness,
 ) -> None:
@@ -598,6 +605,7 @@ async def test_an_offline_persistent_session_queues_a_bounded_number_of_messages
     assert session.attributes["mqttprov.dropped_while_offline"] == 7
 
 
+@pytest.mark.slow
 async def test_a_client_that_never_releases_qos2_messages_is_cut_off(limited: Harness) -> None:
     # Anonymous is enough: a provisioning session sends QoS 2 requests and never sends PUBREL.
     # Each would be held until its PUBREL; past max_queued_messages (5) the connection ends.
@@ -622,6 +630,7 @@ async def test_a_connection_that_ends_while_it_is_being_set_up_is_cleaned_up(
     await repeated(harness, [PROVISIONING + tail], CONNACK_ACCEPTED, half_close=True)
 
 
+@pytest.mark.slow
 async def test_anonymous_sessions_cannot_leave_persistent_sessions_behind(harness: Harness) -> None:
     # One stored session per made-up MAC would grow the session table (and every broadcast's
     # subscription scan) without bound; an anonymous provisioning session is never kept.

@@ -209,6 +209,7 @@ def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
 # -- thousands, straight through the service ----------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_thousand_generated_payloads_through_the_service(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -271,6 +272,7 @@ def test_two_thousand_generated_payloads_through_the_service(
 # -- hundreds, through a real broker ------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_generated_payloads_through_a_real_broker(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -335,6 +337,7 @@ def test_the_corpus_is_there_and_named_by_expected_code() -> None:
     assert codes == {"INVALID_PAYLOAD", "INVALID_MAC", "MAC_MISMATCH", "PAYLOAD_TOO_LARGE"}
 
 
+@pytest.mark.slow
 async def test_every_corpus_case_is_refused_with_its_code_and_the_broker_keeps_serving(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -357,6 +360,7 @@ async def test_every_corpus_case_is_refused_with_its_code_and_the_broker_keeps_s
         assert "request_id" not in body, name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mac", GROUP_AND_ZERO_MACS)
 async def test_a_group_or_all_zero_mac_asking_for_itself_gets_invalid_mac(
     database_url: str, mac: str
@@ -370,6 +374,7 @@ async def test_a_group_or_all_zero_mac_asking_for_itself_gets_invalid_mac(
         assert await device_count(server) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mac", ["ff:ff:ff:ff:ff:ff", "00:00:00:00:00:00", "01:00:5e:00:00:fb"])
 async def test_an_operator_cannot_add_a_group_or_all_zero_mac(registry: DeviceRegistry, mac: str) -> None:
     from provisioning import InvalidMacError  # noqa: PLC0415 - only this test needs it

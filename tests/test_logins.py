@@ -104,6 +104,7 @@ async def principals(server: BrokerServer) -> dict[str, str]:
     return {name: d.mqtt_username for name, d in (found | {"approved": approved}).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(LOGINS))
 async def test_login_matrix(server: BrokerServer, principals: dict[str, str], case: str) -> None:
     client_id, username, password, expected = LOGINS[case]
@@ -251,6 +252,7 @@ def ping_until_done(
     return samples
 
 
+@pytest.mark.slow
 async def test_the_loop_answers_pings_while_twenty_logins_wait_for_bcrypt(sqlite_url: str) -> None:
     config = settings(sqlite_url, broker={"connect_timeout": 60}, bcrypt_cost=10, bcrypt_workers=1)
     slow_hash = await asyncio.to_thread(hashed, PASSWORD, 10)
@@ -290,6 +292,7 @@ async def test_the_loop_answers_pings_while_twenty_logins_wait_for_bcrypt(sqlite
 # -- 4. revocation from another process ------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["decommission", "reset"])
 async def test_a_cli_change_in_another_process_disconnects_the_device(
     database_url: str, tmp_path: Path, command: str
@@ -312,6 +315,7 @@ async def test_a_cli_change_in_another_process_disconnects_the_device(
         assert code == BAD_CREDENTIALS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["rotate", "remove"])
 async def test_an_account_change_in_another_process_disconnects_its_sessions(
     database_url: str, change: str
@@ -461,6 +465,7 @@ async def test_a_locked_out_address_is_refused_without_a_check_while_another_add
 # -- 7. presence -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_presence_follows_a_device_online_and_offline(database_url: str) -> None:
     async with BrokerServer(settings(database_url)) as server:
         device = await make_device(server.registry, "02:00:00:00:07:01")
@@ -489,6 +494,7 @@ async def test_presence_follows_a_device_online_and_offline(database_url: str) -
     assert offline.last_seen_at >= online.last_seen_at
 
 
+@pytest.mark.slow
 async def test_a_take_over_leaves_the_device_online(database_url: str) -> None:
     # The old connection's end is recorded before the new one goes live, never after it.
     async with BrokerServer(settings(database_url)) as server:
@@ -508,6 +514,7 @@ async def test_a_take_over_leaves_the_device_online(database_url: str) -> None:
     assert found.status is DeviceStatus.ONLINE
 
 
+@pytest.mark.slow
 async def test_devices_connected_at_shutdown_are_left_offline(database_url: str) -> None:
     async with BrokerServer(settings(database_url)) as server:
         device = await make_device(server.registry, "02:00:00:00:07:04")
@@ -530,6 +537,7 @@ async def test_devices_connected_at_shutdown_are_left_offline(database_url: str)
     assert after.status is DeviceStatus.OFFLINE
 
 
+@pytest.mark.slow
 async def test_a_refusal_recorded_in_the_background_is_written_before_the_core_closes(
     database_url: str,
 ) -> None:
@@ -556,6 +564,7 @@ async def test_a_refusal_recorded_in_the_background_is_written_before_the_core_c
     assert [(e.kind, e.count) for e in events if e.kind == "login_refused"] == [("login_refused", 1)]
 
 
+@pytest.mark.slow
 async def test_thirty_logins_are_written_in_a_couple_of_batches(database_url: str) -> None:
     async with BrokerServer(settings(database_url)) as server:
         devices = [await make_device(server.registry, f"02:00:00:00:07:{i:02x}") for i in range(16, 46)]
@@ -595,6 +604,7 @@ async def test_thirty_logins_are_written_in_a_couple_of_batches(database_url: st
     assert batches < len(devices) // 3
 
 
+@pytest.mark.slow
 async def test_devices_a_dead_broker_left_online_are_set_offline_on_start(database_url: str) -> None:
     engine = create_engine(database_url)
     await upgrade(engine)

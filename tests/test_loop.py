@@ -20,6 +20,9 @@ from tests.authd_support import authd_process, migrate, write_authd_config
 from tests.helpers import connack_code, free_port, write_config
 from tests.test_serve import serving
 
+# slow, the whole file: runs mqttprov serve and authd processes.
+pytestmark = pytest.mark.slow
+
 MAC_CLIENT_ID = "aa:bb:cc:dd:ee:42"
 
 

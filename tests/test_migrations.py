@@ -64,6 +64,7 @@ async def test_upgrade_empty_database_to_head(engine: AsyncEngine, caplog: pytes
     assert f"database migrated from empty to {head_revision()}" in caplog.messages
 
 
+@pytest.mark.slow
 async def test_second_upgrade_is_a_no_op(engine: AsyncEngine, caplog: pytest.LogCaptureFixture) -> None:
     await upgrade(engine)
     device = await DeviceRegistry(engine).create_device("aa:bb:cc:dd:ee:ff")
@@ -186,6 +187,7 @@ async def test_start_up_migrates_an_empty_database(engine: AsyncEngine) -> None:
     assert await current_revision(engine) == head_revision()
 
 
+@pytest.mark.slow
 async def test_start_up_migrates_a_database_behind_head(engine: AsyncEngine) -> None:
     await upgrade(engine, "0003")
 
@@ -237,6 +239,7 @@ print(sorted({name.split(".")[0] for name in sys.modules} & {"alembic", "mako", 
 """
 
 
+@pytest.mark.slow
 async def test_broker_start_up_at_head_imports_no_alembic(sqlite_url: str) -> None:
     eng = create_engine(sqlite_url)
     try:

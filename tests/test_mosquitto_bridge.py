@@ -44,7 +44,11 @@ from tests.mqtt_clients import (
     request_provisioning,
 )
 
-pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+# slow, the whole file: a private Mosquitto per test.
+pytestmark = [
+    pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing())),
+    pytest.mark.slow,
+]
 
 
 @pytest.fixture

@@ -29,11 +29,13 @@ from tests.mosquitto_node import ADMIN_ACLS, MosquittoNode, call, killed, mosqui
 from tests.mqtt_clients import ACCEPTED, assert_ok, login, request_provisioning
 from tests.test_serve import ServeProcess
 
+# slow, the whole file: a private Mosquitto.
 pytestmark = [
     pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing())),
     pytest.mark.skipif(
         not (shutil.which("jq") and shutil.which("openssl")), reason="the documented steps use jq and openssl"
     ),
+    pytest.mark.slow,
 ]
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "mosquitto.md"
@@ -120,7 +122,6 @@ async def _run(shell: Shell, text: str) -> list[ServeProcess]:
     return services
 
 
-@pytest.mark.slow
 async def test_the_documented_steps_run_as_written(tmp_path: Path, sqlite_url: str) -> None:
     steps = documented_steps()
     assert [name for name, _ in steps] == STEPS

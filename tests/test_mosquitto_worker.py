@@ -37,7 +37,11 @@ from tests.mqtt_clients import (
 )
 from tests.test_serve import ServeProcess
 
-pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+# slow, the whole file: a private Mosquitto per test.
+pytestmark = [
+    pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing())),
+    pytest.mark.slow,
+]
 
 
 async def test_two_workers_answer_each_request_once(tmp_path: Path, sqlite_url: str) -> None:
@@ -236,7 +240,6 @@ WORKER_CLIENT_MISSING = (
 )
 
 
-@pytest.mark.slow
 async def test_bridge_run_creates_the_worker_client_or_says_what_is_missing(
     tmp_path: Path, sqlite_url: str
 ) -> None:

@@ -19,7 +19,11 @@ from broker.mosquitto.dynsec import DynsecClient
 from provisioning.external.link import MqttLink, parse_broker_url
 from tests.mosquitto_node import ADMIN, ADMIN_PASSWORD, mosquitto_missing, mosquitto_node
 
-pytestmark = pytest.mark.skipif(mosquitto_missing() is not None, reason=mosquitto_missing() or "")
+# slow, the whole file: a private Mosquitto.
+pytestmark = [
+    pytest.mark.skipif(mosquitto_missing() is not None, reason=mosquitto_missing() or ""),
+    pytest.mark.slow,
+]
 
 PUBLISHES = 2000
 CONCURRENT = 50

@@ -16,6 +16,9 @@ from tests.helpers import connack_code, free_port, write_config
 from tests.test_deploy import started
 from tests.test_serve import NOT_AUTHORIZED
 
+# slow, the whole file: builds and installs the wheel into a fresh venv.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 #: What pip and build print when the package index cannot be reached: a skip, not a failure.
 OFFLINE_SIGNS = (
@@ -61,7 +64,6 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_wheel_installs_with_its_licence_and_entry_point(installed: Path, tmp_path: Path) -> None:
     where = _run(
@@ -79,7 +81,6 @@ def test_wheel_installs_with_its_licence_and_entry_point(installed: Path, tmp_pa
     assert version.stdout == "mqttprov 0.1.0\n"
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 async def test_installed_mqttprov_serves_and_stops(installed: Path, tmp_path: Path) -> None:
     port = free_port()

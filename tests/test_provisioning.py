@@ -136,6 +136,7 @@ async def test_the_reply_goes_to_the_mac_as_the_request_wrote_it(sqlite_url: str
 SESSION_MAC = "02:00:00:00:02:01"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("payload", "echo"),
     [
@@ -181,6 +182,7 @@ async def test_malformed_requests_get_invalid_payload_on_the_sessions_own_topic(
         assert await device_count(server) == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "fields",
     [
@@ -215,6 +217,7 @@ async def test_an_invalid_request_id_is_not_echoed(sqlite_url: str) -> None:
         assert b"\\ud" not in reply.payload
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "mac",
     [
@@ -309,6 +312,7 @@ def race(port: int, mac: str, sessions: int) -> list[Client]:
     return clients
 
 
+@pytest.mark.slow
 async def test_concurrent_requests_for_one_mac_yield_exactly_one_password(database_url: str) -> None:
     mac = "02:00:00:00:03:01"
     async with provisioning_broker(database_url, mac_burst=100) as server:
@@ -495,6 +499,7 @@ def attempts(draw: st.DrawFn) -> tuple[str, str, bytes]:
     return client_id, head, json.dumps(payload, ensure_ascii=draw(st.booleans())).encode()
 
 
+@pytest.mark.slow
 async def test_every_publish_to_provision_request_gets_exactly_one_fitting_reply(sqlite_url: str) -> None:
     options: dict[str, Any] = {
         "max_payload_bytes": PROPERTY_MAX_BYTES,

@@ -38,6 +38,7 @@ async def closing(*clients: Client) -> None:
         await asyncio.to_thread(client.close)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "topic_filter",
     [
@@ -152,6 +153,7 @@ async def test_a_device_cannot_publish_a_provisioning_request(sqlite_url: str) -
         assert await device_count(server) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "forged_topic",
     [

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import pytest
 from amqtt.broker import Broker
 
 from broker import BrokerServer
@@ -64,6 +65,7 @@ def one_mac_from_many_sessions(port: int, mac: str, sessions: int) -> list[dict[
     return [reply.json() for reply in replies if reply is not None]
 
 
+@pytest.mark.slow
 async def test_fifty_sessions_for_one_mac_leave_one_device_and_one_working_password(
     database_url: str,
 ) -> None:
@@ -95,6 +97,7 @@ async def test_fifty_sessions_for_one_mac_leave_one_device_and_one_working_passw
         assert record.device.activated_at is not None
 
 
+@pytest.mark.slow
 async def test_five_hundred_macs_at_once_make_five_hundred_devices_that_log_in(sqlite_url: str) -> None:
     # SQLite only, to keep this file near a minute: the races around it (concurrent enrolment
     # of one MAC, credential changes racing logins) run on PostgreSQL too.
@@ -147,6 +150,7 @@ async def settled(server: BrokerServer, username: str, clients: list[Client]) ->
     return [client.connack for client in clients]
 
 
+@pytest.mark.slow
 async def test_concurrent_logins_with_one_client_id_leave_exactly_one_connection(database_url: str) -> None:
     # Regression: CONNECTs waiting together on one take-over each deleted the table entry the
     # one before had just made, leaving connections open, "connected", and beyond any kick.
@@ -179,6 +183,7 @@ def test_the_amqtt_method_that_ends_a_turn_is_still_there() -> None:
     ]
 
 
+@pytest.mark.slow
 async def test_a_decommission_racing_logins_leaves_no_live_session_and_no_working_password(
     database_url: str,
 ) -> None:
@@ -210,6 +215,7 @@ async def test_a_decommission_racing_logins_leaves_no_live_session_and_no_workin
         assert found.status is DeviceStatus.DECOMMISSIONED  # no presence write undid it
 
 
+@pytest.mark.slow
 async def test_a_reissue_racing_logins_leaves_only_the_new_password_working(database_url: str) -> None:
     mac = "02:00:00:00:0c:02"
     async with provisioning_broker(database_url, reprovision="reissue", reissue_cooldown=0) as server:

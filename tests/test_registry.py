@@ -101,6 +101,7 @@ async def test_get_unknown_id(registry: DeviceRegistry) -> None:
         await registry.get(uuid.uuid4())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("notation", MAC_NOTATIONS)
 async def test_resolve_by_mac_in_any_notation(registry: DeviceRegistry, notation: str) -> None:
     info = await registry.create_device(MAC)
@@ -117,6 +118,7 @@ async def test_resolve_by_id_and_username(registry: DeviceRegistry) -> None:
     assert await registry.resolve(f"  {info.mqtt_username}\n") == info
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text",
     [str(uuid.UUID(int=1)), "aa:bb:cc:dd:ee:ff", "device_ffffffffffff"],
@@ -149,6 +151,7 @@ async def test_duplicate_mac_in_other_notation(registry: DeviceRegistry) -> None
     assert page.devices == [first]
 
 
+@pytest.mark.slow
 async def test_concurrent_creates_of_one_mac_give_one_row(registry: DeviceRegistry) -> None:
     notations = MAC_NOTATIONS * 5
     results = await asyncio.gather(
@@ -199,6 +202,7 @@ async def test_list_devices_filters_by_status(registry: DeviceRegistry) -> None:
     assert empty.devices == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("limit", "offset", "message"),
     [(0, 0, "limit"), (1001, 0, "limit"), (-5, 0, "limit"), (10, -1, "offset")],
@@ -315,6 +319,7 @@ async def test_foldable_events_with_other_detail_are_separate(registry: DeviceRe
     ]
 
 
+@pytest.mark.slow
 async def test_concurrent_foldable_events_lose_no_count(registry: DeviceRegistry) -> None:
     made = await registry.create_device(MAC)
 
@@ -449,6 +454,7 @@ async def two_processes(sqlite_url: str) -> AsyncIterator[tuple[DeviceRegistry, 
         await cli.close()
 
 
+@pytest.mark.slow
 async def test_sqlite_writers_on_two_engines_do_not_lock_out(
     two_processes: tuple[DeviceRegistry, DeviceRegistry],
 ) -> None:

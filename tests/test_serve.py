@@ -305,6 +305,7 @@ async def serving(config: Path, cwd: Path) -> AsyncIterator[ServeProcess]:
             await process.communicate()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 async def test_serve_runs_every_listener_until_signalled(
     tmp_path: Path, sqlite_url: str, tls_files: tuple[Path, Path], sig: signal.Signals
@@ -336,6 +337,7 @@ async def test_serve_runs_every_listener_until_signalled(
     assert not any("Traceback" in line for line in served.lines), "\n".join(served.lines)
 
 
+@pytest.mark.slow
 def test_serve_port_in_use_exits_with_one_line(tmp_path: Path, sqlite_url: str) -> None:
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
@@ -354,6 +356,7 @@ def test_serve_port_in_use_exits_with_one_line(tmp_path: Path, sqlite_url: str) 
     assert done.stderr.splitlines()[-1] == errors[0]
 
 
+@pytest.mark.slow
 async def test_cli_writes_while_serve_runs_on_the_same_sqlite_file(tmp_path: Path, sqlite_url: str) -> None:
     config = write_config(
         tmp_path / "mqttprov.toml",

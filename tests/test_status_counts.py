@@ -100,6 +100,7 @@ async def table_exists(engine: AsyncEngine, name: str) -> bool:
 # -- migrations -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_migration_seeds_drops_and_seeds_again(engine: AsyncEngine) -> None:
     await downgrade(engine, "0004")
     assert not await table_exists(engine, "device_status_counts")
@@ -220,6 +221,7 @@ class _Writers:
             await compact(conn)
 
 
+@pytest.mark.slow
 def test_counts_stay_exact_whatever_writes_and_compactions_come(database_url: str) -> None:
     asyncio.run(_migrate(database_url))
 
@@ -387,6 +389,7 @@ async def test_a_compactor_skips_rows_another_holds_and_both_stay_exact(
     assert counts.rows == 3  # 50 online from the first, 30 online and 5 pending from the second
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 async def test_concurrent_compactors_and_writers_stay_exact(pg_engines: list[AsyncEngine]) -> None:
     first, second, writer = pg_engines

@@ -78,6 +78,7 @@ async def stored_verifiers(server: BrokerServer) -> int:
 # -- restarts ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_after_a_restart_known_credentials_are_checked_by_their_verifier_not_bcrypt(
     database_url: str,
 ) -> None:
@@ -193,6 +194,7 @@ async def test_a_postgres_registry_without_a_configured_key_uses_no_verifiers(
 # -- revocation -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_every_credential_change_deletes_its_verifier_in_the_same_transaction(
     database_url: str,
 ) -> None:
@@ -231,6 +233,7 @@ async def test_a_verifier_left_from_an_earlier_credential_never_accepts(sqlite_u
         assert counts(second) == (2, 0)
 
 
+@pytest.mark.slow
 async def test_a_decommission_while_the_broker_is_down_holds_after_the_restart(database_url: str) -> None:
     config = settings(database_url, verifier_key=KEY)
     async with running(config) as first:
