@@ -26,14 +26,18 @@ from tests.bench.figures import (
     enrol_burst,
     event_loop,
     flood,
+    many_subscribers,
     mosquitto_storm,
     rabbitmq_storm,
     restart_storm,
+    subscribe_storm,
 )
 from tests.bench.figures.common import (
     StormSummary,
     describe_logins,
     free_port,
+    held_connections,
+    held_on_each,
     mean_retries,
     mqttprov_settings,
     sqlite_url,
@@ -47,10 +51,19 @@ from tests.bench.figures.external import (
     login_latency_rows,
     storm_rows,
 )
-from tests.bench.fleet import mac_for, make_fleet
-from tests.bench.load import Login, ProvisionResult, StormResult
+from tests.bench.fleet import create_registry, mac_for, make_fleet
+from tests.bench.load import IdleTask, Login, ProvisionResult, StormResult
 from tests.bench.logins import FloodResult, RetryLoginResult, flood_login
-from tests.bench.mqtt import PUBLISH, PacketReader, connect_packet, publish_packet, remaining_length
+from tests.bench.mqtt import (
+    PUBLISH,
+    SUBSCRIBE,
+    PacketReader,
+    connect_packet,
+    publish_packet,
+    remaining_length,
+    subscribe_filters_packet,
+    subscribe_packet,
+)
 from tests.bench.results import (
     HEADERS,
     TIMES,
@@ -508,12 +521,24 @@ TINY = replace(
     enrol_devices=3,
     enrol_cost=5,
     enrol_rounds=1,
+    many_subscribers=5,
+    many_subscribers_messages=20,
+    storm_retained=20,
+    storm_subscribes=2,
+    subscription_rounds=1,
 )
 
 
 def test_the_new_figures_run_before_the_external_brokers() -> None:
     names = cli.FIGURE_NAMES
-    assert names[names.index("login-timing") + 1 : -2] == ("restart-storm", "flood", "enrol-burst", "uvloop")
+    assert names[names.index("login-timing") + 1 : -2] == (
+        "restart-storm",
+        "flood",
+        "enrol-burst",
+        "uvloop",
+        "many-subscribers",
+        "subscribe-storm",
+    )
 
 
 def test_the_flood_alternates_invented_and_real_usernames_with_fresh_passwords() -> None:
@@ -604,3 +629,111 @@ def test_the_new_figures_run_at_tiny_sizes(module: ModuleType, tmp_path: Path) -
     assert first.reference is not None
     assert first.reference > 0
     assert logged
+
+
+# -- many subscribers, subscribe storm ----------------------------------------------------------
+
+
+def test_a_retained_publish_and_a_subscribe_with_many_filters_are_well_formed() -> None:
+    assert publish_packet("a/b", b"x")[0] == 0x30
+    assert publish_packet("a/b", b"x", retain=True)[0] == 0x31
+    assert publish_packet("a/b", b"x", qos=1, packet_id=9, retain=True)[0] == 0x33
+    (packet,) = PacketReader().feed(subscribe_filters_packet(("a/#", "b/+/c"), qos=1, packet_id=7))
+    assert (packet.kind, packet.flags) == (SUBSCRIBE, 0x02)
+    assert packet.body == b"\x00\x07" + b"\x00\x03a/#\x01" + b"\x00\x05b/+/c\x01"
+    assert subscribe_packet("a/#", qos=1, packet_id=7) == subscribe_filters_packet(
+        ("a/#",), qos=1, packet_id=7
+    )
+
+
+def test_the_storm_filters_are_distinct_valid_and_half_wildcards() -> None:
+    namespace = "devices/0a1b/"
+    filters = subscribe_storm.storm_filters(namespace, 32)
+    assert len(set(filters)) == 32
+    assert all(f.startswith(namespace) for f in filters)
+    assert sum("+" in f or "#" in f for f in filters) == 16
+    for topic_filter in filters:
+        levels = topic_filter.split("/")
+        # Wildcards are whole levels, '#' only last, as a broker checks before it takes them.
+        assert all(level in ("+", "#") or not {"+", "#"} & set(level) for level in levels)
+        assert "#" not in levels[:-1]
+    assert subscribe_storm.storm_filters(namespace, 3) == (
+        namespace + "#",
+        namespace + "sensor/0/value",
+        namespace + "sensor/1/value",
+    )
+
+
+def test_idle_connections_take_one_filter_per_login_or_none() -> None:
+    logins = (Login("a", "a", "p"), Login("b", "b", "p"))
+    assert IdleTask(1, logins, 1, 1.0, topic_filters=("a/#", "b/#")).topic_filters == ("a/#", "b/#")
+    with pytest.raises(ValueError, match="one filter per login"):
+        IdleTask(1, logins, 1, 1.0, topic_filters=("a/#",))
+
+
+def test_held_connections_subscribe_and_a_refused_filter_is_no_held_connection(tmp_path: Path) -> None:
+    fleet = make_fleet(2, cost=4)
+    url = sqlite_url(tmp_path / "held.db")
+    create_registry(url, fleet)
+    own = fleet.devices[0]
+    # The second device asks for the first one's namespace: the ACL refuses it (SUBACK 0x80).
+    filters = [own.namespace + "#", own.namespace + "#"]
+    port = free_port()
+    with (
+        ServedBroker("mqttprov", port, tmp_path, settings=mqttprov_settings(url, port, cost=4)),
+        held_connections(
+            port, fleet.logins(), concurrency=2, time_limit=30.0, name="held", topic_filters=filters
+        ) as held,
+    ):
+        assert held.connected == 1
+        assert held.errors == {"MqttError": 1}
+        assert held.refused == {}
+
+
+def test_held_connections_try_again_after_connack_3_until_the_time_limit(tmp_path: Path) -> None:
+    fleet = make_fleet(2, cost=4)
+    url = sqlite_url(tmp_path / "retry.db")
+    create_registry(url, fleet)
+    port = free_port()
+    # One connection per address: the second device is told CONNACK 3 for as long as the first is in.
+    settings = mqttprov_settings(url, port, cost=4, broker={"max_connections_per_address": 1})
+    with (
+        ServedBroker("mqttprov", port, tmp_path, settings=settings),
+        held_on_each(
+            [port], fleet.logins(), concurrency=2, time_limit=2.0, name="retry", retry_delay=0.2
+        ) as (held,),
+    ):
+        assert held.connected == 1
+        assert held.retries >= 2
+        assert held.refused == {}
+        assert held.errors == {}
+
+
+def test_many_subscribers_runs_at_tiny_sizes_with_its_baseline(tmp_path: Path) -> None:
+    logged: list[str] = []
+    result = many_subscribers.run(Context(TINY, quick=False, workdir=tmp_path, log=logged.append))
+    assert result.error is None
+    crowded, cpu, alone = result.rows
+    assert crowded.goal == Goal("ratio_at_least", 0.7)
+    for row in (crowded, cpu, alone):
+        assert row.ours is not None
+        assert row.reference is not None
+        assert row.reference > 0
+    assert sum("5 devices connected and subscribed" in line for line in logged) == 2
+    assert not [note for note in result.notes if "not delivered" in note or "only" in note]
+
+
+def test_subscribe_storm_runs_at_tiny_sizes_and_no_filter_is_refused(tmp_path: Path) -> None:
+    logged: list[str] = []
+    result = subscribe_storm.run(Context(TINY, quick=True, workdir=tmp_path, log=logged.append))
+    assert result.error is None
+    worst, _p99, _quiet, rate = result.rows
+    assert worst.goal == Goal("at_most", 1000.0, "ms")
+    assert rate.ours is not None
+    assert rate.reference is not None
+    assert rate.reference > 0
+    assert sum("20 retained messages stored" in line for line in logged) == 2
+    storms = [line for line in logged if "SUBSCRIBEs in" in line]
+    assert len(storms) == 2
+    granted = 2 * subscribe_storm.FILTERS
+    assert all(f"({granted} filters granted, 0 refused" in line for line in storms)

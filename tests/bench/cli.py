@@ -38,6 +38,8 @@ FIGURE_NAMES = (
     "flood",
     "enrol-burst",
     "uvloop",
+    "many-subscribers",
+    "subscribe-storm",
     "mosquitto-storm",
     "rabbitmq-storm",
 )

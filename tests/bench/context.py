@@ -65,6 +65,18 @@ class Sizes:
     enrol_devices: int = 100
     enrol_cost: int = 12
     enrol_rounds: int = 2
+    #: Many subscribers: devices connected and subscribed to their namespaces while the throughput
+    #: figure's publishers run, and the messages each publisher sends per round (amqtt matches
+    #: every publish against every filter: at 10,000 filters it delivers some tens a second).
+    many_subscribers: int = 10_000
+    many_subscribers_messages: int = 1_000
+    #: A round ends this many seconds after it began even when not every message came through.
+    many_subscribers_seconds: float = 20.0
+    #: Subscribe storm: retained messages stored, and maximal SUBSCRIBEs sent back to back.
+    storm_retained: int = 10_000
+    storm_subscribes: int = 20
+    #: Rounds per side of those two figures (each holds a broker full of subscribers or retained).
+    subscription_rounds: int = 2
 
     def as_json(self) -> dict[str, float]:
         """The sizes as plain data."""
@@ -99,6 +111,12 @@ QUICK = Sizes(
     enrol_devices=20,
     enrol_cost=8,
     enrol_rounds=1,
+    many_subscribers=200,
+    many_subscribers_messages=100,
+    many_subscribers_seconds=5.0,
+    storm_retained=1_000,
+    storm_subscribes=5,
+    subscription_rounds=1,
 )
 
 FULL = Sizes(

@@ -16,16 +16,26 @@ import struct
 import time
 import traceback
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as Pipe
 from typing import TYPE_CHECKING, Any
 
-from tests.bench.mqtt import PUBACK, PUBLISH, SUBACK, Connection, MqttError, puback_packet, publish_packet
+from tests.bench.mqtt import (
+    PUBACK,
+    PUBLISH,
+    SERVER_UNAVAILABLE,
+    SUBACK,
+    Connection,
+    MqttError,
+    puback_packet,
+    publish_packet,
+)
 
 if TYPE_CHECKING:
     from tests.bench.logins import LoginTask
+    from tests.bench.subscriptions import SubscriptionTask
 
 HOST = "127.0.0.1"
 #: A payload carrying the publisher's send time, padded to a typical telemetry size.
@@ -77,6 +87,16 @@ class IdleTask:
     concurrency: int
     time_limit: float
     keep_alive: int = 600
+    #: Empty, or one filter per login: each connection subscribes to its own once accepted, as a
+    #: device does to its namespace (a refused subscription counts as an ``MqttError``).
+    topic_filters: tuple[str, ...] = ()
+    #: Seconds to wait before trying a login told CONNACK 3 (server unavailable) again, as device
+    #: firmware does; None: counted as refused.
+    retry_delay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.topic_filters and len(self.topic_filters) != len(self.logins):
+            raise ValueError("topic_filters needs one filter per login (or none)")
 
 
 @dataclass
@@ -87,6 +107,8 @@ class IdleResult:
     refused: dict[int, int]
     errors: dict[str, int]
     seconds: float
+    #: CONNACK 3 answers that were tried again (with ``retry_delay``).
+    retries: int = 0
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,10 @@ class PubSubTask:
     messages: int
     time_limit: float
     batch: int = 20
+    #: Messages a publisher may have sent that its subscriber has not received yet (0: no bound).
+    #: Bounded, a broker that falls behind is not left with a backlog to work through after the
+    #: round (on a machine whose cores the next round shares).
+    window: int = 0
 
 
 @dataclass
@@ -191,7 +217,7 @@ class Control:
         return command
 
 
-def child_main(task: Task | LoginTask, pipe: Pipe) -> None:
+def child_main(task: Task | LoginTask | SubscriptionTask, pipe: Pipe) -> None:
     """Entry point of a load process: ready, wait for ``go``, run, send the result."""
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -207,7 +233,7 @@ def child_main(task: Task | LoginTask, pipe: Pipe) -> None:
 _Runner = Callable[[Any, Control], Awaitable[Any]]
 
 
-async def _drive(task: Task | LoginTask, control: Control) -> None:
+async def _drive(task: Task | LoginTask | SubscriptionTask, control: Control) -> None:
     runners: dict[type, _Runner] = {
         StormTask: _storm,
         IdleTask: _idle,
@@ -216,9 +242,13 @@ async def _drive(task: Task | LoginTask, control: Control) -> None:
         ProvisionTask: _provision,
     }
     # Imported here: those load generators build on this module's pieces.
-    from tests.bench import logins  # noqa: PLC0415
+    from tests.bench import logins, subscriptions  # noqa: PLC0415
 
     runners |= {logins.RetryLoginTask: logins.retry_logins, logins.FloodTask: logins.flood}
+    runners |= {
+        subscriptions.RetainTask: subscriptions.retain,
+        subscriptions.SubscribeStormTask: subscriptions.subscribe_storm,
+    }
     result = await runners[type(task)](task, control)
     control.send("result", result)
 
@@ -288,31 +318,42 @@ async def _idle(task: IdleTask, control: Control) -> IdleResult:
     held: list[Connection] = []
     refused: Counter[int] = Counter()
     errors: Counter[str] = Counter()
-    next_index = 0
+    pending = deque(range(len(task.logins)))
+    retries = 0
 
     async def opener() -> None:
-        nonlocal next_index
-        while next_index < len(task.logins) and time.monotonic() < deadline:
-            login = task.logins[next_index]
-            next_index += 1
+        nonlocal retries
+        while pending and time.monotonic() < deadline:
+            index = pending.popleft()
+            login = task.logins[index]
+            conn: Connection | None = None
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0.1)):
                     conn = await Connection.open(HOST, task.port)
                     code = await conn.login(
                         login.client_id, login.username, login.password, keep_alive=task.keep_alive
                     )
+                    if code == 0 and task.topic_filters:
+                        await conn.subscribe(task.topic_filters[index])
             except (OSError, TimeoutError, MqttError) as exc:
                 errors[type(exc).__name__] += 1
+                if conn is not None:
+                    conn.close()
                 continue
             if code == 0:
                 held.append(conn)
+                continue
+            conn.close()
+            if code == SERVER_UNAVAILABLE and task.retry_delay is not None:
+                retries += 1
+                await asyncio.sleep(task.retry_delay)
+                pending.append(index)
             else:
                 refused[code] += 1
-                conn.close()
 
     try:
         await asyncio.gather(*(opener() for _ in range(task.concurrency)))
-        result = IdleResult(len(held), dict(refused), dict(errors), time.monotonic() - started)
+        result = IdleResult(len(held), dict(refused), dict(errors), time.monotonic() - started, retries)
         control.send("holding", result)
         await control.command(task.time_limit)  # "release", or give up after the time limit
     finally:
@@ -413,11 +454,11 @@ async def _pubsub(task: PubSubTask, control: Control) -> PubSubResult:
         for pair in task.pairs:
             sub = await Connection.open(HOST, task.port)
             subscribers.append(sub)
-            await _login_or_fail(sub, pair.subscriber)
+            await login_or_fail(sub, pair.subscriber)
             await sub.subscribe(pair.topic_filter)
             pub = await Connection.open(HOST, task.port)
             publishers.append(pub)
-            await _login_or_fail(pub, pair.publisher)
+            await login_or_fail(pub, pair.publisher)
         await wait_for_go(control)
         return await _pubsub_run(task, publishers, subscribers)
     finally:
@@ -425,7 +466,8 @@ async def _pubsub(task: PubSubTask, control: Control) -> PubSubResult:
             conn.close()
 
 
-async def _login_or_fail(conn: Connection, login: Login) -> None:
+async def login_or_fail(conn: Connection, login: Login) -> None:
+    """Log in on ``conn``; :class:`MqttError` when refused."""
     code = await conn.login(login.client_id, login.username, login.password)
     if code != 0:
         raise MqttError(f"login {login.client_id!r} refused with CONNACK {code}")
@@ -438,6 +480,9 @@ async def _pubsub_run(
     deadline = started + task.time_limit
     received = [0] * len(subscribers)
     sent = [0] * len(publishers)
+    #: What each receiver waits for: every message, until publishing ends; then what was sent.
+    expected = [task.messages] * len(subscribers)
+    progress = [asyncio.Event() for _ in subscribers]
     last_received = started
 
     async def publish(index: int) -> None:
@@ -445,21 +490,35 @@ async def _pubsub_run(
         packet = publish_packet(topic, _PAD)
         while sent[index] < task.messages and time.monotonic() < deadline:
             count = min(task.batch, task.messages - sent[index])
+            if task.window:
+                room = task.window - (sent[index] - received[index])
+                if room <= 0:
+                    progress[index].clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(progress[index].wait(), max(deadline - time.monotonic(), 0.0))
+                    continue
+                count = min(count, room)
             await conn.send(packet * count)
             sent[index] += count
 
     async def receive(index: int) -> None:
         nonlocal last_received
         conn = subscribers[index]
-        while received[index] < task.messages:
+        while received[index] < expected[index]:
             for packet in await conn.packets():
                 if packet.kind == PUBLISH:
                     received[index] += 1
             last_received = time.monotonic()
+            progress[index].set()
 
     receivers = [asyncio.create_task(receive(i), name=f"receive-{i}") for i in range(len(subscribers))]
     try:
         await asyncio.gather(*(publish(i) for i in range(len(publishers))))
+        # Publishing stopped at the time limit: wait for what was sent, not for all that was asked.
+        for index, receiver in enumerate(receivers):
+            expected[index] = sent[index]
+            if received[index] >= sent[index]:
+                receiver.cancel()
         await asyncio.wait(receivers, timeout=max(deadline - time.monotonic(), 0.0) + 5.0)
     finally:
         for receiver in receivers:

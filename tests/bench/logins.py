@@ -14,9 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from tests.bench.load import Control, Login, connect_once, wait_for_go
-from tests.bench.mqtt import MqttError
-
-SERVER_UNAVAILABLE = 3
+from tests.bench.mqtt import SERVER_UNAVAILABLE, MqttError
 
 
 @dataclass(frozen=True)

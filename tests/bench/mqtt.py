@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 CONNECT = 1
@@ -21,6 +21,8 @@ SUBSCRIBE = 8
 SUBACK = 9
 DISCONNECT_PACKET = bytes([0xE0, 0x00])
 SUBACK_FAILURE = 0x80
+#: CONNACK 3: try again later (what device firmware does).
+SERVER_UNAVAILABLE = 3
 
 
 class MqttError(Exception):
@@ -58,15 +60,22 @@ def connect_packet(
     return bytes([CONNECT << 4]) + remaining_length(len(body)) + body
 
 
-def publish_packet(topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 1) -> bytes:
-    """A PUBLISH (QoS 0 or 1, never retained)."""
+def publish_packet(
+    topic: str, payload: bytes, *, qos: int = 0, packet_id: int = 1, retain: bool = False
+) -> bytes:
+    """A PUBLISH (QoS 0 or 1), retained when ``retain``."""
     body = _text(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
-    return bytes([(PUBLISH << 4) | (qos << 1)]) + remaining_length(len(body)) + body
+    return bytes([(PUBLISH << 4) | (qos << 1) | int(retain)]) + remaining_length(len(body)) + body
 
 
 def subscribe_packet(topic_filter: str, *, qos: int = 0, packet_id: int = 1) -> bytes:
     """A SUBSCRIBE to one filter."""
-    body = struct.pack("!H", packet_id) + _text(topic_filter) + bytes([qos])
+    return subscribe_filters_packet((topic_filter,), qos=qos, packet_id=packet_id)
+
+
+def subscribe_filters_packet(topic_filters: Sequence[str], *, qos: int = 0, packet_id: int = 1) -> bytes:
+    """One SUBSCRIBE carrying every filter of ``topic_filters``, each at ``qos``."""
+    body = struct.pack("!H", packet_id) + b"".join(_text(f) + bytes([qos]) for f in topic_filters)
     return bytes([(SUBSCRIBE << 4) | 0x02]) + remaining_length(len(body)) + body
 
 

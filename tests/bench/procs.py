@@ -14,6 +14,7 @@ from typing import Any
 
 from tests.bench.load import Task, child_main
 from tests.bench.logins import LoginTask
+from tests.bench.subscriptions import SubscriptionTask
 
 SPAWN = multiprocessing.get_context("spawn")
 
@@ -84,11 +85,13 @@ class Child:
 class LoadProcess(Child):
     """One load generator running one :mod:`tests.bench.load` task."""
 
-    def __init__(self, task: Task | LoginTask, name: str) -> None:
+    def __init__(self, task: Task | LoginTask | SubscriptionTask, name: str) -> None:
         super().__init__(child_main, (task,), name)
 
 
-def run_load(tasks: Sequence[Task | LoginTask], timeout: float, label: str = "load") -> list[Any]:
+def run_load(
+    tasks: Sequence[Task | LoginTask | SubscriptionTask], timeout: float, label: str = "load"
+) -> list[Any]:
     """Start one process per task, wait until all are ready, start them together, collect results."""
     children: list[LoadProcess] = []
     try:

@@ -26,12 +26,14 @@ def all_figures() -> list[Figure]:
         event_loop,
         flood,
         login_timing,
+        many_subscribers,
         memory,
         mosquitto_storm,
         provisioning_rate,
         rabbitmq_storm,
         registry,
         restart_storm,
+        subscribe_storm,
         throughput,
         warm_storm,
     )
@@ -48,6 +50,8 @@ def all_figures() -> list[Figure]:
         flood,
         enrol_burst,
         event_loop,
+        many_subscribers,
+        subscribe_storm,
         mosquitto_storm,
         rabbitmq_storm,
     ]

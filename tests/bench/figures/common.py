@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from tests.bench.load import IdleResult, IdleTask, Login, StormResult, StormTask
 from tests.bench.logins import RetryLoginResult, RetryLoginTask
 from tests.bench.procs import LoadProcess, run_load
 from tests.bench.results import percentile
+from tests.bench.served import ServedBroker
 
 FLEET_SECRET = "bench-fleet-secret"
 
@@ -148,16 +149,79 @@ def mean_retries(result: RetryLoginResult) -> float:
 
 @contextmanager
 def held_connections(
-    port: int, logins: Sequence[Login], *, concurrency: int, time_limit: float, name: str
+    port: int,
+    logins: Sequence[Login],
+    *,
+    concurrency: int,
+    time_limit: float,
+    name: str,
+    topic_filters: Sequence[str] = (),
 ) -> Iterator[IdleResult]:
-    """Every login connected and kept open by one load process while the block runs."""
-    holder = LoadProcess(IdleTask(port, tuple(logins), concurrency, time_limit), name)
-    try:
-        holder.expect("ready", 60.0)
-        holder.send("go")
-        held: IdleResult = holder.expect("holding", time_limit + 30.0)
+    """Every login connected (and subscribed to its filter, if any) by one load process during the block."""
+    with held_on_each(
+        [port], logins, concurrency=concurrency, time_limit=time_limit, name=name, topic_filters=topic_filters
+    ) as (held,):
         yield held
-        holder.send("release")
-        holder.expect("result", 60.0)
+
+
+@contextmanager
+def held_on_each(
+    ports: Sequence[int],
+    logins: Sequence[Login],
+    *,
+    concurrency: int,
+    time_limit: float,
+    name: str,
+    topic_filters: Sequence[str] = (),
+    retry_delay: float | None = None,
+) -> Iterator[list[IdleResult]]:
+    """:func:`held_connections` on every broker of ``ports`` at once, a load process each.
+
+    ``retry_delay``: a login told CONNACK 3 is tried again after it, as device firmware does.
+    """
+    holders: list[LoadProcess] = []
+    try:
+        for port in ports:
+            task = IdleTask(
+                port,
+                tuple(logins),
+                concurrency,
+                time_limit,
+                topic_filters=tuple(topic_filters),
+                retry_delay=retry_delay,
+            )
+            holders.append(LoadProcess(task, f"{name}-{port}"))
+        for holder in holders:
+            holder.expect("ready", 60.0)
+        for holder in holders:
+            holder.send("go")
+        yield [holder.expect("holding", time_limit + 30.0) for holder in holders]
+        for holder in holders:
+            holder.send("release")
+        for holder in holders:
+            holder.expect("result", 60.0)
     finally:
-        holder.close()
+        for holder in holders:
+            holder.close()
+
+
+def served_side_by_side(
+    stack: ExitStack, directory: Path, settings: Callable[[int], dict[str, Any]]
+) -> dict[str, ServedBroker]:
+    """``ours`` (``mqttprov serve``, ``settings`` for its port) and ``amqtt`` (amqtt's script, anonymous).
+
+    Both started as their users start them, on free ports, and stopped when ``stack`` closes.
+    """
+    port = free_port()
+    return {
+        "ours": stack.enter_context(ServedBroker("mqttprov", port, directory, settings=settings(port))),
+        "amqtt": stack.enter_context(ServedBroker("amqtt-anonymous", free_port(), directory)),
+    }
+
+
+def served_processes(load: str) -> dict[str, str]:
+    """The processes of a figure run on :func:`served_side_by_side`'s brokers with ``load``."""
+    return {
+        "mqttprov": f"broker: `mqttprov serve --config FILE`; {load}",
+        "amqtt (anonymous)": f"broker: amqtt's `amqtt -c FILE`; {load}",
+    }
