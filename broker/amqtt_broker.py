@@ -449,6 +449,20 @@ class MqttprovBroker(Broker):
         for server in self._servers.values():
             await server.close_instance()
 
+    def bound_port(self, listener_name: str) -> int:
+        """The port a started listener bound: the one asked for, or the OS's choice for port 0.
+
+        amqtt 0.12.1 keeps each listener's ``asyncio.Server`` (or websockets server) as
+        ``Server.instance``. A host name that resolves to several addresses gets a socket each,
+        each with its own port when asked for 0: the first is the one reported.
+        """
+        server = self._servers.get(listener_name)
+        sockets = getattr(getattr(server, "instance", None), "sockets", None)
+        if not sockets:
+            raise RuntimeError(f"amqtt listener {listener_name!r} has no bound socket")
+        port: int = sockets[0].getsockname()[1]
+        return port
+
     async def retain_message(
         self,
         source_session: Session | None,

@@ -27,7 +27,9 @@ class Listener:
     name: str
     scheme: str  # mqtt, mqtts or ws
     host: str
-    port: int
+    port: int  # 0: any free port, read back once bound
+    #: The ``[broker]`` key that sets the port.
+    setting: str
 
     @property
     def bind(self) -> str:
@@ -49,11 +51,11 @@ class Services:
 
 def listeners(settings: BrokerSettings) -> list[Listener]:
     """The listeners the settings ask for; the plain TCP one is always first."""
-    found = [Listener("default", "mqtt", settings.host, settings.port)]
+    found = [Listener("default", "mqtt", settings.host, settings.port, "port")]
     if settings.tls_port is not None:
-        found.append(Listener("tls", "mqtts", settings.host, settings.tls_port))
+        found.append(Listener("tls", "mqtts", settings.host, settings.tls_port, "tls_port"))
     if settings.ws_port is not None:
-        found.append(Listener("ws", "ws", settings.host, settings.ws_port))
+        found.append(Listener("ws", "ws", settings.host, settings.ws_port, "ws_port"))
     return found
 
 

@@ -85,7 +85,11 @@ class _Running:
 
 
 class AuthdServer:
-    """The running auth service; an async context manager, accepting requests on entry."""
+    """The running auth service; an async context manager, accepting requests on entry.
+
+    Asked for ``port = 0``, it listens on a free port the OS picks; :attr:`settings` and
+    :attr:`url` then hold that port.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -140,6 +144,10 @@ class AuthdServer:
             await runner.cleanup()
             await core.close()
             raise ServeError(f"authd cannot listen on {section.host}:{section.port}: {exc}") from exc
+        if section.port == 0:
+            # Asked for any free port: from now on settings (and url) hold the one bound.
+            section = section.model_copy(update={"port": runner.addresses[0][1]})
+            self.settings = self.settings.model_copy(update={"authd": section})
         # The follower rides out the database being away (at start too) by itself.
         with contextlib.suppress(RegistryUnavailableError):
             await revoker.begin()

@@ -45,7 +45,8 @@ class _Running:
 class BrokerServer:
     """The running service: registry (migrated on start), amqtt listeners and background tasks.
 
-    Use as an async context manager; on entry every listener accepts connections.
+    Use as an async context manager; on entry every listener accepts connections. A listener
+    asked for port 0 gets a free port from the OS; :attr:`settings` then holds the bound port.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -145,6 +146,7 @@ class BrokerServer:
             Supervised("mqttprov-credential-pool", running.services.provisioning.pool).start(),
         ]
         self._running = running
+        self._resolve_ports(broker, running.services)
         self.listeners = listeners(self.settings.broker)
         for listener in self.listeners:
             logger.info("listening for %s on %s", listener.scheme, listener.bind)
@@ -153,6 +155,24 @@ class BrokerServer:
             self.settings.broker.effective_advertised_host,
             self.settings.broker.effective_advertised_port,
         )
+
+    def _resolve_ports(self, broker: MqttprovBroker, services: Services) -> None:
+        """Replace every port 0 in :attr:`settings` by the port its listener bound.
+
+        From then on ``settings.broker.port`` (and ``tls_port``, ``ws_port``) is where the broker
+        listens, and devices are told that port unless ``advertised_port`` says otherwise.
+        """
+        section = self.settings.broker
+        bound = {
+            listener.setting: broker.bound_port(listener.name)
+            for listener in listeners(section)
+            if listener.port == 0
+        }
+        if not bound:
+            return
+        resolved = section.model_copy(update=bound)
+        self.settings = self.settings.model_copy(update={"broker": resolved})
+        services.provisioning.advertise(resolved)
 
     async def stop(self) -> None:
         """Close every connection and listener, write pending presence, dispose the engine.

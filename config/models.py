@@ -9,6 +9,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+#: A port to listen on: 0 asks the OS for any free port at start (the tests' way to avoid races);
+#: the running server then reports, and tells devices, the port it actually bound.
+ListenPort = Annotated[int, Field(ge=0, le=65535)]
 
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "*"})  # noqa: S104 - these are the values we detect
 
@@ -21,13 +24,13 @@ class BrokerSettings(_Section):
     """``[broker]``: listeners of the embedded broker and what devices are told to connect to."""
 
     host: str = "0.0.0.0"  # noqa: S104 - a broker listens on every interface unless told otherwise
-    port: Port = 1883
+    port: ListenPort = 1883
     advertised_host: str | None = None
     advertised_port: Port | None = None
-    tls_port: Port | None = None
+    tls_port: ListenPort | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
-    ws_port: Port | None = None
+    ws_port: ListenPort | None = None
     #: Seconds a new connection may take to send its CONNECT before it is closed.
     connect_timeout: Annotated[float, Field(gt=0, le=300)] = 10.0
     #: Connections at once, in all and from one source address (a gateway or a load test
@@ -75,7 +78,7 @@ class BrokerSettings(_Section):
 
     @property
     def effective_advertised_port(self) -> int:
-        """The port devices are told to connect to."""
+        """The port devices are told to connect to (with ``port = 0``, 0 until a broker has bound one)."""
         return self.advertised_port or self.port
 
 
@@ -237,7 +240,7 @@ class AuthdSettings(_Section):
     """``[authd]``: the HTTP auth service production brokers (RabbitMQ, EMQX, VerneMQ, Mosquitto) call."""
 
     host: str = "127.0.0.1"
-    port: Port = 8089
+    port: ListenPort = 8089
     #: Brokers present it as ``Authorization: Bearer SECRET`` or as the password of HTTP basic auth
     #: (``http://authd:SECRET@host:port/...``); unset, any caller that reaches the port is served.
     shared_secret: SecretStr | None = None

@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from config import Settings
+from config import BrokerSettings, Settings
 from provisioning.contract import (
     ClientIdentity,
     ErrorCode,
@@ -128,6 +128,10 @@ class ProvisioningService:
     def bind_sessions(self, sessions: SessionControl) -> None:
         """Late binding: the broker exists only after the plugins that use this service."""
         self._sessions = sessions
+
+    def advertise(self, broker: BrokerSettings) -> None:
+        """Late binding too: tell devices where the broker listens once a port-0 listener has bound."""
+        self._settings = self._settings.model_copy(update={"broker": broker})
 
     async def handle(self, identity: ClientIdentity, payload: bytes, address: str | None) -> Outcome:
         """Decide, commit, and return the reply for one request, within :attr:`deadline`

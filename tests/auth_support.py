@@ -30,7 +30,7 @@ T = TypeVar("T")
 
 
 def settings(database_url: str, *, broker: dict[str, Any] | None = None, **auth: Any) -> Settings:
-    """A private broker's settings (free port, bcrypt cost 4) with these ``[auth]`` keys on top."""
+    """A private broker's settings (port 0: any free one, bcrypt cost 4) with these ``[auth]`` keys on top."""
     base = broker_settings(database_url, **(broker or {}))
     return Settings.model_validate(base.model_dump() | {"auth": base.auth.model_dump() | auth})
 

@@ -1,4 +1,4 @@
-"""An authd on a free loopback port and an HTTP client that speaks to it like the brokers do."""
+"""An authd on a loopback port and an HTTP client that speaks to it like the brokers do."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from broker.authd import AuthdServer
 from config import Settings
 from provisioning.registry import create_engine
 from provisioning.registry.migrate import upgrade
-from tests.helpers import broker_settings, free_port, mqttprov_executable
+from tests.helpers import broker_settings, mqttprov_executable
 
 SECRET = "authd-shared-secret-0003"
 #: How soon a credential change must be honoured by every authd (the acceptance criterion).
@@ -27,9 +27,12 @@ REVOCATION_DEADLINE = 2.0
 
 
 def authd_settings(database_url: str, **authd: Any) -> Settings:
-    """Settings for a private authd (free port, the shared secret, bcrypt cost 4) with these keys."""
+    """Settings for a private authd (the shared secret, bcrypt cost 4) with these keys.
+
+    Port 0: the running server's ``settings.authd.port`` and ``url`` hold the port it bound.
+    """
     base = broker_settings(database_url)
-    section = {"host": "127.0.0.1", "port": free_port(), "shared_secret": SECRET} | authd
+    section = {"host": "127.0.0.1", "port": 0, "shared_secret": SECRET} | authd
     data = base.model_dump() | {"authd": section}
     data["auth"] |= {"max_refusal_delay": 0.01}
     return Settings.model_validate(data)

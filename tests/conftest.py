@@ -136,6 +136,7 @@ async def registry(database_url: str) -> AsyncIterator[DeviceRegistry]:
 
 @pytest.fixture
 async def broker(sqlite_url: str) -> AsyncIterator[BrokerServer]:
-    """An in-process broker on a free loopback port, accepting connections when yielded."""
+    """An in-process broker on a loopback port the OS picks (``settings.broker.port`` once started),
+    accepting connections when yielded."""
     async with BrokerServer(broker_settings(sqlite_url)) as server:
         yield server

@@ -28,7 +28,12 @@ from tests.bench.mqtt import remaining_length
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now (never 1883)."""
+    """A TCP port on 127.0.0.1 that nothing listens on right now (never 1883).
+
+    Racy (another process may take it before it is used): only for a port that must be known
+    before a separate process starts (``mqttprov serve``, private Mosquitto or RabbitMQ nodes), or
+    where nothing is meant to listen. An in-process server binds port 0 and reports the port.
+    """
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.bind(("127.0.0.1", 0))
@@ -38,8 +43,12 @@ def free_port() -> int:
 
 
 def broker_settings(database_url: str, **broker: Any) -> Settings:
-    """Settings for a private broker on loopback with a free port and cheap bcrypt."""
-    section: dict[str, Any] = {"host": "127.0.0.1", "port": free_port()} | broker
+    """Settings for a private broker on loopback and cheap bcrypt.
+
+    Port 0: the OS picks a free port when the broker starts; read it from the running server's
+    ``settings.broker.port``.
+    """
+    section: dict[str, Any] = {"host": "127.0.0.1", "port": 0} | broker
     return Settings.model_validate(
         {"broker": section, "database": {"url": database_url}, "auth": {"bcrypt_cost": 4}}
     )
@@ -189,7 +198,7 @@ def tls_connack_code(
 
 
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free ports (one listener each)."""
+    """``count`` distinct free ports (one listener each), for separate processes (see :func:`free_port`)."""
     ports: list[int] = []
     while len(ports) < count:
         port = free_port()

@@ -57,7 +57,7 @@ def provisioning_settings(
     acl: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> Settings:
-    """Settings for a private test broker (cheap bcrypt, free port) with these ``[provisioning]`` keys."""
+    """Settings for a private test broker (cheap bcrypt, port 0) with these ``[provisioning]`` keys."""
     base = broker_settings(database_url, **(broker or {}))
     return Settings.model_validate(base.model_dump() | {"provisioning": options, "acl": dict(acl or {})})
 

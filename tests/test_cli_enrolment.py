@@ -407,6 +407,12 @@ def test_provision_device_usage_and_connection_errors(tmp_path: Path) -> None:
     assert not (tmp_path / "c.json").exists()
 
 
+def test_provision_device_needs_a_port_when_the_broker_picks_its_own(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "mqttprov.toml", {"broker": {"host": "127.0.0.1", "port": 0}})
+    args = ("provision-device", "--mac", "aa:bb:cc:dd:ee:08", "--secret", "s", "--config", str(config))
+    one_error_line(invoke(*args), 2, "error: broker.port is 0 (a free port, picked when the broker starts)")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("script") is None, reason="needs util-linux script(1) for a terminal")
 def test_provision_device_refuses_to_print_a_password_to_a_terminal(tmp_path: Path) -> None:

@@ -154,7 +154,11 @@ def test_loaded_settings_are_frozen() -> None:
     ("toml", "message"),
     [
         ('[broker]\nport = "abc"\n', "config error: broker.port: 'abc' is not an integer"),
-        ("[broker]\nport = 0\n", "config error: broker.port: 0 is too small (allowed: >= 1)"),
+        ("[broker]\nport = -1\n", "config error: broker.port: -1 is too small (allowed: >= 0)"),
+        (
+            "[broker]\nadvertised_port = 0\n",
+            "config error: broker.advertised_port: 0 is too small (allowed: >= 1)",
+        ),
         ("[broker]\nport = 65536\n", "config error: broker.port: 65536 is too large (allowed: <= 65535)"),
         ("[auth]\nbcrypt_cost = 99\n", "config error: auth.bcrypt_cost: 99 is too large (allowed: <= 15)"),
         ("[auth]\nbcrypt_cost = 3\n", "config error: auth.bcrypt_cost: 3 is too small (allowed: >= 4)"),
@@ -173,7 +177,8 @@ def test_loaded_settings_are_frozen() -> None:
     ],
     ids=[
         "port-not-int",
-        "port-zero",
+        "port-negative",
+        "advertised-port-zero",
         "port-too-large",
         "cost-too-large",
         "cost-too-small",

@@ -70,9 +70,8 @@ async def test_server_refuses_an_anonymous_connect_with_connack_5(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="broker.server")
-    settings = broker_settings(sqlite_url)
-    host, port = settings.broker.host, settings.broker.port
-    async with BrokerServer(settings) as server:
+    async with BrokerServer(broker_settings(sqlite_url)) as server:
+        host, port = server.settings.broker.host, server.settings.broker.port
         assert await asyncio.to_thread(connack_code, host, port, "stranger") == NOT_AUTHORIZED
     messages = [
         r.getMessage() for r in caplog.records if r.name == "broker.server" and r.levelno == logging.INFO
@@ -98,22 +97,22 @@ async def test_server_migrates_the_database_on_start(database_url: str) -> None:
 
 async def test_server_tls_listener(sqlite_url: str, tls_files: tuple[Path, Path]) -> None:
     cert, key = tls_files
-    tls_port = free_port()
-    settings = broker_settings(sqlite_url, tls_port=tls_port, tls_cert=cert, tls_key=key)
+    settings = broker_settings(sqlite_url, tls_port=0, tls_cert=cert, tls_key=key)
     async with BrokerServer(settings) as server:
-        assert [(lst.scheme, lst.port) for lst in server.listeners] == [
-            ("mqtt", settings.broker.port),
-            ("mqtts", tls_port),
-        ]
+        port, tls_port = server.settings.broker.port, server.settings.broker.tls_port
+        assert tls_port is not None
+        assert [(lst.scheme, lst.port) for lst in server.listeners] == [("mqtt", port), ("mqtts", tls_port)]
         code = await asyncio.to_thread(tls_connack_code, "127.0.0.1", tls_port, cert)
         assert code == NOT_AUTHORIZED
-        assert await asyncio.to_thread(connack_code, "127.0.0.1", settings.broker.port) == NOT_AUTHORIZED
+        assert await asyncio.to_thread(connack_code, "127.0.0.1", port) == NOT_AUTHORIZED
 
 
 async def test_server_websocket_listener(sqlite_url: str) -> None:
-    ws_port = free_port()
-    async with BrokerServer(broker_settings(sqlite_url, ws_port=ws_port)) as server:
+    async with BrokerServer(broker_settings(sqlite_url, ws_port=0)) as server:
+        ws_port = server.settings.broker.ws_port
+        assert ws_port is not None
         assert server.listeners[-1].scheme == "ws"
+        assert server.listeners[-1].port == ws_port
         assert await ws_connack_code("127.0.0.1", ws_port) == NOT_AUTHORIZED
 
 
@@ -130,7 +129,7 @@ async def test_server_bad_tls_files_are_one_line(
         "key": (cert, missing, f"broker.tls_key: {missing}: no such file"),
         "garbage": (garbage, key, "broker.tls_cert/tls_key: cannot load certificate and key: "),
     }[broken]
-    server = BrokerServer(broker_settings(sqlite_url, tls_port=free_port(), tls_cert=cert, tls_key=key))
+    server = BrokerServer(broker_settings(sqlite_url, tls_port=0, tls_cert=cert, tls_key=key))
     with pytest.raises(ServeError) as info:
         await server.start()
     assert str(info.value).startswith(expected)
@@ -153,7 +152,7 @@ async def test_server_port_in_use(sqlite_url: str) -> None:
 
 async def test_failed_start_releases_the_listeners_already_open(sqlite_url: str) -> None:
     """amqtt opens listeners one by one; when a later one fails the earlier ones must close."""
-    settings_port = free_port()
+    settings_port = free_port()  # known beforehand: a failed start reports no port
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", 0))
         blocker.listen()
@@ -166,7 +165,7 @@ async def test_failed_start_releases_the_listeners_already_open(sqlite_url: str)
 
 async def test_server_unreachable_database_opens_no_listener(tmp_path: Path) -> None:
     url = f"postgresql+asyncpg://mqtt:s3cr3t@127.0.0.1:{free_port()}/mqttprov"
-    settings = broker_settings(url)
+    settings = broker_settings(url, port=free_port())  # known beforehand: a failed start reports none
     with pytest.raises(RegistryUnavailableError, match=r"^database unavailable: ") as info:
         await BrokerServer(settings).start()
     assert "s3cr3t" not in str(info.value)

@@ -89,6 +89,11 @@ def provision_device(  # typer passes options by keyword
         settings = settings_from(config)
         host = host or _dialable(settings)
         port = port or settings.broker.effective_advertised_port
+        if port == 0:
+            fail(
+                "error: broker.port is 0 (a free port, picked when the broker starts): pass --port",
+                EXIT_USAGE,
+            )
         proof = proof if proof is not None else _configured_proof(settings, mac)
     target = _OutFile.open(out) if out is not None else None
     waited: list[str] = []
