@@ -138,8 +138,8 @@ def _round(
     micros = (broker.cpu_seconds() - used) * 1e6 / max(result.received, 1)
     rate = pubsub_rate(result)
     ctx.log(
-        f"{label:14}: {result.received} of {result.sent} sent ({result.sent} asked: "
-        f"{sizes.many_subscribers_messages * len(pairs)}) delivered in "
+        f"{label:14}: {result.received} of {result.sent} sent "
+        f"({sizes.many_subscribers_messages * len(pairs)} asked) delivered in "
         f"{result.last_received - result.first_sent:.2f} s = {rate:,.0f} msg/s, {micros:,.0f} µs CPU each"
     )
     if result.received < result.sent:
