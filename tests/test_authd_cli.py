@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -36,7 +37,7 @@ def test_config_show_masks_the_shared_secret(tmp_path: Path, sqlite_url: str) ->
     ],
 )
 def test_bad_authd_settings_stop_the_command_with_one_line(
-    tmp_path: Path, sqlite_url: str, extra: dict[str, object], message: str
+    tmp_path: Path, sqlite_url: str, extra: dict[str, Any], message: str
 ) -> None:
     config = write_authd_config(tmp_path / "mqttprov.toml", sqlite_url, free_port(), **extra)
     done = run_mqttprov("authd", "--config", str(config), cwd=tmp_path)

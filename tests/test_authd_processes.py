@@ -84,7 +84,7 @@ async def test_a_change_elsewhere_is_honoured_by_both_authd_processes_within_2s(
 
                 return check
 
-            assert await asyncio.gather(within_deadline(honoured(a)), within_deadline(honoured(b))) == [
+            assert list(await asyncio.gather(within_deadline(honoured(a)), within_deadline(honoured(b)))) == [
                 True,
                 True,
             ]

@@ -19,7 +19,7 @@ import pytest
 import provisioning.credential_pool
 from broker import BrokerServer
 from provisioning.credential_pool import CredentialPool, PooledCredential
-from provisioning.passwords import PasswordHasher
+from provisioning.passwords import PasswordHasher, generate_password
 from tests.mosquitto_node import call, mosquitto_missing, mosquitto_stack
 from tests.mqtt_clients import (
     ACCEPTED,
@@ -91,7 +91,7 @@ def hasher() -> Iterator[PasswordHasher]:
 def pooled_passwords(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every password the pool generates from now on (used or not)."""
     made: list[str] = []
-    real = provisioning.credential_pool.generate_password
+    real = generate_password
 
     def recording() -> str:
         made.append(real())

@@ -200,7 +200,10 @@ async def test_sigterm_ends_the_process_with_the_database_stalled(
     await migrate(postgres_url)
     url, port = _through(postgres_url, proxy), free_port()
     if command == "serve":
-        sections = {"broker": {"host": "127.0.0.1", "port": port}, "database": {"url": url}}
+        sections: dict[str, dict[str, str | int | Path]] = {
+            "broker": {"host": "127.0.0.1", "port": port},
+            "database": {"url": url},
+        }
         config, ready = write_config(tmp_path / "mqttprov.toml", sections), "broker started"
     else:
         config, ready = write_authd_config(tmp_path / "authd.toml", url, port), "authd listening on"

@@ -36,7 +36,7 @@ async def server(tmp_path: Path) -> AsyncIterator[BrokerServer]:
         yield running
 
 
-async def _retain(server: BrokerServer, client_id: str, topic: str, payload: bytes, **login: str) -> None:
+async def _retain(server: BrokerServer, client_id: str, topic: str, payload: bytes, /, **login: str) -> None:
     def publish() -> None:
         wire = Wire(server.settings.broker.port, client_id, **login)
         assert wire.code == 0

@@ -29,7 +29,8 @@ MAC_CLIENT_ID = "aa:bb:cc:dd:ee:42"
 @pytest.fixture
 def uvloop() -> ModuleType:
     """The uvloop module (tests that need it skip where it does not install)."""
-    return pytest.importorskip("uvloop")
+    module: ModuleType = pytest.importorskip("uvloop")
+    return module
 
 
 def _made(choice: EventLoopChoice, caplog: pytest.LogCaptureFixture) -> tuple[type, list[str]]:

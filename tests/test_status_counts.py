@@ -45,7 +45,7 @@ async def bulk_devices(engine: AsyncEngine, statuses: Sequence[DeviceStatus]) ->
     """Insert one device per status given, in one statement (as ``db copy`` and imports do)."""
     ids = [uuid.uuid4() for _ in statuses]
     now = utcnow()
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "id": device_id,
             "mac": random_mac(),
@@ -89,7 +89,8 @@ async def triggers(engine: AsyncEngine) -> dict[str, str]:
     else:
         query = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"
     async with engine.connect() as conn:
-        return {name: definition for name, definition in (await conn.exec_driver_sql(query)).all()}  # noqa: C416
+        rows: list[tuple[str, str]] = [tuple(row) for row in (await conn.exec_driver_sql(query)).all()]
+        return dict(rows)
 
 
 async def table_exists(engine: AsyncEngine, name: str) -> bool:
