@@ -46,6 +46,10 @@ _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012345
 _BCRYPT_DIGEST_CHARS = 31
 #: Seconds a login decision may take at least, whatever the CONNECT timeout (a device waits longer).
 MIN_LOGIN_DEADLINE = 5.0
+#: Verifiers made within this many seconds are written in one transaction.
+VERIFIER_BATCH_SECONDS = 0.2
+#: Verifiers waiting to be written at most (a registry that cannot take them: the oldest go).
+MAX_UNSAVED_VERIFIERS = 10_000
 #: Verified credentials loaded into the cache at start (most recently seen first).
 WARM_UP_LIMIT = 50_000
 #: Background registry writes (refusal audits) at once; more refusals are counted, not written.
@@ -180,6 +184,9 @@ class Authenticator:
         self._dummy_verifier = StoredVerifier("", "", secrets.token_hex(32))
         self._foreign_key_warned = False
         self._verifier_write_failures = 0
+        # Verifiers made and not yet written, by username (written in batches), and the writer.
+        self._unsaved: dict[str, tuple[str, StoredVerifier]] = {}
+        self._saving: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         # Decisions under way (each bounded by the deadline): settle() waits for them.
         self._deciding = 0
@@ -490,25 +497,45 @@ class Authenticator:
             logger.error("could not record a login_refused event: %s", task.exception())
 
     def _keep_verifier(self, username: str, stored_hash: str, verifier: StoredVerifier) -> None:
-        """Store the verifier of a credential that has just passed bcrypt, in the background."""
-        task = asyncio.get_running_loop().create_task(
-            self._save_verifier(username, stored_hash, verifier), name=f"verifier-{username}"
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        """Store the verifier of a credential that has just passed bcrypt, in the background.
 
-    async def _save_verifier(self, username: str, stored_hash: str, verifier: StoredVerifier) -> None:
-        try:
-            await self._verifiers.save(username, password_hash=stored_hash, verifier=verifier)
-        except RegistryUnavailableError as exc:
-            # The next login is a bcrypt check again, and writes it then: one line per outage.
-            if not self._verifier_write_failures:
-                logger.warning("credential verifiers not stored, bcrypt until they are: %s", exc)
-            self._verifier_write_failures += 1
-            return
-        if self._verifier_write_failures:
-            logger.info("credential verifiers stored again (%d not stored)", self._verifier_write_failures)
-            self._verifier_write_failures = 0
+        Verifiers are written in batches (one transaction for all that arrived within
+        :data:`VERIFIER_BATCH_SECONDS`): a cold storm of first logins must not be a storm of
+        write transactions on the registry too.
+        """
+        self._unsaved[username] = (stored_hash, verifier)
+        while len(self._unsaved) > MAX_UNSAVED_VERIFIERS:  # the oldest: bcrypt again, at worst
+            del self._unsaved[next(iter(self._unsaved))]
+        if self._saving is None or self._saving.done():
+            self._saving = asyncio.get_running_loop().create_task(self._save_verifiers(), name="verifiers")
+            self._background.add(self._saving)
+            self._saving.add_done_callback(self._saved)
+
+    def _saved(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if self._saving is task:
+            self._saving = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("credential verifiers not stored: %s", task.exception())
+
+    async def _save_verifiers(self) -> None:
+        while self._unsaved:
+            await asyncio.sleep(VERIFIER_BATCH_SECONDS)
+            batch = [(username, *made) for username, made in self._unsaved.items()]
+            self._unsaved.clear()
+            try:
+                await self._verifiers.save_many(batch)
+            except RegistryUnavailableError as exc:
+                # Their next logins are bcrypt checks again, and store them then: one line per outage.
+                if not self._verifier_write_failures:
+                    logger.warning("credential verifiers not stored, bcrypt until they are: %s", exc)
+                self._verifier_write_failures += len(batch)
+                continue
+            if self._verifier_write_failures:
+                logger.info(
+                    "credential verifiers stored again (%d not stored)", self._verifier_write_failures
+                )
+                self._verifier_write_failures = 0
 
     def _foreign_key_seen(self, username: str) -> None:
         if not self._foreign_key_warned:
