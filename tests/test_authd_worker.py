@@ -51,7 +51,7 @@ def test_what_nobody_can_enforce_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExternalBrokerError, match="cannot be enforced on Mosquitto"):
         check_worker_settings(settings(tmp_path, provisioning=key, credentials="mosquitto"))
     with pytest.raises(ExternalBrokerError, match="not a service account name"):
-        check_worker_settings(settings(tmp_path, worker_username="mqttprov-worker"))
+        check_worker_settings(settings(tmp_path, worker_username="device_worker"))
     with pytest.raises(ExternalBrokerError, match="worker_password is not set"):
         check_worker_settings(settings(tmp_path, worker_password=None))
 
