@@ -134,6 +134,12 @@ class AuthdServer:
             interval=self.settings.auth.revocation_poll_interval,
             outage=outage,
         )
+        # The follower rides out the database being away (at start too) by itself. The verifiers
+        # are loaded after its position is taken, and before the port opens: the first logins a
+        # restarted authd answers come from memory, as the warm ones did before it stopped.
+        with contextlib.suppress(RegistryUnavailableError):
+            await revoker.begin()
+        await core.authenticator.warm_up()
         app = build_app(section, enabled_contracts(service, section), metrics, core.registry.last_change_id)
         # No access log: the query string of a badly configured broker could carry a secret.
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -148,10 +154,6 @@ class AuthdServer:
             # Asked for any free port: from now on settings (and url) hold the one bound.
             section = section.model_copy(update={"port": runner.addresses[0][1]})
             self.settings = self.settings.model_copy(update={"authd": section})
-        # The follower rides out the database being away (at start too) by itself.
-        with contextlib.suppress(RegistryUnavailableError):
-            await revoker.begin()
-        await core.authenticator.warm_up()  # after the follower's position, as in serve
         follower = Supervised("mqttprov-authd-revocation", revoker).start()
         self._running = _Running(core, service, revoker, runner, follower)
         logger.info("authd listening on %s (contracts: %s)", self.url, ", ".join(section.contracts))
