@@ -10,6 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import bcrypt
@@ -44,6 +45,8 @@ logger = logging.getLogger(__name__)
 # bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
 _BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _BCRYPT_DIGEST_CHARS = 31
+#: When the decision under way must be made by (the event loop's clock), per task.
+_DEADLINE: ContextVar[float | None] = ContextVar("mqttprov_login_deadline", default=None)
 #: Seconds a login decision may take at least, whatever the CONNECT timeout (a device waits longer).
 MIN_LOGIN_DEADLINE = 5.0
 #: Verifiers made within this many seconds are written in one transaction.
@@ -203,12 +206,14 @@ class Authenticator:
         """
         self._deciding += 1
         self._none_deciding.clear()
+        deadline = _DEADLINE.set(asyncio.get_running_loop().time() + self._answer_within)
         try:
             async with asyncio.timeout(self._answer_within):
                 decision = await self._decide(attempt)
         except TimeoutError:
             decision = Decision(None, f"not decided within {self._answer_within:g}s", SERVER_UNAVAILABLE)
         finally:
+            _DEADLINE.reset(deadline)
             self._deciding -= 1
             if not self._deciding:
                 self._none_deciding.set()
@@ -276,7 +281,7 @@ class Authenticator:
             return Check.LOCKED, tag
         try:
             verified = await self.budget.verify(
-                attempt.address or f"username {username}", password, stored_hash
+                attempt.address or f"username {username}", password, stored_hash, deadline=_DEADLINE.get()
             )
         finally:
             self.throttle.end_check(username, attempt.address)
@@ -299,7 +304,10 @@ class Authenticator:
             self.verifier_key.matches(
                 self._dummy_verifier, attempt.username or "", self._dummy_hash, password
             )
-        elif await self.budget.verify(UNKNOWN_SOURCE, password, self._dummy_hash) is None:
+        elif (
+            await self.budget.verify(UNKNOWN_SOURCE, password, self._dummy_hash, deadline=_DEADLINE.get())
+            is None
+        ):
             self.stats.overload_refusals += 1
             return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
         return Decision(None, reason, BAD_USERNAME_OR_PASSWORD)

@@ -53,6 +53,8 @@ class BcryptBudget:
         self._suspects: OrderedDict[str, float] = OrderedDict()
         #: Checks refused without being made (the queues were full), since the start.
         self.refused = 0
+        #: Turns given back unused: the check could not have ended before its login's deadline.
+        self.late = 0
 
     @property
     def waiting(self) -> int:
@@ -64,10 +66,12 @@ class BcryptBudget:
         """Checks run at once: one per bcrypt worker."""
         return self._hasher.workers
 
+    def _per_check(self) -> float:
+        return self._hasher.seconds_per_check or _COST_12_SECONDS * 2.0 ** (self._hasher.cost - 12)
+
     def capacity(self) -> int:
         """Checks that may wait: as many as the workers can make before a client gives up."""
-        per_check = self._hasher.seconds_per_check or _COST_12_SECONDS * 2.0 ** (self._hasher.cost - 12)
-        return max(self.slots, int(self._answer_within / per_check) * self.slots)
+        return max(self.slots, int(self._answer_within / self._per_check()) * self.slots)
 
     def close(self) -> None:
         """Refuse every check still waiting and every later one (the workers are about to stop)."""
@@ -79,12 +83,22 @@ class BcryptBudget:
         self._queues.clear()
         self._waiting = 0
 
-    async def verify(self, source: str, password: str, hashed: str) -> bool | None:
-        """The bcrypt check of ``password`` against ``hashed`` in ``source``'s turn; None if refused."""
+    async def verify(
+        self, source: str, password: str, hashed: str, *, deadline: float | None = None
+    ) -> bool | None:
+        """The bcrypt check of ``password`` against ``hashed`` in ``source``'s turn; None if refused.
+
+        ``deadline`` (the event loop's clock): a turn that comes too late for the check to end
+        before it is given back unused, rather than spent on an answer nobody will read.
+        """
         # Announced from now until it is over: the credential pool's idle-time hashes wait.
         self._hasher.expect(1)
         try:
             if self._closed or not await self._turn(source):
+                return None
+            if deadline is not None and asyncio.get_running_loop().time() + self._per_check() > deadline:
+                self.late += 1
+                self._release()
                 return None
             try:
                 verified = await self._hasher.verify(password, hashed)

@@ -118,6 +118,17 @@ async def test_a_full_budget_gives_a_suspect_check_s_place_to_anyone_else(hasher
     assert results == [False, False, None, True, True]
 
 
+async def test_a_turn_too_late_for_the_deadline_is_given_back_unused(hasher: PasswordHasher) -> None:
+    budget = BcryptBudget(hasher, answer_within=10.0)
+    hasher.seconds_per_check = 1.0  # what one check takes here (the estimate the budget uses)
+    before = hasher.operations
+    soon = asyncio.get_running_loop().time() + 0.5
+    assert await budget.verify("a", PASSWORD, HASH, deadline=soon) is None
+    assert (budget.late, hasher.operations) == (1, before)  # no bcrypt run for nobody
+    later = asyncio.get_running_loop().time() + 5.0
+    assert await budget.verify("a", PASSWORD, HASH, deadline=later) is True  # the slot was given back
+
+
 async def test_other_bcrypt_work_queued_first_counts_against_the_room(hasher: PasswordHasher) -> None:
     hasher.seconds_per_check = 1.0
     budget = BcryptBudget(hasher, answer_within=3.0)

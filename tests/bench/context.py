@@ -50,7 +50,7 @@ class Sizes:
     #: Restart storm: devices connected when the broker restarts, restarts, and the bcrypt cost
     #: of their credentials (the default, 12, in the full run). Five restarts: a storm of 200
     #: warm logins lasts well under a second, so one round's pair of rates is noisy.
-    restart_devices: int = 200
+    restart_devices: int = 2000
     restart_rounds: int = 5
     restart_cost: int = 12
     #: Flood: real devices' first logins (as many again without the flood, the reference), bad

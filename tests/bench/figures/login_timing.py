@@ -30,6 +30,8 @@ TITLE = "login timing side channel"
 ATTEMPTS = 200
 QUICK_ATTEMPTS = 60
 BAD_USERNAME_OR_PASSWORD = 4
+#: Seconds between attempts, for the broker's background writes of the last one to end.
+PAUSE = 0.02
 #: Medians within 25 % of each other, whichever way round.
 WITHIN = 1.25
 _MAC = "02:00:00:17:00:01"
@@ -63,11 +65,21 @@ def run(ctx: Context) -> FigureResult:
         _refusal_ms(port, known, "warm-up")
         _refusal_ms(port, fresh, "warm-up")
         before = broker.stats()
+        # Each attempt under a client id never used before, on both sides: a prober picks its own
+        # (the password is checked before the client id), and a new client id costs the broker
+        # the same whatever the username.
+        # A pause after each attempt: a wrong password for a known device leaves a folded audit
+        # write behind it, which would otherwise slow whichever attempt comes next (always an
+        # unknown username, in this order) and be measured as that attempt's cost.
         for n in range(attempts):
-            unknown_ms.append(_refusal_ms(port, f"device_{n:012x}", "wrong-password"))
-            known_ms.append(_refusal_ms(port, known, f"wrong-password-{n}"))
+            unknown_ms.append(_refusal_ms(port, f"device_{n:012x}", "wrong-password", f"probe-u{n}"))
+            time.sleep(PAUSE)
+            known_ms.append(_refusal_ms(port, known, f"wrong-password-{n}", f"probe-k{n}"))
+            time.sleep(PAUSE)
         fresh_attempts = max(10, attempts // 10)  # bcrypt each: a sample is enough
-        fresh_ms += [_refusal_ms(port, fresh, f"wrong-password-{n}") for n in range(fresh_attempts)]
+        fresh_ms += [
+            _refusal_ms(port, fresh, f"wrong-password-{n}", f"probe-f{n}") for n in range(fresh_attempts)
+        ]
         stats = broker.stats()
         notes = broker.log_summary()
     unknown, known_median = median(unknown_ms), median(known_ms)
@@ -143,16 +155,18 @@ async def _seed(url: str, cost: int) -> tuple[str, str]:
     return known.mqtt_username, fresh.mqtt_username
 
 
-def _refusal_ms(port: int, username: str, password: str) -> float:
+def _refusal_ms(port: int, username: str, password: str, client_id: str | None = None) -> float:
     """Milliseconds from CONNECT to CONNACK for one login that must be refused with code 4."""
-    return _connack(port, username, password, expected=BAD_USERNAME_OR_PASSWORD)
+    return _connack(port, username, password, expected=BAD_USERNAME_OR_PASSWORD, client_id=client_id)
 
 
-def _connack(port: int, username: str, password: str, *, expected: int) -> float:
-    """Milliseconds from CONNECT to a CONNACK that must carry ``expected``."""
+def _connack(
+    port: int, username: str, password: str, *, expected: int, client_id: str | None = None
+) -> float:
+    """Milliseconds from CONNECT to a CONNACK that must carry ``expected`` (client id: the username)."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        packet = connect_packet(username, username=username, password=password)
+        packet = connect_packet(client_id or username, username=username, password=password)
         started = time.perf_counter()
         sock.sendall(packet)
         answer = b""
