@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import bcrypt
 import pytest
 
 from broker import BrokerServer
@@ -140,3 +141,22 @@ async def broker(sqlite_url: str) -> AsyncIterator[BrokerServer]:
     accepting connections when yielded."""
     async with BrokerServer(broker_settings(sqlite_url)) as server:
         yield server
+
+
+@pytest.fixture
+def bcrypt_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Every bcrypt run from now on, as ``(function, cost)``."""
+    runs: list[tuple[str, int]] = []
+    checkpw, hashpw = bcrypt.checkpw, bcrypt.hashpw
+
+    def counting_checkpw(password: bytes, hashed: bytes) -> bool:
+        runs.append(("checkpw", int(hashed[4:6])))
+        return checkpw(password, hashed)
+
+    def counting_hashpw(password: bytes, salt: bytes) -> bytes:
+        runs.append(("hashpw", int(salt[4:6])))
+        return hashpw(password, salt)
+
+    monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
+    monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
+    return runs

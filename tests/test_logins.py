@@ -15,7 +15,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import bcrypt
 import pytest
 
 from auth_plugin.authenticator import ConnectAttempt
@@ -654,25 +653,6 @@ async def test_brute_force_on_one_username_from_one_address_is_throttled_as_conf
     assert locked == NOT_AUTHORIZED
     assert unchecked  # a locked-out pair costs no bcrypt at all
     assert device_elsewhere == ACCEPTED  # the real device behind another address is not locked out
-
-
-@pytest.fixture
-def bcrypt_runs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
-    """Every bcrypt run from now on, as ``(function, cost)``."""
-    runs: list[tuple[str, int]] = []
-    checkpw, hashpw = bcrypt.checkpw, bcrypt.hashpw
-
-    def counting_checkpw(password: bytes, hashed: bytes) -> bool:
-        runs.append(("checkpw", int(hashed[4:6])))
-        return checkpw(password, hashed)
-
-    def counting_hashpw(password: bytes, salt: bytes) -> bytes:
-        runs.append(("hashpw", int(salt[4:6])))
-        return hashpw(password, salt)
-
-    monkeypatch.setattr(bcrypt, "checkpw", counting_checkpw)
-    monkeypatch.setattr(bcrypt, "hashpw", counting_hashpw)
-    return runs
 
 
 REFUSALS = {
