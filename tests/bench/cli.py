@@ -63,7 +63,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Options:
         prog="python -m tests.bench",
         description="mqttprov benchmarks: every figure side by side with its reference, in the same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes (CI; under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small sizes (CI; about 2 minutes)")
     parser.add_argument("--json", dest="json_file", type=Path, metavar="FILE", help="write results as JSON")
     parser.add_argument(
         "--only",
