@@ -258,6 +258,7 @@ class Authenticator:
         username: str,
         stored_hash: str,
         stored: StoredVerifier | None,
+        since: int,
     ) -> tuple[Check, str]:
         """Check the password against the credential: the cache, its verifier, else bcrypt.
 
@@ -274,7 +275,7 @@ class Authenticator:
                 self.stats.verifier_checks += 1
                 if not key.matches(stored, username, stored_hash, password):
                     return Check.WRONG, tag
-                self.cache.remember(username, tag, password)
+                self.cache.remember(username, tag, password, since=since)
                 return Check.VERIFIED, tag
             self._foreign_key_seen(username)
         if not self.throttle.begin_check(username, attempt.address):
@@ -291,7 +292,7 @@ class Authenticator:
         self.stats.bcrypt_checks += 1
         if not verified:
             return Check.WRONG, tag
-        self.cache.remember(username, tag, password)
+        self.cache.remember(username, tag, password, since=since)
         if key is not None:
             self._keep_verifier(username, stored_hash, key.make(username, stored_hash, tag, password))
         return Check.VERIFIED, tag
@@ -332,11 +333,12 @@ class Authenticator:
         cached = self._cached_login(attempt, username)
         if cached is not None:
             return cached
+        since = self.cache.mark()  # a change dropped after this read keeps the login out of the cache
         record = await self._registry.find_credentials_by_username(username)
         if record is None or record.password_hash is None:
             return await self._unknown(attempt, "unknown username or no credentials")
         device = record.device
-        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier)
+        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier, since)
         if check is not Check.VERIFIED:
             if check is Check.WRONG:
                 self._audit(device.id, "wrong password")
@@ -363,10 +365,11 @@ class Authenticator:
         cached = self._cached_login(attempt, username)
         if cached is not None:
             return cached
+        since = self.cache.mark()
         record = await self._accounts.find(username)
         if record is None:
             return await self._unknown(attempt, "unknown username")
-        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier)
+        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier, since)
         if check is not Check.VERIFIED:
             return _unchecked(check)
         client_id = attempt.client_id or ""
@@ -433,6 +436,7 @@ class Authenticator:
         if key is None or limit <= 0:
             return 0
         started = time.perf_counter()
+        since = self.cache.mark()
         try:
             devices = await self._verifiers.verified_devices(key.key_id, limit)
             accounts = await self._verifiers.verified_accounts(key.key_id, limit)
@@ -445,13 +449,13 @@ class Authenticator:
                 tag = credential_tag(device.password_hash)
                 principal: Principal = self._device_principal(device.device, tag)
                 loaded += self._preload(
-                    device.device.mqtt_username, device.password_hash, device.verifier, principal
+                    device.device.mqtt_username, device.password_hash, device.verifier, principal, since
                 )
         for account in accounts:
             if _usable(account.password_hash, account.verifier):
                 principal = _account_principal(account, credential_tag(account.password_hash))
                 loaded += self._preload(
-                    account.account.name, account.password_hash, account.verifier, principal
+                    account.account.name, account.password_hash, account.verifier, principal, since
                 )
         logger.info(
             "%d verified credentials loaded in %.1fs: their logins need no registry read",
@@ -461,11 +465,11 @@ class Authenticator:
         return loaded
 
     def _preload(
-        self, username: str, stored_hash: str, stored: StoredVerifier | None, principal: Principal
+        self, username: str, stored_hash: str, stored: StoredVerifier | None, principal: Principal, since: int
     ) -> bool:
         assert stored is not None  # checked by _usable
         return self.cache.preload(
-            username, stored_hash, credential_tag(stored_hash), stored.digest, principal
+            username, stored_hash, credential_tag(stored_hash), stored.digest, principal, since=since
         )
 
     async def settle(self, within: float = 5.0) -> None:

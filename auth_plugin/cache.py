@@ -58,6 +58,11 @@ class VerifiedCache:
     ) -> None:
         self._key = secrets.token_bytes(32)
         self._verifier_key = verifier_key
+        # A count of drops and clears, and when each username was last dropped (bounded): a
+        # login that read the registry before a drop must not put its entry back after it.
+        self._generation = 0
+        self._cleared_at = 0
+        self._dropped: OrderedDict[str, int] = OrderedDict()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self.max_entries = max_entries
         self._clock = clock
@@ -121,18 +126,46 @@ class VerifiedCache:
         entry = self._matching(username, password)
         return None if entry is None else entry.principal
 
-    def remember(self, username: str, tag: str, password: str) -> None:
-        """Record a successful bcrypt check."""
+    def mark(self) -> int:
+        """Where the cache stands now: give it to :meth:`remember` after reading the registry."""
+        return self._generation
+
+    def _dropped_since(self, username: str, since: int | None) -> bool:
+        if since is None:
+            return False
+        return self._cleared_at > since or self._dropped.get(username, -1) > since
+
+    def remember(self, username: str, tag: str, password: str, *, since: int | None = None) -> None:
+        """Record a successful check of a credential read from the registry after :meth:`mark`
+        returned ``since``; nothing when the username was dropped since (the credential read
+        may already be revoked: the session is then checked against the registry again)."""
+        if self._dropped_since(username, since):
+            return
         self._entries[username] = _Entry(tag, self._digest(username, tag, password))
         self._entries.move_to_end(username)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
-    def preload(self, username: str, password_hash: str, tag: str, digest: str, principal: Principal) -> bool:
+    def preload(
+        self,
+        username: str,
+        password_hash: str,
+        tag: str,
+        digest: str,
+        principal: Principal,
+        *,
+        since: int | None = None,
+    ) -> bool:
         """Add the entry of a credential from its stored verifier (``digest``, made with this
-        cache's verifier key over ``password_hash``); an entry already there is kept. False when
-        the cache has no verifier key or no room left."""
-        if self._verifier_key is None or username in self._entries or len(self._entries) >= self.max_entries:
+        cache's verifier key over ``password_hash``), read after :meth:`mark` returned ``since``;
+        an entry already there is kept. False when the cache has no verifier key or no room left,
+        or the username was dropped since."""
+        if (
+            self._verifier_key is None
+            or username in self._entries
+            or len(self._entries) >= self.max_entries
+            or self._dropped_since(username, since)
+        ):
             return False
         self._entries[username] = _Entry(tag, digest.encode("ascii"), principal, password_hash)
         self._entries.move_to_end(username, last=False)  # the oldest: the first to go for room
@@ -152,10 +185,17 @@ class VerifiedCache:
     def drop(self, username: str) -> None:
         """Forget a username (its credential changed)."""
         self._entries.pop(username, None)
+        self._generation += 1
+        self._dropped.pop(username, None)
+        self._dropped[username] = self._generation
+        while len(self._dropped) > self.max_entries:
+            self._dropped.popitem(last=False)
 
     def clear(self) -> None:
         """Forget every username (what changed since they were verified is not known)."""
         self._entries.clear()
+        self._generation += 1
+        self._cleared_at = self._generation
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import update
 
-from auth_plugin.authenticator import Authenticator
+from auth_plugin.authenticator import Authenticator, ConnectAttempt
 from auth_plugin.principals import credential_tag
 from auth_plugin.verifiers import KEY_FILE_NAME, VerifierKey, default_key_file
 from broker import BrokerServer
+from broker.core import auth_core
 from config import Settings
 from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
+from provisioning.registry.migrate import upgrade
 from provisioning.registry.models import Device
 from provisioning.registry.verifiers import VerifierStore
 from tests.auth_support import (
@@ -356,3 +358,37 @@ async def test_verifiers_for_an_earlier_credential_or_another_key_are_not_loaded
         assert len(authenticator(second).cache) == 1  # the kept one
     async with running(with_auth(config, verifier_key=OTHER_KEY)) as third:
         assert len(authenticator(third).cache) == 0
+
+
+async def test_a_login_that_read_the_registry_before_a_revocation_is_not_cached_after_it(
+    sqlite_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race: the login's registry read returns the credential, the decommission commits and
+    # its change drops the cache entry, then the login resumes. Its entry must not come back, so
+    # that the session it opens is checked against the registry again when it goes live.
+    core = auth_core(settings(sqlite_url))
+    await upgrade(core.registry.engine)
+    try:
+        device = await make_device(core.registry, "02:00:00:00:10:0b")
+        user = device.mqtt_username
+        tag = credential_tag(hashed_of(await core.registry.find_credentials_by_username(user)))
+        read = core.registry.find_credentials_by_username
+
+        async def read_then_revoked(username: str) -> object:  # fault: a revocation lands mid-read
+            found = await read(username)
+            await core.registry.decommission(device.id)
+            core.authenticator.cache.drop(username)  # what the change follower does with it
+            return found
+
+        monkeypatch.setattr(core.registry, "find_credentials_by_username", read_then_revoked)
+        decision = await core.authenticator.authenticate(ConnectAttempt(user, user, PASSWORD))
+        assert decision.accepted  # decided on what it read; the live session is checked again:
+        assert not core.authenticator.cache.holds(user, tag)
+    finally:
+        await core.close()
+
+
+def hashed_of(record: object) -> str:
+    password_hash = getattr(record, "password_hash", None)
+    assert isinstance(password_hash, str)
+    return password_hash
