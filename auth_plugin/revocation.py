@@ -242,6 +242,10 @@ class Revoker:
             await self._retained.retire(principal)
 
     async def _kick(self, client_id: str, principal: Principal) -> None:
+        # The registry was read since ``principal`` was seen under ``client_id``: a new login (a
+        # reissued credential, say) may hold that client id now, and must not be thrown off.
+        if not any(cid == client_id and held is principal for cid, held in self._sessions.live_principals()):
+            return
         if await self._sessions.kick(client_id, "credentials revoked"):
             self.kicked += 1
             logger.info("revoked session client=%r username=%s", client_id, _name_of(principal))
