@@ -21,18 +21,6 @@ POSTGRES_URL = os.environ.get(
 )
 
 
-#: Whole files left out of the fast loop (``pytest -m "not slow"``) from here, not by their own
-#: ``pytestmark``: other engineers are editing them. Temporary: move the mark into each file.
-_SLOW_FILES = frozenset({"test_authd_rabbitmq.py", "test_bench.py"})
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Mark every test of :data:`_SLOW_FILES` slow (a private RabbitMQ cluster, the benchmark)."""
-    for item in items:
-        if item.path.name in _SLOW_FILES:
-            item.add_marker(pytest.mark.slow)
-
-
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """No test sees the developer's own MQTTPROV_* settings (the test-only ones excepted)."""

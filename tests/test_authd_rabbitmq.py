@@ -38,7 +38,10 @@ from tests.helpers import broker_settings, free_port, mqttprov_executable, run_m
 from tests.mqtt_clients import Client, assert_ok, provisioning_session
 from tests.rabbitmq_cluster import KICK_EXPRESSION, Cluster, Node, rabbitmq_cluster, rabbitmq_missing
 
-pytestmark = pytest.mark.skipif(rabbitmq_missing() is not None, reason=rabbitmq_missing() or "")
+pytestmark = [
+    pytest.mark.skipif(rabbitmq_missing() is not None, reason=rabbitmq_missing() or ""),
+    pytest.mark.slow,
+]
 
 ACCEPTED = 0
 #: RabbitMQ 3.10 answers every refused MQTT login with CONNACK 4 (bad username or password).

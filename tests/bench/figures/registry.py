@@ -123,7 +123,7 @@ def _with_database(url: str, name: str) -> str:
 async def _postgres_unavailable(url: str) -> str | None:
     """None when PostgreSQL answers at ``url``, else why not."""
     try:
-        import asyncpg  # type: ignore[import-untyped]  # noqa: PLC0415 - optional extra
+        import asyncpg  # noqa: PLC0415 - optional extra
     except ImportError:
         return "asyncpg is not installed (pip install -e '.[postgres]')"
     try:
