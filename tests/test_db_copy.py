@@ -43,7 +43,14 @@ from tests.status_counts_support import status_counts_at
 # CONNACK for a wrong password (MQTT 3.1.1: "bad user name or password").
 BAD_CREDENTIALS = 4
 DB_PASSWORD = "pg-secret-Zq81x"
-TABLES = {"devices", "device_events", "service_accounts", "credential_changes", "credential_verifiers"}
+TABLES = {
+    "devices",
+    "device_events",
+    "service_accounts",
+    "credential_changes",
+    "credential_verifiers",
+    "api_tokens",
+}
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, worker
+from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, tokens, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.errors import ServeError
 from broker.loop import loop_factory
@@ -30,6 +30,7 @@ app.add_typer(db.app, name="db")
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys.app, name="keys")
 app.add_typer(accounts.app, name="accounts")
+app.add_typer(tokens.app, name="tokens")
 app.command("provision-device")(provision.provision_device)
 app.add_typer(bridge.app, name="bridge")
 app.command("worker")(worker.worker)

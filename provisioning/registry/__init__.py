@@ -4,10 +4,21 @@ from provisioning.registry.engine import create_engine
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Base, Device, DeviceEvent, DeviceStatus
 from provisioning.registry.repository import DeviceRegistry, username_for
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
+from provisioning.registry.tokens import (
+    ApiTokenInfo,
+    IssuedToken,
+    Scope,
+    TokenError,
+    TokenExistsError,
+    TokenNotFoundError,
+    TokenRequest,
+    TokenStore,
+)
 
 __all__ = [
     "ACTIVE_STATUSES",
     "Actor",
+    "ApiTokenInfo",
     "Base",
     "Device",
     "DeviceCredentials",
@@ -17,6 +28,13 @@ __all__ = [
     "DevicePage",
     "DeviceRegistry",
     "DeviceStatus",
+    "IssuedToken",
+    "Scope",
+    "TokenError",
+    "TokenExistsError",
+    "TokenNotFoundError",
+    "TokenRequest",
+    "TokenStore",
     "create_engine",
     "username_for",
 ]

@@ -188,3 +188,23 @@ class CredentialVerifier(Base):
     key_id: Mapped[str] = mapped_column(String(16))
     digest: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token of the HTTP management API: a name, its scopes and the SHA-256 of its secret.
+
+    The secret itself is never stored (:mod:`provisioning.registry.tokens`). Revoking a token
+    deletes its row: every request looks its digest up, so it is refused at once everywhere.
+    """
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Hex SHA-256 of the whole secret; unique, so its index serves every authentication.
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
+    #: Scope names (``read``, ``write``, ``provision``), sorted.
+    scopes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Updated at most once a minute (:data:`~provisioning.registry.tokens.LAST_USED_EVERY`).
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
