@@ -1,11 +1,8 @@
-"""Assemble and run mqttprov: the embedded broker, its plugins and the operator CLI."""
+"""mqttprov's runtime: the embedded broker, its HTTP services, external brokers and the CLI."""
 
-from broker.packages import require_amqtt_pin, require_own_packages
+from broker.packages import require_own_packages
 
-require_own_packages()  # before anything imports a package that could be another's
-require_amqtt_pin()
-
-from broker.errors import ServeError  # noqa: E402 - after the check above
-from broker.server import BrokerServer, serve  # noqa: E402
-
-__all__ = ["BrokerServer", "ServeError", "serve"]
+# Before any module of ours imports config, provisioning or auth_plugin: another distribution's
+# package of the same name would fail far from the cause. Cheap (three spec look-ups); the amqtt
+# pin is checked where amqtt is imported (broker.embedded).
+require_own_packages()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from broker.amqtt_broker import REFUSED_MARKER
+from broker.errors import REFUSED_MARKER
 
 _FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 

@@ -1,8 +1,8 @@
 """The provisioning decision: who gets credentials, who waits, who is refused.
 
-Plain class, driven by the amqtt plugin in :mod:`provisioning.plugin`, by the worker on an
-external broker and directly by tests. The reply is produced only after the database commit that
-makes the credentials valid.
+Plain class, driven by the amqtt plugin in :mod:`broker.embedded.plugins.provisioning`, by the
+worker on an external broker and directly by tests. The reply is produced only after the database
+commit that makes the credentials valid.
 
 A request that cannot be decided now (the registry is unavailable, or no decision within
 :data:`REQUEST_DEADLINE`) is answered ``UNAVAILABLE`` with ``retry_after``: never dropped, never

@@ -13,7 +13,7 @@ from typing import Any, Self, TypeVar
 
 import bcrypt
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from config import Settings
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus
 from provisioning.registry.accounts import AccountInfo, AccountRegistry

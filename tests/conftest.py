@@ -11,7 +11,7 @@ from pathlib import Path
 import bcrypt
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.migrate import upgrade
 from tests.helpers import broker_settings

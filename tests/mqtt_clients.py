@@ -23,7 +23,7 @@ from typing import Any, Self
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from config import Settings
 from tests.helpers import broker_settings, connack_code
 

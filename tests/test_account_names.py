@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.registry.accounts import (
     AccountError,
     AccountExistsError,

@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 
 import provisioning.registry.accounts
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.contract import event_topic
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo
 from tests.auth_support import (
@@ -430,7 +430,7 @@ class _DroppedRequests(logging.Handler):
 @pytest.fixture(autouse=True)
 def _watch_dropped_requests() -> Iterator[None]:
     handler = _DroppedRequests()
-    plugin_logger = logging.getLogger("provisioning.plugin")
+    plugin_logger = logging.getLogger("broker.embedded.plugins.provisioning")
     plugin_logger.addHandler(handler)
     try:
         yield

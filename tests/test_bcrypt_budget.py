@@ -19,8 +19,8 @@ from sqlalchemy import insert
 
 from auth_plugin.authenticator import MAX_AUDITS_IN_FLIGHT, ConnectAttempt
 from auth_plugin.budget import BcryptBudget
-from broker import BrokerServer
 from broker.core import AuthCore, auth_core
+from broker.embedded import BrokerServer
 from provisioning.credential_pool import CredentialPool
 from provisioning.passwords import PasswordHasher
 from provisioning.registry.migrate import upgrade

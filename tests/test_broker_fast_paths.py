@@ -7,10 +7,10 @@ import asyncio
 import pytest
 from transitions import MachineError
 
-from auth_plugin.plugin import MqttprovTopicPlugin
-from broker import BrokerServer
-from broker.amqtt_broker import _broadcast_topics
-from broker.session import BrokerSession
+from broker.embedded import BrokerServer
+from broker.embedded.amqtt_broker import _broadcast_topics
+from broker.embedded.plugins.auth import MqttprovTopicPlugin
+from broker.embedded.session import BrokerSession
 from provisioning.contract import REQUEST_TOPIC
 from tests.auth_support import PASSWORD, RawSession, eventually, make_device, polled
 

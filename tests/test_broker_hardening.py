@@ -22,9 +22,9 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import Session
 from paho.mqtt.enums import CallbackAPIVersion
 
-from broker import BrokerServer
-from broker.amqtt_broker import MqttprovBroker
-from broker.protocol import KeepAliveHandler
+from broker.embedded import BrokerServer
+from broker.embedded.amqtt_broker import MqttprovBroker
+from broker.embedded.protocol import KeepAliveHandler
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus
 from tests.helpers import broker_settings, connack_code, connect_packet
 
@@ -261,7 +261,7 @@ def test_pinned_amqtt_still_has_the_methods_we_override() -> None:
         assert getattr(MqttprovBroker, name) is not getattr(Broker, name), name
     for name in ("mqtt_publish", "_handle_message_flow", "handle_read_timeout"):
         assert getattr(KeepAliveHandler, name) is not getattr(BrokerProtocolHandler, name), name
-    # broker.framing: the keep-alive bounds the wait for a whole packet, read through its reader.
+    # broker.embedded.framing: the keep-alive bounds the wait for a whole packet, read through its reader.
     reader_loop = inspect.getsource(ProtocolHandler._reader_loop)
     assert "wait_for(MQTTFixedHeader.from_stream(self.reader), timeout=keepalive_timeout)" in reader_loop
 

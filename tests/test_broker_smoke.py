@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from tests.helpers import connack_code
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner, Result
 
-from broker import BrokerServer
 from broker.cli import app
+from broker.embedded import BrokerServer
 from config import ProvisioningSettings
 from provisioning.keys import derive_device_key
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus, create_engine

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from config import load_settings
 from tests.helpers import free_port, mqttprov_executable, run_mqttprov, write_config
 

@@ -16,7 +16,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from config import ProvisioningSettings
 from provisioning import ProvisioningError
 from provisioning.client import ClientErrorCode, Credentials, ProvisioningClientError, provision

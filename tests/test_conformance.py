@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.registry import DeviceInfo
 from tests.auth_support import (
     ACCOUNT_PASSWORD,

@@ -17,7 +17,7 @@ import bcrypt
 import pytest
 
 import provisioning.credential_pool
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.credential_pool import CredentialPool, PooledCredential
 from provisioning.passwords import PasswordHasher, generate_password
 from tests.mosquitto_node import call, mosquitto_missing, mosquitto_stack

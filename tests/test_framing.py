@@ -1,4 +1,4 @@
-"""broker.framing's reader over a real asyncio stream: packets cut from what has arrived.
+"""broker.embedded.framing's reader over a real asyncio stream: packets cut from what has arrived.
 
 End-to-end behaviour (malformed packets on real sockets) is in test_hostile_mqtt.py; these pin
 the cutting itself: several packets in one read, a packet split over many, the limits.
@@ -11,7 +11,7 @@ import asyncio
 import pytest
 from amqtt.adapters import BufferReader, StreamReaderAdapter
 
-from broker.framing import FramingReader
+from broker.embedded.framing import FramingReader
 from tests.bench.mqtt import connect_packet, publish_packet, remaining_length, subscribe_packet
 
 FRAME_TIMEOUT = 0.2

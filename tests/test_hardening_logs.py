@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import auth_plugin.plugin
-import broker.amqtt_broker
+import broker.embedded.amqtt_broker
+import broker.embedded.plugins.auth
 from auth_plugin.logsafe import MAX_SHOWN, BurstLog, shown
-from broker import BrokerServer
-from broker.amqtt_broker import REFUSED_MARKER
+from broker.embedded import BrokerServer
+from broker.errors import REFUSED_MARKER
 from tests.auth_support import ACCOUNT_PASSWORD, login_code, make_account, settings
 from tests.test_hardening_subscriptions import Wire
 
@@ -62,8 +62,8 @@ def captured() -> Iterator[Captured]:
 @pytest.fixture
 async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[BrokerServer]:
     # Bursts short enough for the test to see one end.
-    monkeypatch.setattr(auth_plugin.plugin._refused, "window", 1.0)
-    monkeypatch.setattr(broker.amqtt_broker._over_limits, "window", 1.0)
+    monkeypatch.setattr(broker.embedded.plugins.auth._refused, "window", 1.0)
+    monkeypatch.setattr(broker.embedded.amqtt_broker._over_limits, "window", 1.0)
     config = settings(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", throttle_after=10_000, lockout_after=10_000)
     async with BrokerServer(config) as running:
         await make_account(running.accounts, "svc", ["subscribe devices/#"])

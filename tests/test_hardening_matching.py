@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 from amqtt.broker import Broker
 
-from broker.topictree import FilterTree, TopicTree
+from broker.embedded.topictree import FilterTree, TopicTree
 
 LEVELS = ("a", "b", "", "$SYS", "$x", "c")
 #: amqtt 0.12.1's matcher, the reference: it looks only at ``self.logger``.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.registry import DeviceInfo, DeviceStatus
 from tests import auth_support as support
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD

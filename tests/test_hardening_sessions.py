@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import provisioning.registry.accounts
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.registry.accounts import AccountError, validate_account_name
 from tests.auth_support import (
     ACCOUNT_PASSWORD,

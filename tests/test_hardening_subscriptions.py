@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from tests.auth_support import ACCOUNT_PASSWORD, HOST, eventually, make_account, polled, settings
 from tests.bench.mqtt import remaining_length
 from tests.helpers import connect_packet

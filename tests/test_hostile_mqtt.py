@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from broker import BrokerServer
-from broker.protocol import KeepAliveHandler
+from broker.embedded import BrokerServer
+from broker.embedded.protocol import KeepAliveHandler
 from config import Settings
 from provisioning.registry import DeviceInfo
 from tests.auth_support import (

@@ -26,7 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from provisioning.contract import identity_from_client_id, reply_topic
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine

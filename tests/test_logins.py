@@ -19,8 +19,8 @@ import pytest
 
 from auth_plugin.authenticator import ConnectAttempt
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
-from broker import BrokerServer
 from broker.core import auth_core
+from broker.embedded import BrokerServer
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry, DeviceStatus, create_engine

@@ -41,7 +41,14 @@ def test_another_amqtt_release_is_one_error_line(tmp_path: Path) -> None:
     meta = tmp_path / "amqtt-9.9.9.dist-info"
     meta.mkdir()
     (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: amqtt\nVersion: 9.9.9\n")
-    done = run_mqttprov("--version", cwd=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    # Checked where amqtt is first imported (broker.embedded): `serve` stops before opening
+    # anything. Port 0 all the same, should the check ever not stop it.
+    env = {
+        "PYTHONPATH": str(tmp_path),
+        "MQTTPROV_DATABASE__URL": f"sqlite+aiosqlite:///{tmp_path / 'r.db'}",
+        "MQTTPROV_BROKER__PORT": "0",
+    }
+    done = run_mqttprov("serve", cwd=tmp_path, env=env, timeout=10)
     assert done.returncode == 1
     expected = (
         f"error: mqttprov needs amqtt {AMQTT_PIN} (its broker overrides amqtt's internals), found 9.9.9: "

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from amqtt.broker import Broker
 
-from broker import BrokerServer
+from broker.embedded import BrokerServer
 from config import Settings
 from provisioning.registry import DeviceStatus
 from tests.auth_support import PASSWORD, login_code, make_device
@@ -173,7 +173,7 @@ async def test_concurrent_logins_with_one_client_id_leave_exactly_one_connection
 
 
 def test_the_amqtt_method_that_ends_a_turn_is_still_there() -> None:
-    # broker.turns hands the turn on when amqtt 0.12.1 enters a connection's message loop.
+    # broker.embedded.turns hands the turn on when amqtt 0.12.1 enters a connection's message loop.
     source = inspect.getsource(Broker._handle_client_session)
     assert "await self._client_message_loop(client_session, handler)" in source
     assert list(inspect.signature(Broker._client_message_loop).parameters) == [

@@ -18,8 +18,9 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.typing import Subprotocol
 
-from broker import BrokerServer, ServeError
 from broker.core import run_until_signalled
+from broker.embedded import BrokerServer
+from broker.errors import ServeError
 from broker.logs import configure_logging
 from provisioning import RegistryUnavailableError
 from provisioning.registry import DeviceRegistry, DeviceStatus, create_engine
@@ -69,12 +70,14 @@ async def ws_connack_code(host: str, port: int) -> int:
 async def test_server_refuses_an_anonymous_connect_with_connack_5(
     sqlite_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="broker.server")
+    caplog.set_level(logging.INFO, logger="broker.embedded.server")
     async with BrokerServer(broker_settings(sqlite_url)) as server:
         host, port = server.settings.broker.host, server.settings.broker.port
         assert await asyncio.to_thread(connack_code, host, port, "stranger") == NOT_AUTHORIZED
     messages = [
-        r.getMessage() for r in caplog.records if r.name == "broker.server" and r.levelno == logging.INFO
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "broker.embedded.server" and r.levelno == logging.INFO
     ]
     assert messages == [
         f"listening for mqtt on {host}:{port}",
@@ -183,7 +186,7 @@ WILDCARD_WARNING = (
 async def test_wildcard_host_warning(
     sqlite_url: str, caplog: pytest.LogCaptureFixture, advertised: str | None, expected: list[str]
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="broker.server")
+    caplog.set_level(logging.WARNING, logger="broker.embedded.server")
     settings = broker_settings(sqlite_url, host="0.0.0.0", advertised_host=advertised)
     async with BrokerServer(settings):
         pass
@@ -191,7 +194,9 @@ async def test_wildcard_host_warning(
     warned = [
         r.getMessage()
         for r in caplog.records
-        if r.name == "broker.server" and r.levelno == logging.WARNING and "broker.host" in r.getMessage()
+        if r.name == "broker.embedded.server"
+        and r.levelno == logging.WARNING
+        and "broker.host" in r.getMessage()
     ]
     assert warned == expected
 

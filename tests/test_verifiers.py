@@ -20,8 +20,8 @@ from sqlalchemy import update
 from auth_plugin.authenticator import Authenticator, ConnectAttempt
 from auth_plugin.principals import credential_tag
 from auth_plugin.verifiers import KEY_FILE_NAME, VerifierKey, default_key_file
-from broker import BrokerServer
 from broker.core import auth_core
+from broker.embedded import BrokerServer
 from config import Settings
 from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from provisioning.registry.migrate import upgrade

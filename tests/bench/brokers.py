@@ -114,8 +114,8 @@ def _auth_db_rounds(rounds: int) -> None:
 
 @contextlib.asynccontextmanager
 async def _mqttprov(spec: BrokerSpec) -> AsyncIterator[Callable[[], dict[str, Any]]]:
-    from broker import BrokerServer  # noqa: PLC0415
     from broker.core import settle_heap  # noqa: PLC0415
+    from broker.embedded import BrokerServer  # noqa: PLC0415
     from config import Settings  # noqa: PLC0415
 
     async with BrokerServer(Settings.model_validate(spec.settings)) as server:

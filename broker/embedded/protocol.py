@@ -9,7 +9,7 @@ connection was lost, or its fixed 5 s wait ran out). For a persistent session we
 the next connection of the session gets it again (MQTT 3.1.1 §4.4).
 
 Incoming messages are bounded too (see :meth:`KeepAliveHandler.handle_publish`), and a CONNECT
-makes a :class:`broker.session.BrokerSession` (see :meth:`KeepAliveHandler.init_from_connect`).
+makes a :class:`broker.embedded.session.BrokerSession` (see :meth:`KeepAliveHandler.init_from_connect`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 import math
 from typing import Any
 
-from amqtt.adapters import ReaderAdapter, WriterAdapter
+from amqtt.adapters import ReaderAdapter, StreamWriterAdapter, WriterAdapter
 from amqtt.errors import MQTTError
 from amqtt.events import MQTTEvents
 from amqtt.mqtt.connack import (
@@ -37,7 +37,7 @@ from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 from amqtt.utils import format_client_message
 
 from auth_plugin.logsafe import BurstLog, shown
-from broker.session import BrokerSession
+from broker.embedded.session import BrokerSession
 
 logger = logging.getLogger(__name__)
 _silent = BurstLog(logger, "clients silent past their keep-alive disconnected")
@@ -207,7 +207,7 @@ class KeepAliveHandler(BrokerProtocolHandler):
         try:
             await super().stop()
         finally:
-            _close_transport(self.writer)
+            close_transport(self.writer)
 
     async def handle_disconnect(self, disconnect: DisconnectPacket | None) -> None:
         """amqtt's, except that a DISCONNECT or lost link during :meth:`start` is not lost.
@@ -258,10 +258,18 @@ class KeepAliveHandler(BrokerProtocolHandler):
         self._expiry = asyncio.ensure_future(self.handle_connection_closed())
 
 
-def _close_transport(writer: Any) -> None:
-    # amqtt's StreamWriterAdapter.close() drains before it closes: when the peer went away in the
-    # middle of a delivery the drain raises, amqtt logs it at DEBUG, and the transport is never
-    # closed (only collected, with a ResourceWarning). Close it for certain.
-    stream = getattr(writer, "_writer", None)
-    if isinstance(stream, asyncio.StreamWriter) and not stream.is_closing():
+def close_transport(writer: WriterAdapter | None) -> None:
+    """Close the socket under amqtt's writer adapter, whatever state the adapter is in.
+
+    amqtt's StreamWriterAdapter.close() drains before it closes: when the peer went away in the
+    middle of a delivery the drain raises, amqtt logs it at DEBUG, and the transport is never
+    closed (only collected, with a ResourceWarning). Websocket writers have no such transport.
+    """
+    if not isinstance(writer, StreamWriterAdapter):
+        return
+    # No default: if amqtt renames it, this fails loudly instead of leaking every socket.
+    stream = writer._writer
+    if not isinstance(stream, asyncio.StreamWriter):
+        raise TypeError(f"amqtt's StreamWriterAdapter._writer is a {type(stream).__name__}")
+    if not stream.is_closing():
         stream.close()

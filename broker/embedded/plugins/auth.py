@@ -1,7 +1,7 @@
 """Thin amqtt adapters: the auth plugin and the topic plugin over :mod:`auth_plugin`'s services.
 
 Session start and end (presence) are not amqtt events here: the broker calls
-:class:`auth_plugin.sessions.SessionHooks` directly.
+:class:`broker.embedded.plugins.sessions.SessionHooks` directly.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ class MqttprovAuthPlugin(BaseAuthPlugin):
 
     @dataclass
     class Config:
-        """The service doing the work (passed in by ``broker.assembly``)."""
+        """The service doing the work (passed in by ``broker.embedded.assembly``)."""
 
         authenticator: Any = None
 

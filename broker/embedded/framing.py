@@ -17,7 +17,7 @@ import asyncio
 import logging
 import struct
 
-from amqtt.adapters import ReaderAdapter
+from amqtt.adapters import ReaderAdapter, StreamReaderAdapter
 
 from auth_plugin.logsafe import BurstLog
 
@@ -204,9 +204,14 @@ class FramingReader(ReaderAdapter):  # type: ignore[misc] # amqtt ships no type 
         # offset rather than cutting the front off a large buffer for every field.
         self._buffer = b""
         self._pos = 0
-        # amqtt's StreamReaderAdapter keeps the asyncio stream as ``_reader`` (amqtt 0.12.1).
-        stream = getattr(inner, "_reader", None)
-        self._stream = stream if isinstance(stream, asyncio.StreamReader) else None
+        # amqtt's StreamReaderAdapter keeps the asyncio stream as ``_reader`` (amqtt 0.12.1): read
+        # without a default, so that a rename fails every connection rather than slowing them.
+        self._stream: asyncio.StreamReader | None = None
+        if isinstance(inner, StreamReaderAdapter):
+            stream = inner._reader  # the one amqtt internal this reader needs
+            if not isinstance(stream, asyncio.StreamReader):
+                raise TypeError(f"amqtt's StreamReaderAdapter._reader is a {type(stream).__name__}")
+            self._stream = stream
         #: Bytes read from the stream and not yet cut into packets.
         self._raw = bytearray()
         self._connected = False

@@ -13,8 +13,8 @@ from typing import Any
 from auth_plugin.authenticator import Authenticator
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
+from broker.embedded.subscriptions import TopicLimits
 from broker.errors import ServeError
-from broker.subscriptions import TopicLimits
 from config import BrokerSettings, Settings
 from provisioning.ports import SessionControl
 from provisioning.service import ProvisioningService
@@ -72,9 +72,9 @@ def topic_limits(settings: BrokerSettings) -> TopicLimits:
 def plugin_config(services: Services) -> dict[str, dict[str, Any]]:
     """amqtt plugins by dotted path, each with the service it adapts."""
     return {
-        "auth_plugin.plugin.MqttprovAuthPlugin": {"authenticator": services.authenticator},
-        "auth_plugin.plugin.MqttprovTopicPlugin": {},
-        "provisioning.plugin.ProvisioningPlugin": {
+        "broker.embedded.plugins.auth.MqttprovAuthPlugin": {"authenticator": services.authenticator},
+        "broker.embedded.plugins.auth.MqttprovTopicPlugin": {},
+        "broker.embedded.plugins.provisioning.ProvisioningPlugin": {
             "service": services.provisioning,
             "sessions": services.sessions,
         },

@@ -12,10 +12,17 @@ from amqtt.errors import BrokerError
 
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
-from auth_plugin.sessions import SessionHooks
-from broker.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
-from broker.assembly import Listener, Services, amqtt_config, check_tls_files, listeners, topic_limits
 from broker.core import STOP_TIMEOUT, AuthCore, Supervised, auth_core, run_until_signalled
+from broker.embedded.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
+from broker.embedded.assembly import (
+    Listener,
+    Services,
+    amqtt_config,
+    check_tls_files,
+    listeners,
+    topic_limits,
+)
+from broker.embedded.plugins.sessions import SessionHooks
 from broker.errors import ServeError
 from config import Settings
 from provisioning.passwords import PasswordHasher

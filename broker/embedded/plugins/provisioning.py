@@ -23,14 +23,14 @@ class ProvisioningPlugin(BasePlugin[Any]):
 
     @dataclass
     class Config:
-        """The services doing the work (passed in by ``broker.assembly``)."""
+        """The services doing the work (passed in by ``broker.embedded.assembly``)."""
 
         service: Any = None
         sessions: Any = None
 
     async def on_broker_message_broadcast(self, *, client_id: str, message: Any) -> None:
         """amqtt hook, run as its own task per message."""
-        if message is None or getattr(message, "topic", None) != REQUEST_TOPIC:
+        if message is None or message.topic != REQUEST_TOPIC:
             return
         service: ProvisioningService = self.config.service
         sessions: SessionControl = self.config.sessions
@@ -39,7 +39,7 @@ class ProvisioningPlugin(BasePlugin[Any]):
             logger.warning("dropped a provisioning request from non-provisioning client %r", client_id)
             return
         session = self.context.get_session(client_id)
-        address = getattr(session, "remote_address", None)
+        address = session.remote_address if session is not None else None
         try:
             outcome = await service.handle(identity, bytes(message.data or b""), address)
             delivered = await sessions.deliver(client_id, outcome.topic, outcome.reply.to_payload())

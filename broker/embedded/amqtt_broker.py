@@ -4,27 +4,28 @@
   rewrites a live session of the same client id first, whatever the credentials);
 - close a connection that sends no CONNECT within ``broker.connect_timeout``;
 - never keep a refused session, and answer a refusal with the right CONNACK code (4 or 5);
-- enforce keep-alive (see :mod:`broker.protocol`);
+- enforce keep-alive (see :mod:`broker.embedded.protocol`);
 - deliver a message to one session directly (provisioning replies never pass subscriptions);
 - disconnect one session without its will (revocation, re-provisioning);
 - never retain what a provisioning session publishes or anything under ``provision/``;
 - send retained messages only where the topic ACL allows RECEIVE (amqtt skips that check);
 - MQTT 3.1.1 delivery rules amqtt gets wrong: never above the published QoS, one copy per
   session for overlapping subscriptions, a repeated SUBSCRIBE replaces the QoS, unacknowledged
-  QoS 1/2 messages resent to a persistent session when it reconnects (see :mod:`broker.protocol`),
+  QoS 1/2 messages resent to a persistent session when it reconnects (see :mod:`broker.embedded.protocol`),
   queued messages without RETAIN and bounded, a clean session never resumed, a resumed session
   not sent retained messages again, and a take-over that completes before the new connection
   uses the session;
-- read only whole, well-formed packets (see :mod:`broker.framing`).
+- read only whole, well-formed packets (see :mod:`broker.embedded.framing`).
 - remove a subscription entry once nobody holds it, and bound what one session may subscribe
-  and the topics it may use (see :mod:`broker.subscriptions`);
-- tell :class:`~auth_plugin.sessions.SessionHooks` when a session goes live and when it ends;
+  and the topics it may use (see :mod:`broker.embedded.subscriptions`);
+- tell :class:`~broker.embedded.plugins.sessions.SessionHooks` when a session goes live and when it ends;
 - record who published each retained message, and clear a revoked principal's (see
-  :mod:`broker.retained`);
+  :mod:`broker.embedded.retained`);
 - fire amqtt's broadcast event only for the topics its listeners declare (see
-  :func:`_broadcast_topics`); sessions come from :mod:`broker.session` (see :mod:`broker.protocol`);
+  :func:`_broadcast_topics`); sessions come from :mod:`broker.embedded.session` (see
+  :mod:`broker.embedded.protocol`);
 - match a publish against the filters it can match, and a new subscription against the retained
-  topics it can match, through topic tries (see :mod:`broker.topictree`), not everything stored.
+  topics it can match, through topic tries (see :mod:`broker.embedded.topictree`), not everything stored.
 """
 
 from __future__ import annotations
@@ -48,7 +49,6 @@ from amqtt.session import OutgoingApplicationMessage, Session
 from amqtt.utils import gen_client_id
 
 from auth_plugin.logsafe import BurstLog, shown
-from auth_plugin.plugin import MqttprovTopicPlugin
 from auth_plugin.principals import (
     NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
@@ -58,14 +58,16 @@ from auth_plugin.principals import (
     principal_of,
     refusal_code,
 )
-from auth_plugin.sessions import SessionHooks
-from broker.framing import FramingReader
-from broker.ownership import account_client_id_allowed, owner
-from broker.protocol import KeepAliveHandler, grace
-from broker.retained import RetainedPublishers, publisher_name
-from broker.subscriptions import TopicLimits, held_filters
-from broker.topictree import FilterTree, TopicTree
-from broker.turns import ClientIdTurns
+from broker.embedded.framing import FramingReader
+from broker.embedded.ownership import account_client_id_allowed, owner
+from broker.embedded.plugins.auth import MqttprovTopicPlugin
+from broker.embedded.plugins.sessions import SessionHooks
+from broker.embedded.protocol import KeepAliveHandler, close_transport, grace
+from broker.embedded.retained import RetainedPublishers, publisher_name
+from broker.embedded.subscriptions import TopicLimits, held_filters
+from broker.embedded.topictree import FilterTree, TopicTree
+from broker.embedded.turns import ClientIdTurns
+from broker.errors import REFUSED_MARKER
 
 logger = logging.getLogger(__name__)
 # Refusals a client can repeat at will: one line per burst of each kind (see auth_plugin.logsafe).
@@ -74,13 +76,10 @@ _over_limits = BurstLog(logger, "refused over the topic and subscription limits"
 _bad_publish = BurstLog(logger, "connections closed for a bad topic")
 _not_retained = BurstLog(logger, "messages not retained (provisioning traffic)")
 
-AMQTT_VERSION = "0.12.1"
 #: Reply publish waits at most this long for the device's PUBACK.
 DELIVERY_TIMEOUT = 10.0
 _PROVISION_ROOT = "provision/"
 _PREAUTHENTICATED = "mqttprov.preauthenticated"
-#: Message of the exception that ends a refused or timed-out connection (amqtt logs it).
-REFUSED_MARKER = "mqttprov: connection refused"
 #: Retained messages matched against a wildcard filter between two yields to the event loop.
 RETAINED_SCAN_SLICE = 500
 #: A take-over waits at most this long for the old connection to finish before going on.
@@ -141,8 +140,9 @@ class MqttprovBroker(Broker):
         self.refused_over_limit = 0
         self.turns = ClientIdTurns()
         self._acl_check: Callable[[Session, str, Any], bool] | None = None
-        topic_plugins = getattr(self.plugins_manager, "_topic_plugins", None)
-        if isinstance(topic_plugins, list) and len(topic_plugins) == 1:
+        # amqtt 0.12.1's list of topic plugins: no default, a rename must fail at start.
+        topic_plugins = self.plugins_manager._topic_plugins
+        if len(topic_plugins) == 1:
             (only,) = topic_plugins
             if isinstance(only, MqttprovTopicPlugin):
                 self._acl_check = only.check
@@ -270,9 +270,7 @@ class MqttprovBroker(Broker):
         except OSError:
             # amqtt's adapter marks itself closed before write_eof, which fails on a socket the
             # peer has left: close the transport under it, or it is left to the garbage collector.
-            stream = getattr(writer, "_writer", None)
-            if isinstance(stream, asyncio.StreamWriter):
-                stream.close()
+            close_transport(writer)
         raise MQTTError(REFUSED_MARKER)
 
     async def _adopt(self, fresh: Session) -> Session:
@@ -456,8 +454,8 @@ class MqttprovBroker(Broker):
         ``Server.instance``. A host name that resolves to several addresses gets a socket each,
         each with its own port when asked for 0: the first is the one reported.
         """
-        server = self._servers.get(listener_name)
-        sockets = getattr(getattr(server, "instance", None), "sockets", None)
+        instance = self._servers[listener_name].instance
+        sockets = instance.sockets if instance is not None else None
         if not sockets:
             raise RuntimeError(f"amqtt listener {listener_name!r} has no bound socket")
         port: int = sockets[0].getsockname()[1]
@@ -649,7 +647,7 @@ class MqttprovBroker(Broker):
         topic = app_message.topic
         if not topic or "#" in topic or "+" in topic or topic.startswith("$"):
             # [MQTT-4.7.3-1], [MQTT-3.3.2-2], [MQTT-4.7.2-1] (the first two are already stopped by
-            # broker.framing). amqtt returned False here, which only left the message loop: the
+            # broker.embedded.framing). amqtt returned False here, which only left the message loop: the
             # connection stayed open and the session "connected" with nobody reading its packets.
             # End it as a lost link instead, so it is torn down (and its will sent) as usual.
             _bad_publish.refused(
