@@ -15,7 +15,6 @@ from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, p
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.errors import ServeError
 from broker.loop import loop_factory
-from broker.server import serve as serve_forever
 
 app = typer.Typer(
     name="mqttprov",
@@ -67,6 +66,9 @@ def main_options(
 @app.command()
 def serve(config: ConfigOption = None) -> None:
     """Run the broker until SIGINT or SIGTERM (migrates the database first)."""
+    # Imported here: amqtt (and the pin check in broker.embedded) is for this command alone.
+    from broker.embedded import serve as serve_forever  # noqa: PLC0415
+
     settings = settings_from(config)
 
     async def work() -> None:
