@@ -17,8 +17,8 @@ from sqlalchemy import inspect, select, update
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
-from broker import BrokerServer
 from broker.cli import app
+from broker.embedded import BrokerServer
 from provisioning.registry import Actor, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.copy import (
