@@ -15,7 +15,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.authd import AuthdServer
+from broker.http.authd import AuthdServer
 from config import Settings
 from provisioning.registry import create_engine
 from provisioning.registry.migrate import upgrade

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from broker.mosquitto.runtime import run_bridge, run_worker
+from broker.external.mosquitto.runtime import run_bridge, run_mosquitto_worker
 from config import Settings
 from provisioning.external.link import parse_broker_url
 from provisioning.registry import DeviceRegistry, create_engine
@@ -238,7 +238,7 @@ class Stack:
 
     async def start(self, name: str) -> None:
         """Start ``bridge`` or a worker (``worker``, ``worker-2``, ...) and wait until it is set up."""
-        runner = run_bridge if name == "bridge" else run_worker
+        runner = run_bridge if name == "bridge" else run_mosquitto_worker
         address = parse_broker_url(self.settings.external.broker)
         stop, ready = asyncio.Event(), asyncio.Event()
         task = asyncio.create_task(runner(self.settings, address, stop, ready), name=f"test-{name}")

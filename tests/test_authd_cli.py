@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from broker.authd import AuthdServer
+from broker.http.authd import AuthdServer
 from tests.authd_support import SECRET, authd_process, authd_settings, migrate, write_authd_config
 from tests.helpers import free_port, run_mqttprov, self_signed_cert
 

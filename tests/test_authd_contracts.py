@@ -26,7 +26,7 @@ from auth_plugin.acl import Action
 from auth_plugin.authd.policy import REPLY_TOPICS, external_allows, overlaps, unshared
 from auth_plugin.authenticator import Authenticator
 from auth_plugin.principals import AccountPrincipal
-from broker.authd import AuthdServer
+from broker.http.authd import AuthdServer
 from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from provisioning.registry.accounts import AccountRegistry
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, make_account, make_device

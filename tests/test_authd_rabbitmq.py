@@ -1,10 +1,10 @@
 """authd as the HTTP auth backend of a real two-node RabbitMQ 3.10 cluster (tests/rabbitmq_cluster.py).
 
 One cluster and one ``mqttprov authd`` process serve the whole module (a node takes ~10 s to
-start). Devices are provisioned by the real provisioning worker (``broker.external.run_worker``,
-``credentials = "registry"``) or, where a test is about something else, directly by the
-provisioning service on the module's registry; MQTT clients are paho-mqtt or raw sockets, called
-from threads.
+start). Devices are provisioned by the real provisioning worker
+(``broker.external.worker.run_registry_worker``, ``credentials = "registry"``) or, where a test is
+about something else, directly by the provisioning service on the module's registry; MQTT clients
+are paho-mqtt or raw sockets, called from threads.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from broker.external import run_worker
+from broker.external.worker import run_registry_worker
 from config import Settings
 from provisioning.contract import OkReply, identity_from_client_id
 from provisioning.external.link import ExternalBrokerError, parse_broker_url
@@ -230,10 +230,10 @@ def worker_settings(deployment: Deployment, **external: Any) -> Settings:
 
 @asynccontextmanager
 async def running_worker(settings: Settings) -> AsyncIterator[asyncio.Task[None]]:
-    """:func:`broker.external.run_worker` until the block ends (subscribed on entry)."""
+    """:func:`broker.external.worker.run_registry_worker` until the block ends (subscribed on entry)."""
     stop, ready = asyncio.Event(), asyncio.Event()
     address = parse_broker_url(settings.external.broker)
-    task = asyncio.create_task(run_worker(settings, address, stop, ready), name="test-worker")
+    task = asyncio.create_task(run_registry_worker(settings, address, stop, ready), name="test-worker")
     waiter = asyncio.create_task(ready.wait())
     done, _ = await asyncio.wait({task, waiter}, timeout=WORKER_WAIT, return_when=asyncio.FIRST_COMPLETED)
     waiter.cancel()
@@ -507,10 +507,10 @@ async def test_the_worker_refuses_to_start_without_the_rules_it_needs(
     settings = worker_settings(deployment, worker_username="narrow_worker")
     stop = asyncio.Event()
     with pytest.raises(ExternalBrokerError, match="lacks 'publish mqttprov/events/device/"):
-        await run_worker(settings, parse_broker_url(settings.external.broker), stop)
+        await run_registry_worker(settings, parse_broker_url(settings.external.broker), stop)
     settings = worker_settings(deployment, worker_username="nobody_here")
     with pytest.raises(ExternalBrokerError, match="no service account 'nobody_here'"):
-        await run_worker(settings, parse_broker_url(settings.external.broker), stop)
+        await run_registry_worker(settings, parse_broker_url(settings.external.broker), stop)
 
 
 async def test_mqttprov_worker_serves_until_sigterm_and_logs_no_password(

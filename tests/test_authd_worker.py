@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from broker.external import check_worker_settings
+from broker.external.worker import check_worker_settings
 from config import Settings
 from provisioning.external.link import ExternalBrokerError
 from tests.helpers import broker_settings, run_mqttprov

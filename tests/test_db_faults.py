@@ -23,8 +23,8 @@ from auth_plugin.presence import PresenceRecorder
 from auth_plugin.principals import Principal
 from auth_plugin.revocation import Revoker
 from broker.core import AuthCore, Supervised, auth_core
-from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
-from broker.mosquitto.dynsec import DynsecError
+from broker.external.mosquitto.bridge import BridgeFollower, DynsecBridge
+from broker.external.mosquitto.dynsec import DynsecError
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus, create_engine
 from provisioning.registry.accounts import AccountRegistry
@@ -321,7 +321,9 @@ async def test_the_bridge_follower_rides_out_the_database_and_mosquitto_and_appl
 
     assert fault.spent.is_set()
     assert follower.restarts == 0
-    lines = [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.mosquitto.bridge"]
+    lines = [
+        (r.levelname, r.getMessage()) for r in caplog.records if r.name == "broker.external.mosquitto.bridge"
+    ]
     story = [(level, " ".join(m.split()[:2])) for level, m in lines if "unavailable" in m or "recovered" in m]
     assert story == [
         ("WARNING", "database unavailable"),

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from sqlalchemy.engine import make_url
 
-from broker.authd import AuthdServer
+from broker.http.authd import AuthdServer
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from tests.auth_support import PASSWORD, eventually, make_device, polled

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from broker.authd import AuthdServer
 from broker.embedded import BrokerServer
+from broker.http.authd import AuthdServer
 from config import Settings
 from tests.authd_support import authd_settings, client_for, migrate
 from tests.helpers import broker_settings, connack_code, self_signed_cert, tls_connack_code

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto.dynsec import DynsecClient
-from broker.mosquitto.layout import WORKER_ROLE
-from broker.mosquitto.runtime import open_bridge
+from broker.external.mosquitto.dynsec import DynsecClient
+from broker.external.mosquitto.layout import WORKER_ROLE
+from broker.external.mosquitto.runtime import open_bridge
 from provisioning.external.link import MqttLink, parse_broker_url
 from provisioning.registry import DeviceStatus
 from tests.auth_support import hashed
@@ -388,7 +388,7 @@ async def test_the_bridge_gives_the_worker_client_its_role_and_says_when_it_is_d
     async with _admin(stack) as dynsec:
         await dynsec.call("removeClientRole", username=WORKER, rolename=WORKER_ROLE)
         await dynsec.disable_client(WORKER)
-    caplog.set_level(logging.INFO, logger="broker.mosquitto.bridge")
+    caplog.set_level(logging.INFO, logger="broker.external.mosquitto.bridge")
     async with open_bridge(stack.settings, parse_broker_url(stack.settings.external.broker)) as bridge:
         await bridge.ensure_layout()
         worker = await bridge.dynsec.get_client(WORKER)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from broker.cli.accounts import keeps_logins_on_mosquitto
-from broker.mosquitto.layout import (
+from broker.external.mosquitto.layout import (
     UnsafeRuleError,
     account_acls,
     check_external_rules,

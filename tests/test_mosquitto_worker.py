@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto.bridge import DynsecBridge
+from broker.external.mosquitto.bridge import DynsecBridge
 from provisioning.external.link import ExternalBrokerError
 from provisioning.registry import DeviceInfo
 from tests.auth_support import hashed
@@ -233,7 +233,7 @@ async def _stopped(process: ServeProcess) -> list[str]:
 
 
 WORKER_CLIENT_MISSING = (
-    "ERROR   broker.mosquitto.bridge: no worker client 'mqttprov-worker' on Mosquitto and "
+    "ERROR   broker.external.mosquitto.bridge: no worker client 'mqttprov-worker' on Mosquitto and "
     "external.worker_password is not set: give this command the worker's password too "
     "(MQTTPROV_EXTERNAL__WORKER_PASSWORD) and start it again; until then `mqttprov worker` is "
     "refused (Not authorized)"

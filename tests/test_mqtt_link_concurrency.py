@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.mosquitto.dynsec import DynsecClient
+from broker.external.mosquitto.dynsec import DynsecClient
 from provisioning.external.link import MqttLink, parse_broker_url
 from tests.mosquitto_node import ADMIN, ADMIN_PASSWORD, mosquitto_missing, mosquitto_node
 

@@ -26,9 +26,9 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
-from broker.external import broker_address
-from broker.mosquitto.layout import check_external_rules
-from broker.mosquitto.runtime import add_account, rotate_account
+from broker.external.mosquitto.layout import check_external_rules
+from broker.external.mosquitto.runtime import add_account, rotate_account
+from broker.external.worker import broker_address
 from config import Settings
 from config.loader import ENV_PREFIX, read_toml, resolve_config_path
 from provisioning.errors import ProvisioningError

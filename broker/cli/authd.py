@@ -12,7 +12,7 @@ def authd(config: ConfigOption = None) -> None:
     """Answer the auth callbacks of RabbitMQ, EMQX, VerneMQ and mosquitto-go-auth until SIGINT/SIGTERM."""
     # Imported here, not at the top: aiohttp (~10 MB) is for authd only, and every command,
     # `mqttprov serve` included, loads this module.
-    from broker.authd import run_authd  # noqa: PLC0415
+    from broker.http.authd import run_authd  # noqa: PLC0415
 
     settings = settings_from(config)
     run(

@@ -10,10 +10,10 @@ from rich.table import Table
 
 from broker.cli.accounts import issue_password
 from broker.cli.common import ConfigOption, JsonOption, fail, print_json, run, settings_from, stdout
-from broker.external import broker_address, until_signalled
-from broker.mosquitto.layout import check_external_rules
-from broker.mosquitto.runtime import add_account, rotate_account, run_bridge, sync
-from broker.mosquitto.sync import SyncReport
+from broker.external.mosquitto.layout import check_external_rules
+from broker.external.mosquitto.runtime import add_account, rotate_account, run_bridge, sync
+from broker.external.mosquitto.sync import SyncReport
+from broker.external.worker import broker_address, until_signalled
 from config import Settings
 from provisioning.errors import ProvisioningError
 from provisioning.external.link import BrokerAddress

@@ -6,9 +6,8 @@ import logging
 
 from broker.cli.bridge import BrokerOption, _address
 from broker.cli.common import ConfigOption, run, settings_from
-from broker.external import Runner, until_signalled
-from broker.external import run_worker as run_registry_worker
-from broker.mosquitto.runtime import run_worker as run_mosquitto_worker
+from broker.external.mosquitto.runtime import run_mosquitto_worker
+from broker.external.worker import Runner, run_registry_worker, until_signalled
 
 _RUNNERS: dict[str, Runner] = {"registry": run_registry_worker, "mosquitto": run_mosquitto_worker}
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from time import monotonic
 
-from broker.mosquitto.runtime import open_bridge
+from broker.external.mosquitto.runtime import open_bridge
 from config import Settings
 from provisioning.external.link import parse_broker_url
 from provisioning.registry import DeviceInfo, DeviceStatus

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from auth_plugin.principals import credential_tag
-from broker.mosquitto.dynsec import Acl
+from broker.external.mosquitto.dynsec import Acl
 from config import Settings
 from provisioning.contract import EVENT_PREFIX, REPLY_PREFIX, REQUEST_TOPIC
 from provisioning.errors import ProvisioningError

@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from sqlalchemy.exc import SQLAlchemyError
 
 from auth_plugin.principals import credential_tag
-from broker.mosquitto.dynsec import Acl, DynsecClient, DynsecError
-from broker.mosquitto.layout import (
+from broker.external.mosquitto.dynsec import Acl, DynsecClient, DynsecError
+from broker.external.mosquitto.layout import (
     DEFAULT_ACCESS,
     WORKER_ROLE,
     account_acls,

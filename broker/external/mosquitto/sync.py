@@ -18,9 +18,9 @@ from datetime import timedelta
 from typing import Any, Literal
 
 from auth_plugin.principals import credential_tag
-from broker.mosquitto.bridge import DynsecBridge
-from broker.mosquitto.dynsec import ClientInfo
-from broker.mosquitto.layout import tag_of
+from broker.external.mosquitto.bridge import DynsecBridge
+from broker.external.mosquitto.dynsec import ClientInfo
+from broker.external.mosquitto.layout import tag_of
 from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo
 from provisioning.registry.models import utcnow

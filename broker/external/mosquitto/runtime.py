@@ -1,7 +1,7 @@
 """Assemble and run the Mosquitto side: the bridge, the worker's hand-over to it, and sync.
 
 Each entry point owns what it opens (database engine, MQTT links) and closes it. What a
-provisioning worker does on any broker is in :mod:`broker.external`.
+provisioning worker does on any broker is in :mod:`broker.external.worker`.
 """
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import logging
 from collections.abc import AsyncIterator
 
 from broker.core import Supervised
-from broker.external import (
+from broker.external.mosquitto.bridge import BridgeFollower, DynsecBridge
+from broker.external.mosquitto.dynsec import DynsecClient
+from broker.external.mosquitto.layout import check_external_rules
+from broker.external.mosquitto.sync import SyncReport, reconcile
+from broker.external.worker import (
     check_worker_settings,
     log_startup,
     serve_provisioning,
     service_client_id,
 )
-from broker.mosquitto.bridge import BridgeFollower, DynsecBridge
-from broker.mosquitto.dynsec import DynsecClient
-from broker.mosquitto.layout import check_external_rules
-from broker.mosquitto.sync import SyncReport, reconcile
 from config import Settings
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink
 from provisioning.registry import DeviceRegistry, create_engine
@@ -95,7 +95,7 @@ async def run_bridge(
             await follower.stop()
 
 
-async def run_worker(
+async def run_mosquitto_worker(
     settings: Settings, address: BrokerAddress, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
     """``credentials = "mosquitto"``: serve provisioning, handing each password to Mosquitto first."""
@@ -112,7 +112,7 @@ async def run_worker(
 async def sync(
     settings: Settings, address: BrokerAddress, *, dry_run: bool, grace: float = 10.0
 ) -> SyncReport:
-    """One reconciliation (see :mod:`broker.mosquitto.sync`)."""
+    """One reconciliation (see :mod:`broker.external.mosquitto.sync`)."""
     async with open_bridge(settings, address) as bridge:
         if not dry_run:
             await bridge.ensure_layout()

@@ -6,7 +6,7 @@
   Mosquitto with mosquitto-go-auth), which checks the registry's bcrypt hash itself. The worker
   opens the registry (``database.url``) and needs no broker administrator.
 - ``"mosquitto"``: Mosquitto's dynamic security, which hashes passwords itself, must be told the
-  password through the bridge (:func:`broker.mosquitto.runtime.run_worker`).
+  password through the bridge (:func:`broker.external.mosquitto.runtime.run_mosquitto_worker`).
 
 Each entry point owns what it opens (database engine, bcrypt pool, MQTT link) and closes it.
 """
@@ -200,7 +200,7 @@ def log_startup(settings: Settings) -> None:
         )
 
 
-async def run_worker(
+async def run_registry_worker(
     settings: Settings, address: BrokerAddress, stop: asyncio.Event, ready: asyncio.Event | None = None
 ) -> None:
     """``credentials = "registry"``: serve provisioning over the registry alone until ``stop``.
