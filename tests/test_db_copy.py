@@ -50,6 +50,7 @@ TABLES = {
     "credential_changes",
     "credential_verifiers",
     "api_tokens",
+    "device_labels",
 }
 
 

@@ -269,8 +269,9 @@ async def test_raw_deletes_and_truncates_are_counted(engine: AsyncEngine) -> Non
     assert (await status_counts(engine)).kept == {"online": 2, "pending": 2}
 
     async with engine.begin() as conn:
+        # CASCADE: device_labels refers to devices (0008), and PostgreSQL truncates only both.
         await conn.exec_driver_sql(
-            "TRUNCATE devices" if engine.dialect.name == "postgresql" else "DELETE FROM devices"
+            "TRUNCATE devices CASCADE" if engine.dialect.name == "postgresql" else "DELETE FROM devices"
         )
     emptied = await status_counts(engine)
     assert emptied.kept == emptied.counted == {}

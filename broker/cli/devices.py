@@ -27,7 +27,16 @@ from broker.cli.common import (
     stdout,
 )
 from provisioning import DeviceExistsError, DeviceNotFoundError, InvalidMacError, parse_mac
-from provisioning.registry import DeviceEventInfo, DeviceInfo, DevicePage, DeviceRegistry, DeviceStatus
+from provisioning.registry import (
+    DeviceEventInfo,
+    DeviceInfo,
+    DevicePage,
+    DeviceRegistry,
+    DeviceStatus,
+    InvalidLabelError,
+    parse_labels,
+)
+from provisioning.registry.labels import validate_label_key
 
 app = typer.Typer(
     help="Enrol, list, inspect, approve, reset, decommission and delete devices.", no_args_is_help=True
@@ -41,6 +50,22 @@ NOTE_MAX = 256
 DeviceArg = Annotated[
     str, typer.Argument(metavar="ID_OR_MAC", help="Device id, MAC (any notation) or username.")
 ]
+LabelOption = Annotated[
+    list[str] | None,
+    typer.Option("--label", "-l", metavar="KEY=VALUE", help="A label (repeat for several)."),
+]
+
+
+def labels_from(texts: list[str] | None) -> dict[str, str]:
+    """The ``KEY=VALUE`` labels of the command line, or exit 2 with what is wrong."""
+    try:
+        return parse_labels(texts or [])
+    except InvalidLabelError as exc:
+        fail(f"error: {exc}", EXIT_USAGE)
+
+
+def _labels_text(labels: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
 async def find(registry: DeviceRegistry, device: str) -> DeviceInfo:
@@ -84,7 +109,7 @@ def list_devices(
         print_json({"devices": [device_json(d) for d in page.devices], "total": page.total})
         return
     table = Table(title=f"devices ({len(page.devices)} of {page.total})")
-    for column in ("id", "mac", "username", "status", "firmware", "last seen"):
+    for column in ("id", "mac", "username", "status", "firmware", "last seen", "labels"):
         table.add_column(column, no_wrap=column in {"id", "mac", "username"})
     for d in page.devices:
         table.add_row(
@@ -94,6 +119,7 @@ def list_devices(
             d.status.value,
             d.firmware_version or "-",
             d.last_seen_at.isoformat(timespec="seconds") if d.last_seen_at else "never",
+            _labels_text(d.labels),
         )
     stdout.print(table)
 
@@ -114,7 +140,8 @@ def show(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = F
         return
     table = Table(show_header=False, box=None)
     for key, value in device_json(found).items():
-        table.add_row(key, "-" if value is None or value == [] else str(value))
+        shown = _labels_text(value) if key == "labels" else str(value)
+        table.add_row(key, "-" if value is None or value == [] else shown)
     stdout.print(table)
     history = Table(title="recent events")
     for column in ("time", "kind", "actor", "count", "detail"):
@@ -175,6 +202,41 @@ def delete(
         stdout.print(f"deleted {gone.id} ({gone.mac})")
 
 
+@app.command("label")
+def label(
+    device: DeviceArg,
+    labels: Annotated[
+        list[str] | None, typer.Argument(metavar="[KEY=VALUE]...", help="Labels to set (a key's new value).")
+    ] = None,
+    remove: Annotated[
+        list[str] | None,
+        typer.Option("--remove", "-r", metavar="KEY", help="A label key to delete (repeat)."),
+    ] = None,
+    config: ConfigOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Set and remove a device's labels; with neither, show them."""
+    wanted = labels_from(labels)
+    try:
+        keys = [validate_label_key(key) for key in remove or []]
+    except InvalidLabelError as exc:
+        fail(f"error: {exc}", EXIT_USAGE)
+    settings = settings_from(config)
+
+    async def work() -> DeviceInfo:
+        async with open_registry(settings) as registry:
+            found = await find(registry, device)
+            if not wanted and not keys:
+                return found
+            return await registry.set_labels(found.id, wanted, remove=keys)
+
+    changed = run(work)
+    if as_json:
+        print_json(device_json(changed))
+    else:
+        stdout.print(f"{changed.id} ({changed.mac}): {_labels_text(changed.labels)}", markup=False)
+
+
 # -- enrolment ---------------------------------------------------------------------------------
 
 
@@ -187,14 +249,17 @@ def _too_long(firmware: str | None, note: str | None) -> str | None:
 
 
 @app.command("add")
-def add(
+def add(  # typer passes arguments and options by keyword
     mac: Annotated[str, typer.Argument(metavar="MAC", help="The device's MAC address (any notation).")],
+    *,
     firmware: Annotated[str | None, typer.Option("--firmware", help="Expected firmware version.")] = None,
     note: Annotated[str | None, typer.Option("--note", help="Free text for operators.")] = None,
+    label: LabelOption = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Allow one MAC to enrol (status approved; what allowlist mode checks)."""
+    labels = labels_from(label)
     problem = _too_long(firmware, note)
     if problem is not None:
         fail(f"error: {problem}", EXIT_USAGE)
@@ -206,7 +271,7 @@ def add(
 
     async def work() -> DeviceInfo:
         async with open_registry(settings) as registry:
-            return await registry.add_allowed(mac, firmware_version=firmware, note=note)
+            return await registry.add_allowed(mac, firmware_version=firmware, note=note, labels=labels)
 
     added = run(work)
     if as_json:
@@ -221,6 +286,7 @@ class _Row:
     mac: str
     firmware: str | None
     note: str | None
+    labels: str | None = None
 
 
 @dataclass
@@ -248,6 +314,7 @@ def _read_rows(path: Path) -> list[_Row]:
                         (record.get("mac") or "").strip(),
                         _text(record, "firmware"),
                         _text(record, "note"),
+                        _text(record, "labels"),
                     )
                 )
     except FileNotFoundError:
@@ -279,7 +346,10 @@ async def _import_row(registry: DeviceRegistry, row: _Row, seen: set[str]) -> st
     if problem is not None:
         return problem
     try:
-        await registry.add_allowed(mac, firmware_version=row.firmware, note=row.note)
+        labels = parse_labels(part for part in (row.labels or "").split(";") if part.strip())
+        await registry.add_allowed(mac, firmware_version=row.firmware, note=row.note, labels=labels)
+    except InvalidLabelError as exc:
+        return str(exc)
     except DeviceExistsError:
         return "already registered"
     return None
@@ -289,7 +359,10 @@ async def _import_row(registry: DeviceRegistry, row: _Row, seen: set[str]) -> st
 def import_devices(
     file: Annotated[
         Path,
-        typer.Argument(metavar="FILE.csv", help="CSV with a header: mac, optional firmware and note."),
+        typer.Argument(
+            metavar="FILE.csv",
+            help="CSV with a header: mac, optional firmware, note and labels (KEY=VALUE;KEY=VALUE).",
+        ),
     ],
     config: ConfigOption = None,
     as_json: JsonOption = False,

@@ -1,6 +1,14 @@
 """The device registry: models, engine and the repository every other component uses."""
 
 from provisioning.registry.engine import create_engine
+from provisioning.registry.labels import (
+    MAX_LABELS,
+    InvalidLabelError,
+    LabelKey,
+    LabelValue,
+    parse_label,
+    parse_labels,
+)
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Base, Device, DeviceEvent, DeviceStatus
 from provisioning.registry.repository import DeviceRegistry, username_for
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
@@ -17,6 +25,7 @@ from provisioning.registry.tokens import (
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "MAX_LABELS",
     "Actor",
     "ApiTokenInfo",
     "Base",
@@ -28,7 +37,10 @@ __all__ = [
     "DevicePage",
     "DeviceRegistry",
     "DeviceStatus",
+    "InvalidLabelError",
     "IssuedToken",
+    "LabelKey",
+    "LabelValue",
     "Scope",
     "TokenError",
     "TokenExistsError",
@@ -36,5 +48,7 @@ __all__ = [
     "TokenRequest",
     "TokenStore",
     "create_engine",
+    "parse_label",
+    "parse_labels",
     "username_for",
 ]

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    ForeignKey,
     Index,
     Integer,
     MetaData,
@@ -208,3 +209,17 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     #: Updated at most once a minute (:data:`~provisioning.registry.tokens.LAST_USED_EVERY`).
     last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeviceLabel(Base):
+    """One ``key=value`` label of a device (:mod:`provisioning.registry.labels`); deleted with it."""
+
+    __tablename__ = "device_labels"
+    # Filters ask "which devices have key=value": (key, value) first, the device id to join on.
+    __table_args__ = (Index("ix_device_labels_key_value", "key", "value", "device_id"),)
+
+    device_id: Mapped[uuid.UUID] = mapped_column(
+        Uuid, ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True
+    )
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(63))

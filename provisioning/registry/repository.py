@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -26,6 +26,7 @@ from provisioning.errors import (
 )
 from provisioning.mac import parse_device_mac, parse_mac
 from provisioning.registry.events import fold_event, new_event
+from provisioning.registry.labels import change_labels, check_labels, labels_for, labels_of
 from provisioning.registry.models import Actor, CredentialVerifier, Device, DeviceEvent, DeviceStatus, utcnow
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
 from provisioning.registry.status_counts import COMPACT_ABOVE, compact, kept_count
@@ -52,20 +53,20 @@ class DeviceRegistry(Repository):
             row = await session.get(Device, device_id)
             if row is None:
                 raise DeviceNotFoundError(f"no device with id {device_id}")
-            return DeviceInfo.from_row(row)
+            return DeviceInfo.from_row(row, await labels_for(session, row.id))
 
     async def find_by_mac(self, mac: str) -> DeviceInfo | None:
         """The device with this MAC (any accepted notation), or None."""
         canonical = parse_mac(mac)
         async with self._read() as session:
             row = await session.scalar(select(Device).where(Device.mac == canonical))
-            return DeviceInfo.from_row(row) if row is not None else None
+            return DeviceInfo.from_row(row, await labels_for(session, row.id)) if row is not None else None
 
     async def find_by_username(self, username: str) -> DeviceInfo | None:
         """The device with this MQTT username, or None."""
         async with self._read() as session:
             row = await session.scalar(select(Device).where(Device.mqtt_username == username))
-            return DeviceInfo.from_row(row) if row is not None else None
+            return DeviceInfo.from_row(row, await labels_for(session, row.id)) if row is not None else None
 
     async def resolve(self, id_or_mac: str) -> DeviceInfo:
         """Find a device by id, MAC (any notation) or MQTT username, as operators type them."""
@@ -99,11 +100,12 @@ class DeviceRegistry(Repository):
         query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
         async with self._read() as session:
             rows = (await session.execute(query)).all()
+            labels = await labels_of(session, [r.id for r in rows])
             # Kept by triggers: counting 60,000 devices of one status was most of a page's time.
             total, summed = await kept_count(session, status.value if status is not None else None)
         if summed > COMPACT_ABOVE:
             await self._compact_counts()
-        return DevicePage(devices=[DeviceInfo.from_row(r) for r in rows], total=total)
+        return DevicePage(devices=[DeviceInfo.from_row(r, labels.get(r.id)) for r in rows], total=total)
 
     async def _compact_counts(self) -> None:
         # Best effort: a writer that made many rows without folding them (a bulk import, the CLI
@@ -142,13 +144,15 @@ class DeviceRegistry(Repository):
         event_kind: str = "created",
         detail: dict[str, Any] | None = None,
         note: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> DeviceInfo:
-        """Insert a device; :class:`DeviceExistsError` when its MAC is already registered.
+        """Insert a device with its ``labels``; :class:`DeviceExistsError` when its MAC is registered.
 
         Uniqueness is the database's: concurrent creators of one MAC get one row. Group and
         all-zero addresses are :class:`InvalidMacError` (see :func:`parse_device_mac`).
         """
         canonical = parse_device_mac(mac)
+        labels = check_labels(labels or {})
         device_id = uuid.uuid4()
         row = Device(
             id=device_id,
@@ -166,10 +170,12 @@ class DeviceRegistry(Repository):
                 session.add(row)
                 await session.flush()
                 session.add(new_event(device_id, canonical, event_kind, actor, detail))
+                if labels:
+                    await change_labels(session, device_id, labels, ())
         except IntegrityError as exc:
             raise DeviceExistsError(f"a device with MAC {canonical} already exists") from exc
         logger.info("device created id=%s mac=%s status=%s", device_id, canonical, status.value)
-        return DeviceInfo.from_row(row)
+        return DeviceInfo.from_row(row, labels)
 
     async def find_credentials_by_mac(self, mac: str) -> DeviceCredentials | None:
         """The device with this MAC and its password hash (for the provisioning service)."""
@@ -190,7 +196,12 @@ class DeviceRegistry(Repository):
             return DeviceCredentials.from_row(found[0], found[1]) if found is not None else None
 
     async def add_allowed(
-        self, mac: str, *, firmware_version: str | None = None, note: str | None = None
+        self,
+        mac: str,
+        *,
+        firmware_version: str | None = None,
+        note: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> DeviceInfo:
         """Pre-register a MAC that may enrol (allowlist mode): status ``approved``."""
         return await self.create_device(
@@ -198,6 +209,7 @@ class DeviceRegistry(Repository):
             status=DeviceStatus.APPROVED,
             firmware_version=firmware_version,
             note=note,
+            labels=labels,
             actor=Actor.OPERATOR,
             event_kind="added",
         )
@@ -241,7 +253,7 @@ class DeviceRegistry(Repository):
                 row.activated_at = None
                 await record_change(session, row.mqtt_username, kind)
             session.add(new_event(row.id, row.mac, kind, Actor.OPERATOR, {"status": to.value}))
-            info = DeviceInfo.from_row(row)
+            info = DeviceInfo.from_row(row, await labels_for(session, row.id))
         logger.info("device %s id=%s mac=%s", kind, info.id, info.mac)
         return info
 
@@ -313,7 +325,7 @@ class DeviceRegistry(Repository):
                 session.add(new_event(row.id, row.mac, "decommissioned", actor, None))
                 await record_change(session, row.mqtt_username, "decommissioned")
                 await session.flush()  # runs onupdate: the view must show the new updated_at
-            info = DeviceInfo.from_row(row)
+            info = DeviceInfo.from_row(row, await labels_for(session, row.id))
         logger.info("device decommissioned id=%s mac=%s", info.id, info.mac)
         return info
 
@@ -321,11 +333,29 @@ class DeviceRegistry(Repository):
         """Remove a device row; its audit trail stays, closed by a ``deleted`` event."""
         async with self._write() as session:
             row = await _locked(session, device_id)
-            info = DeviceInfo.from_row(row)
+            info = DeviceInfo.from_row(row, await labels_for(session, row.id))
+            # Its labels go with it (ON DELETE CASCADE).
             await session.execute(delete(Device).where(Device.id == device_id))
             await record_change(session, info.mqtt_username, "deleted")
             session.add(new_event(info.id, info.mac, "deleted", actor, {"status": info.status.value}))
         logger.info("device deleted id=%s mac=%s", info.id, info.mac)
+        return info
+
+    async def set_labels(
+        self, device_id: uuid.UUID, labels: Mapping[str, str], *, remove: Iterable[str] = ()
+    ) -> DeviceInfo:
+        """Set ``labels`` (a key it names gets the new value) and delete the keys ``remove``."""
+        removed = sorted(set(remove))
+        async with self._write() as session:
+            row = await _locked(session, device_id)
+            current = await change_labels(session, row.id, labels, removed)
+            row.updated_at = utcnow()
+            detail = {"set": dict(labels), "removed": removed}
+            session.add(new_event(row.id, row.mac, "labelled", Actor.OPERATOR, detail))
+            info = DeviceInfo.from_row(row, current)
+        logger.info(
+            "device labelled id=%s mac=%s set=%d removed=%d", info.id, info.mac, len(labels), len(removed)
+        )
         return info
 
     async def set_status(

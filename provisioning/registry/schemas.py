@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -55,14 +56,19 @@ class DeviceInfo(_View):
     credentials_issued_at: datetime | None
     note: str | None
     has_credentials: bool
+    #: ``key=value`` labels (:mod:`provisioning.registry.labels`). Read with every view operators
+    #: get; not on the login and provisioning paths (``DeviceCredentials``, ``issue_credentials``,
+    #: ``set_status``), which never need them: empty there.
+    labels: dict[str, str] = Field(default_factory=dict)
 
     _aware_times = field_validator(
         "created_at", "updated_at", "last_seen_at", "activated_at", "credentials_issued_at", mode="after"
     )(aware)
 
     @classmethod
-    def from_row(cls, row: Device | Row[Any]) -> DeviceInfo:
-        """Build the view from an ORM row or a row of the ``devices`` table (never the hash).
+    def from_row(cls, row: Device | Row[Any], labels: Mapping[str, str] | None = None) -> DeviceInfo:
+        """Build the view from an ORM row or a row of the ``devices`` table (never the hash), and
+        the device's labels if they were read.
 
         The columns are already typed by the table (and its CHECK constraint): the view is built
         without a second validation, which is most of what a page of devices used to cost.
@@ -84,6 +90,7 @@ class DeviceInfo(_View):
             credentials_issued_at=aware(row.credentials_issued_at),
             note=row.note,
             has_credentials=row.password_hash is not None,
+            labels=dict(labels) if labels else {},
         )
 
 
