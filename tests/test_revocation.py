@@ -5,6 +5,7 @@ admission of logins by the time their caller waits."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import weakref
 from collections.abc import Iterable
@@ -16,7 +17,7 @@ from auth_plugin.cache import VerifiedCache
 from auth_plugin.principals import SERVER_UNAVAILABLE, DevicePrincipal, Principal, credential_tag
 from auth_plugin.revocation import Revoker
 from broker.core import auth_core
-from provisioning.registry import DeviceRegistry
+from provisioning.registry import DeviceCredentials, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.migrate import upgrade
 from tests.auth_support import PASSWORD, make_device
@@ -117,6 +118,31 @@ async def test_a_dropped_entry_whose_credential_is_still_current_keeps_its_sessi
     await asyncio.wait_for(asyncio.gather(*revoker._rechecks), 5)
 
     assert principal.username in sessions.live
+    assert revoker.kicked == 0
+
+
+async def test_a_login_that_takes_the_client_id_during_the_registry_read_is_not_thrown_off(
+    registry: DeviceRegistry, accounts: AccountRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache, sessions = VerifiedCache(), Sessions()
+    revoker = Revoker(registry, accounts, cache, sessions)
+    current = await _principal(registry, "02:00:00:00:0a:05")
+    # A session on a credential since replaced (a reissue): the follower reads the registry to
+    # decide, and while it reads, the device logs in again with its new credential.
+    stale = dataclasses.replace(current, tag=credential_tag("$2b$04$" + "x" * 53))
+    sessions.live[current.username] = stale
+    read = registry.find_credentials_by_username
+
+    async def read_while_the_new_login_lands(username: str) -> DeviceCredentials | None:
+        record = await read(username)
+        sessions.live[current.username] = current
+        return record
+
+    monkeypatch.setattr(registry, "find_credentials_by_username", read_while_the_new_login_lands)
+
+    await revoker.apply({current.username})
+
+    assert sessions.live.get(current.username) is current
     assert revoker.kicked == 0
 
 
