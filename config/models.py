@@ -279,6 +279,27 @@ class AuthdSettings(_Section):
         return self
 
 
+class ApiSettings(_Section):
+    """``[api]``: the HTTP management API (``mqttprov api``, or inside ``mqttprov serve``)."""
+
+    #: Whether ``mqttprov serve`` hosts the API beside the broker (``mqttprov api`` always does).
+    enabled: bool = False
+    #: Loopback by default: the API manages every device; expose it deliberately, with TLS.
+    host: str = "127.0.0.1"
+    port: ListenPort = 8080
+    #: HTTPS: PEM certificate chain and key.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: Largest request body accepted (bytes); a larger one is answered 413 before it is read.
+    max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1_048_576)] = 1_048_576
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ApiSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        return self
+
+
 class Settings(_Section):
     """The whole effective configuration."""
 
@@ -289,6 +310,7 @@ class Settings(_Section):
     external: ExternalSettings = ExternalSettings()
     acl: AclSettings = AclSettings()
     authd: AuthdSettings = AuthdSettings()
+    api: ApiSettings = ApiSettings()
 
     def warnings(self) -> list[str]:
         """Operator-facing warnings about settings that work but are probably not meant."""

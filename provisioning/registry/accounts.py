@@ -26,17 +26,21 @@ _RESERVED_PREFIXES = (DEVICE_USERNAME_PREFIX, PROVISION_USERNAME)
 
 
 class AccountError(ProvisioningError):
-    """A service account operation was refused."""
+    """A service account operation was refused (an invalid name, for one)."""
 
-    error_code = "ACCOUNT"
+    error_code = "INVALID_ACCOUNT"
 
 
 class AccountNotFoundError(AccountError, LookupError):
     """No service account has this name."""
 
+    error_code = "NOT_FOUND"
+
 
 class AccountExistsError(AccountError):
     """A service account with this name already exists."""
+
+    error_code = "ALREADY_EXISTS"
 
 
 class AccountInfo(BaseModel):
