@@ -9,6 +9,7 @@ from config.models import (
     BrokerSettings,
     DatabaseSettings,
     ExternalSettings,
+    LogSettings,
     ProvisioningSettings,
     Settings,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "ConfigError",
     "DatabaseSettings",
     "ExternalSettings",
+    "LogSettings",
     "ProvisioningSettings",
     "Settings",
     "load_settings",

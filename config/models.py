@@ -300,6 +300,26 @@ class ApiSettings(_Section):
         return self
 
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class LogSettings(_Section):
+    """``[log]``: what the long-running commands (``serve``, ``authd``, ``worker``, ...) log on stderr."""
+
+    #: The least severe of mqttprov's own lines to write; libraries write the same but never
+    #: below WARNING (amqtt logs every connection at INFO). ``--debug`` wins: DEBUG, for all.
+    level: LogLevel = "INFO"
+    #: ``text``: one line per record for people; ``json``: one JSON object per line for a log
+    #: pipeline, with the keys the README's "Logs" section lists.
+    format: Literal["text", "json"] = "text"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        # MQTTPROV_LOG__LEVEL=debug reads as naturally as DEBUG.
+        return value.upper() if isinstance(value, str) else value
+
+
 class Settings(_Section):
     """The whole effective configuration."""
 
@@ -311,6 +331,7 @@ class Settings(_Section):
     acl: AclSettings = AclSettings()
     authd: AuthdSettings = AuthdSettings()
     api: ApiSettings = ApiSettings()
+    log: LogSettings = LogSettings()
 
     def warnings(self) -> list[str]:
         """Operator-facing warnings about settings that work but are probably not meant."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import logging
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated
 
@@ -82,7 +81,7 @@ def serve(config: ConfigOption = None) -> None:
                 "tls_port and ws_port likewise)"
             ) from exc
 
-    run(work, log_level=logging.INFO, loop_factory=loop_factory(settings.broker.event_loop))
+    run(work, log=settings.log, loop_factory=loop_factory(settings.broker.event_loop))
 
 
 def _address_in_use(exc: BaseException) -> bool:

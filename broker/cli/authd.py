@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from broker.cli.common import ConfigOption, run, settings_from
 from broker.loop import loop_factory
 
@@ -17,6 +15,6 @@ def authd(config: ConfigOption = None) -> None:
     settings = settings_from(config)
     run(
         lambda: run_authd(settings),
-        log_level=logging.INFO,
+        log=settings.log,
         loop_factory=loop_factory(settings.broker.event_loop),
     )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Annotated
 
 import typer
@@ -39,7 +38,7 @@ def run_command(config: ConfigOption = None, broker: BrokerOption = None) -> Non
     """Set Mosquitto's default ACL access and worker role, then revoke clients as credentials die."""
     settings = settings_from(config)
     address = _address(settings, broker)
-    run(lambda: until_signalled(lambda stop: run_bridge(settings, address, stop)), log_level=logging.INFO)
+    run(lambda: until_signalled(lambda stop: run_bridge(settings, address, stop)), log=settings.log)
 
 
 @app.command("sync")

@@ -19,7 +19,7 @@ from sqlalchemy.exc import ArgumentError
 
 from broker.errors import ServeError
 from broker.logs import configure_logging
-from config import ConfigError, Settings, load_settings
+from config import ConfigError, LogSettings, Settings, load_settings
 from provisioning import ProvisioningError
 from provisioning.registry import DeviceRegistry, create_engine
 from provisioning.registry.transactions import Repository
@@ -72,14 +72,19 @@ def settings_from(path: Path | None) -> Settings:
 def run(
     work: Callable[[], Awaitable[T]],
     *,
-    log_level: int = logging.WARNING,
+    log: LogSettings | None = None,
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
 ) -> T:
     """Run one command's coroutine; known errors become one line and a non-zero exit.
 
-    ``loop_factory``: the event loop to run on (``serve`` and ``authd``); default asyncio's.
+    ``log``: a long-running command's ``[log]`` settings; a one-shot command (None) logs
+    warnings and errors as text. ``loop_factory``: the event loop to run on (``serve`` and
+    ``authd``); default asyncio's.
     """
-    configure_logging(debug=state.debug, level=log_level)
+    if log is None:
+        configure_logging(debug=state.debug, level=logging.WARNING)
+    else:
+        configure_logging(debug=state.debug, level=log.level, log_format=log.format)
     try:
         # asyncio.run takes no loop factory before Python 3.12; its Runner does.
         with asyncio.Runner(loop_factory=loop_factory) as runner:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 from broker.cli.bridge import BrokerOption, _address
 from broker.cli.common import ConfigOption, run, settings_from
 from broker.external.mosquitto.runtime import run_mosquitto_worker
@@ -22,4 +20,4 @@ def worker(config: ConfigOption = None, broker: BrokerOption = None) -> None:
     settings = settings_from(config)
     address = _address(settings, broker)
     runner = _RUNNERS[settings.external.credentials]
-    run(lambda: until_signalled(lambda stop: runner(settings, address, stop, None)), log_level=logging.INFO)
+    run(lambda: until_signalled(lambda stop: runner(settings, address, stop, None)), log=settings.log)
