@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,8 +11,10 @@ import httpx
 import pytest
 import schemathesis
 
+from broker.http.api.hosted import BrokerWithApi
 from provisioning.registry.tokens import Scope
 from tests.api_support import Api, api_settings, assert_problem, running_api
+from tests.mqtt_clients import ACCEPTED, login
 
 MAC = "02:00:00:00:a0:01"
 READ_WRITE = (Scope.READ, Scope.WRITE)
@@ -209,3 +212,16 @@ async def test_a_stopped_server_refuses_connections(sqlite_url: str) -> None:
     with pytest.raises(httpx.ConnectError):
         async with httpx.AsyncClient() as client:
             await client.get(url + "/health")
+
+
+async def test_serve_hosts_the_api_on_the_brokers_own_services(sqlite_url: str) -> None:
+    settings = api_settings(sqlite_url, api={"enabled": True})
+    async with BrokerWithApi(settings) as served, httpx.AsyncClient(base_url=served.api.url) as client:
+        assert served.api.settings.port != 0
+        creds = (await client.post("/api/v1/provision", json={"mac": MAC})).json()
+        assert creds["mqtt_port"] == served.broker.settings.broker.port  # the broker's bound port
+        port = served.broker.settings.broker.port
+        assert await asyncio.to_thread(login, port, creds) == ACCEPTED
+        issued = await served.broker.registry.find_by_mac(MAC)
+        assert issued is not None
+        assert issued.status.value == "registered"

@@ -10,7 +10,7 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from broker.cli import accounts, authd, bridge, config_cmd, db, devices, keys, provision, tokens, worker
+from broker.cli import accounts, api, authd, bridge, config_cmd, db, devices, keys, provision, tokens, worker
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.errors import ServeError
 from broker.loop import loop_factory
@@ -33,6 +33,7 @@ app.command("provision-device")(provision.provision_device)
 app.add_typer(bridge.app, name="bridge")
 app.command("worker")(worker.worker)
 app.command("authd")(authd.authd)
+app.command("api")(api.api)
 
 
 def _version() -> str:
@@ -66,9 +67,15 @@ def main_options(
 def serve(config: ConfigOption = None) -> None:
     """Run the broker until SIGINT or SIGTERM (migrates the database first)."""
     # Imported here: amqtt (and the pin check in broker.embedded) is for this command alone.
-    from broker.embedded import serve as serve_forever  # noqa: PLC0415
+    from broker.embedded import serve as serve_broker  # noqa: PLC0415
 
     settings = settings_from(config)
+    serve_forever = serve_broker
+    if settings.api.enabled:
+        # FastAPI and uvicorn only when the API is asked for.
+        from broker.http.api.hosted import serve_with_api  # noqa: PLC0415
+
+        serve_forever = serve_with_api
 
     async def work() -> None:
         try:
@@ -78,7 +85,7 @@ def serve(config: ConfigOption = None) -> None:
                 raise
             raise ServeError(
                 f"{exc} (set another: [broker] port in the config file or MQTTPROV_BROKER__PORT; "
-                "tls_port and ws_port likewise)"
+                "tls_port and ws_port likewise, [api] port for the API)"
             ) from exc
 
     run(work, log=settings.log, loop_factory=loop_factory(settings.broker.event_loop))
