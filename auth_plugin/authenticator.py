@@ -4,29 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import secrets
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 
 import bcrypt
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.budget import BcryptBudget
 from auth_plugin.cache import VerifiedCache
+from auth_plugin.credentials import Credential, Kind, client_id_refusal, device_namespace
+from auth_plugin.decisions import AuthStats, Check, ConnectAttempt, Decision, unchecked
 from auth_plugin.principals import (
     BAD_USERNAME_OR_PASSWORD,
     NOT_AUTHORIZED,
     SERVER_UNAVAILABLE,
-    AccountPrincipal,
     DevicePrincipal,
     Principal,
     ProvisioningPrincipal,
-    credential_tag,
 )
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from auth_plugin.verifiers import VerifierKey, load_verifier_key
@@ -35,10 +32,21 @@ from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME, id
 from provisioning.errors import RegistryUnavailableError
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
-from provisioning.registry import ACTIVE_STATUSES, Actor, DeviceInfo, DeviceRegistry
-from provisioning.registry.accounts import AccountCredentials, AccountRegistry, account_client_id_allowed
+from provisioning.registry import Actor, DeviceRegistry
+from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.verifiers import StoredVerifier, VerifierStore
-from provisioning.topics import validate_filter
+
+# Re-exported: callers import the decision types and the namespace rule from here.
+__all__ = [
+    "MAX_AUDITS_IN_FLIGHT",
+    "AuthStats",
+    "Authenticator",
+    "Check",
+    "ConnectAttempt",
+    "Decision",
+    "device_namespace",
+    "unmatchable_hash",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -59,80 +67,6 @@ WARM_UP_LIMIT = 50_000
 MAX_AUDITS_IN_FLIGHT = 8
 #: The budget's source for checks of usernames that are not registered: one share for all of them.
 UNKNOWN_SOURCE = "unknown usernames"
-
-
-@dataclass(frozen=True)
-class ConnectAttempt:
-    """What a CONNECT presented."""
-
-    client_id: str | None
-    username: str | None
-    password: str | None
-    will_flag: bool = False
-    address: str | None = None
-    will_topic: str | None = None
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The principal to bind on success, or why not (for the log; never sent to the client)."""
-
-    principal: Principal | None
-    reason: str
-    #: CONNACK code for a refusal: 4 wrong credentials, 3 overloaded, 5 everything else.
-    code: int = NOT_AUTHORIZED
-
-    @property
-    def accepted(self) -> bool:
-        """True when the CONNECT may proceed."""
-        return self.principal is not None
-
-
-_Login = Callable[[ConnectAttempt, str], Awaitable[Decision]]
-
-
-class Check(enum.Enum):
-    """The outcome of checking a password against a stored credential."""
-
-    VERIFIED = enum.auto()
-    WRONG = enum.auto()
-    #: Not checked: the bcrypt budget had no room (retryable).
-    BUSY = enum.auto()
-    #: Not checked: the pair's failures and checks in flight reached the lockout.
-    LOCKED = enum.auto()
-
-
-@dataclass
-class AuthStats:
-    """Counters for operators, tests and the benchmark."""
-
-    #: bcrypt checks of registered credentials (not the equal-cost checks of unknown usernames).
-    bcrypt_checks: int = 0
-    #: Logins answered by a stored verifier (one HMAC, no bcrypt).
-    verifier_checks: int = 0
-    cache_hits: int = 0
-    overload_refusals: int = 0
-    #: ``login_refused`` events not written: too many writes were in flight (a flood).
-    audits_dropped: int = 0
-    refusals: dict[str, int] = field(default_factory=dict)
-
-
-def device_namespace(template: str, device: DeviceInfo) -> str:
-    """The device's one topic filter: ``[acl] device_template`` with its own values filled in."""
-    # Ids, usernames and canonical MACs contain no '+', '#' or '/', so nothing can be injected.
-    return validate_filter(
-        template.format(device_id=device.id, username=device.mqtt_username, mac=device.mac)
-    )
-
-
-def _account_principal(record: AccountCredentials, tag: str) -> AccountPrincipal:
-    rules = record.account.allow
-    return AccountPrincipal(
-        name=record.account.name,
-        subscribe=tuple(r.filter for r in rules if r.action == "subscribe"),
-        publish=tuple(r.filter for r in rules if r.action == "publish"),
-        tag=tag,
-    )
 
 
 def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
@@ -224,13 +158,13 @@ class Authenticator:
     async def _decide(self, attempt: ConnectAttempt) -> Decision:
         username = attempt.username
         if username is not None and username.startswith(DEVICE_USERNAME_PREFIX):
-            decision = await self._password_login(attempt, username, self._device_login)
+            decision = await self._password_login(attempt, username, Kind.DEVICE)
         else:
             identity = identity_from_client_id(attempt.client_id)
             if identity is not None and username in (None, PROVISION_USERNAME):
                 decision = self._provisioning_session(attempt, ProvisioningPrincipal(identity))
             elif username:
-                decision = await self._password_login(attempt, username, self._account_login)
+                decision = await self._password_login(attempt, username, Kind.ACCOUNT)
             else:
                 decision = Decision(None, "no username, and the client id is not a MAC address")
         principal = decision.principal
@@ -240,10 +174,10 @@ class Authenticator:
             decision = Decision(None, "will topic is not one the client may publish to")
         return decision
 
-    async def _password_login(self, attempt: ConnectAttempt, username: str, login: _Login) -> Decision:
+    async def _password_login(self, attempt: ConnectAttempt, username: str, kind: Kind) -> Decision:
         if self.throttle.locked(username, attempt.address):
             return Decision(None, "locked out after repeated failures", NOT_AUTHORIZED)
-        decision = await login(attempt, username)
+        decision = await self._registered_login(attempt, username, kind)
         if decision.accepted:
             self.throttle.succeeded(username, attempt.address)
         elif decision.code == BAD_USERNAME_OR_PASSWORD:
@@ -253,33 +187,26 @@ class Authenticator:
         return decision
 
     async def _checked(
-        self,
-        attempt: ConnectAttempt,
-        username: str,
-        stored_hash: str,
-        stored: StoredVerifier | None,
-        since: int,
-    ) -> tuple[Check, str]:
-        """Check the password against the credential: the cache, its verifier, else bcrypt.
-
-        Returns the outcome and the credential's tag.
-        """
-        tag = credential_tag(stored_hash)
+        self, attempt: ConnectAttempt, username: str, credential: Credential, since: int
+    ) -> Check:
+        """Check the password against the credential: the cache, its verifier, else bcrypt."""
+        stored_hash, tag = credential.stored_hash, credential.tag
         password = attempt.password or ""
         if self.cache.verified(username, tag, password):
             self.stats.cache_hits += 1
-            return Check.VERIFIED, tag
+            return Check.VERIFIED
         key = self.verifier_key
-        if key is not None and stored is not None and stored.tag == tag:
+        stored = credential.own_verifier()
+        if key is not None and stored is not None:
             if stored.key_id == key.key_id:
                 self.stats.verifier_checks += 1
                 if not key.matches(stored, username, stored_hash, password):
-                    return Check.WRONG, tag
+                    return Check.WRONG
                 self.cache.remember(username, tag, password, since=since)
-                return Check.VERIFIED, tag
+                return Check.VERIFIED
             self._foreign_key_seen(username)
         if not self.throttle.begin_check(username, attempt.address):
-            return Check.LOCKED, tag
+            return Check.LOCKED
         try:
             verified = await self.budget.verify(
                 attempt.address or f"username {username}", password, stored_hash, deadline=_DEADLINE.get()
@@ -288,14 +215,14 @@ class Authenticator:
             self.throttle.end_check(username, attempt.address)
         if verified is None:
             self.stats.overload_refusals += 1
-            return Check.BUSY, tag
+            return Check.BUSY
         self.stats.bcrypt_checks += 1
         if not verified:
-            return Check.WRONG, tag
+            return Check.WRONG
         self.cache.remember(username, tag, password, since=since)
         if key is not None:
             self._keep_verifier(username, stored_hash, key.make(username, stored_hash, tag, password))
-        return Check.VERIFIED, tag
+        return Check.VERIFIED
 
     async def _unknown(self, attempt: ConnectAttempt, reason: str) -> Decision:
         """Refuse a username with no credential at the cost of checking one that has a verifier."""
@@ -313,71 +240,58 @@ class Authenticator:
             return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
         return Decision(None, reason, BAD_USERNAME_OR_PASSWORD)
 
-    def _cached_login(self, attempt: ConnectAttempt, username: str) -> Decision | None:
-        """A warm reconnect: the same (username, password) as an accepted login, no registry read."""
-        principal = self.cache.principal(username, attempt.password or "")
-        if principal is None:
-            return None
-        self.stats.cache_hits += 1
-        client_id = attempt.client_id or ""
-        if isinstance(principal, DevicePrincipal):
-            if client_id != username:
-                self._audit(principal.device_id, "client id differs from username")
-                return Decision(None, "client id must equal the username")
-            return Decision(principal, "device credentials (cached)")
-        if not account_client_id_allowed(username, client_id):
-            return Decision(None, "client id must be the account name or NAME-<anything>")
-        return Decision(principal, "service account (cached)")
-
-    async def _device_login(self, attempt: ConnectAttempt, username: str) -> Decision:
-        cached = self._cached_login(attempt, username)
-        if cached is not None:
-            return cached
+    async def _registered_login(self, attempt: ConnectAttempt, username: str, kind: Kind) -> Decision:
+        """A login with a registered credential, a device's or an account's: the same steps."""
+        cached = self.cache.principal(username, attempt.password or "")
+        if cached is not None:  # a warm reconnect: an accepted (username, password), no registry read
+            self.stats.cache_hits += 1
+            device_id = cached.device_id if isinstance(cached, DevicePrincipal) else None
+            cached_kind = Kind.ACCOUNT if device_id is None else Kind.DEVICE
+            refused = self._client_id_refused(attempt, username, cached_kind, device_id)
+            return refused or Decision(cached, f"{cached_kind.value} (cached)")
         since = self.cache.mark()  # a change dropped after this read keeps the login out of the cache
-        record = await self._registry.find_credentials_by_username(username)
-        if record is None or record.password_hash is None:
-            return await self._unknown(attempt, "unknown username or no credentials")
-        device = record.device
-        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier, since)
+        credential = await self._find(kind, username)
+        if credential is None:
+            return await self._unknown(attempt, kind.unknown)
+        device = credential.device
+        check = await self._checked(attempt, username, credential, since)
         if check is not Check.VERIFIED:
-            if check is Check.WRONG:
+            if check is Check.WRONG and device is not None:
                 self._audit(device.id, "wrong password")
-            return _unchecked(check)
-        if device.status not in ACTIVE_STATUSES:
-            return Decision(None, f"device is {device.status.value}")
-        if attempt.client_id != username:
-            self._audit(device.id, "client id differs from username")
-            return Decision(None, "client id must equal the username")
-        if device.activated_at is None:
+            return unchecked(check)
+        reason = credential.refusal()
+        if reason is not None:
+            return Decision(None, reason)
+        refused = self._client_id_refused(attempt, username, kind, None if device is None else device.id)
+        if refused is not None:
+            return refused
+        if device is not None and device.activated_at is None:
             try:
                 await self._registry.mark_activated(device.id)
             except RegistryUnavailableError as exc:  # a stamp: retried at the next login
                 logger.warning("first login of %s not stamped: %s", username, exc)
-        principal = self._device_principal(device, tag)
-        self.cache.accept(username, tag, principal)
-        return Decision(principal, "device credentials")
+        principal = credential.principal(self._template)
+        self.cache.accept(username, credential.tag, principal)
+        return Decision(principal, kind.value)
 
-    def _device_principal(self, device: DeviceInfo, tag: str) -> DevicePrincipal:
-        namespace = device_namespace(self._template, device)
-        return DevicePrincipal(device.id, device.mqtt_username, device.mac, namespace, tag)
+    def _client_id_refused(
+        self, attempt: ConnectAttempt, username: str, kind: Kind, device_id: uuid.UUID | None
+    ) -> Decision | None:
+        """The refusal of a client id the credential may not use (a device's is audited)."""
+        reason = client_id_refusal(kind, username, attempt.client_id)
+        if reason is None:
+            return None
+        if device_id is not None:
+            self._audit(device_id, "client id differs from username")
+        return Decision(None, reason)
 
-    async def _account_login(self, attempt: ConnectAttempt, username: str) -> Decision:
-        cached = self._cached_login(attempt, username)
-        if cached is not None:
-            return cached
-        since = self.cache.mark()
-        record = await self._accounts.find(username)
-        if record is None:
-            return await self._unknown(attempt, "unknown username")
-        check, tag = await self._checked(attempt, username, record.password_hash, record.verifier, since)
-        if check is not Check.VERIFIED:
-            return _unchecked(check)
-        client_id = attempt.client_id or ""
-        if not account_client_id_allowed(username, client_id):
-            return Decision(None, "client id must be the account name or NAME-<anything>")
-        principal = _account_principal(record, tag)
-        self.cache.accept(username, tag, principal)
-        return Decision(principal, "service account")
+    async def _find(self, kind: Kind, username: str) -> Credential | None:
+        """The registered credential of ``username`` (None: unknown, or a device not provisioned)."""
+        if kind is Kind.DEVICE:
+            device = await self._registry.find_credentials_by_username(username)
+            return None if device is None else Credential.of_device(device)
+        account = await self._accounts.find(username)
+        return None if account is None else Credential.of_account(account)
 
     async def principal_for(self, username: str | None, client_id: str | None) -> Principal | None:
         """The principal of a session a broker has already authenticated, from the registry alone.
@@ -387,24 +301,23 @@ class Authenticator:
         against the credential as it is *now* (None when it is no longer valid).
         """
         if username is not None and username.startswith(DEVICE_USERNAME_PREFIX):
-            record = await self._registry.find_credentials_by_username(username)
-            if (
-                record is None
-                or record.password_hash is None
-                or record.device.status not in ACTIVE_STATUSES
-                or client_id != username
-            ):
-                return None
-            return self._device_principal(record.device, credential_tag(record.password_hash))
+            return await self._current_principal(Kind.DEVICE, username, client_id)
         identity = identity_from_client_id(client_id)
         if identity is not None and username in (None, "", PROVISION_USERNAME):
             return ProvisioningPrincipal(identity)
         if not username:
             return None
-        account = await self._accounts.find(username)
-        if account is None or not account_client_id_allowed(username, client_id or ""):
+        return await self._current_principal(Kind.ACCOUNT, username, client_id)
+
+    async def _current_principal(self, kind: Kind, username: str, client_id: str | None) -> Principal | None:
+        credential = await self._find(kind, username)
+        if (
+            credential is None
+            or credential.refusal() is not None
+            or client_id_refusal(kind, username, client_id) is not None
+        ):
             return None
-        return _account_principal(account, credential_tag(account.password_hash))
+        return credential.principal(self._template)
 
     def _provisioning_session(self, attempt: ConnectAttempt, principal: ProvisioningPrincipal) -> Decision:
         if attempt.will_flag:
@@ -443,19 +356,20 @@ class Authenticator:
         except RegistryUnavailableError as exc:
             logger.warning("verified credentials not loaded at start (logins read the registry): %s", exc)
             return 0
+        credentials = [Credential.of_device(device) for device in devices]
+        credentials += [Credential.of_account(account) for account in accounts]
         loaded = 0
-        for device in devices:
-            if device.password_hash is not None and _usable(device.password_hash, device.verifier):
-                tag = credential_tag(device.password_hash)
-                principal: Principal = self._device_principal(device.device, tag)
-                loaded += self._preload(
-                    device.device.mqtt_username, device.password_hash, device.verifier, principal, since
-                )
-        for account in accounts:
-            if _usable(account.password_hash, account.verifier):
-                principal = _account_principal(account, credential_tag(account.password_hash))
-                loaded += self._preload(
-                    account.account.name, account.password_hash, account.verifier, principal, since
+        for credential in credentials:
+            stored = None if credential is None else credential.own_verifier()
+            if credential is not None and stored is not None:
+                principal = credential.principal(self._template)
+                loaded += self.cache.preload(
+                    credential.username,
+                    credential.stored_hash,
+                    credential.tag,
+                    stored.digest,
+                    principal,
+                    since=since,
                 )
         logger.info(
             "%d verified credentials loaded in %.1fs: their logins need no registry read",
@@ -463,14 +377,6 @@ class Authenticator:
             time.perf_counter() - started,
         )
         return loaded
-
-    def _preload(
-        self, username: str, stored_hash: str, stored: StoredVerifier | None, principal: Principal, since: int
-    ) -> bool:
-        assert stored is not None  # checked by _usable
-        return self.cache.preload(
-            username, stored_hash, credential_tag(stored_hash), stored.digest, principal, since=since
-        )
 
     async def settle(self, within: float = 5.0) -> None:
         """Wait (up to ``within`` seconds) for decisions and background writes still in flight.
@@ -557,21 +463,6 @@ class Authenticator:
                 "the same [auth] verifier_key; checking with bcrypt and storing a verifier under this key",
                 username,
             )
-
-
-def _usable(stored_hash: str | None, stored: StoredVerifier | None) -> bool:
-    """True when ``stored`` was made for this very hash (one made for an earlier credential is
-    never trusted)."""
-    return stored_hash is not None and stored is not None and stored.tag == credential_tag(stored_hash)
-
-
-def _unchecked(check: Check) -> Decision:
-    """The refusal for a password that did not pass: wrong, or not checked (and why)."""
-    if check is Check.WRONG:
-        return Decision(None, "wrong password", BAD_USERNAME_OR_PASSWORD)
-    if check is Check.LOCKED:
-        return Decision(None, "too many failures and checks in flight from this address", SERVER_UNAVAILABLE)
-    return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
 
 
 def unmatchable_hash(cost: int) -> str:
