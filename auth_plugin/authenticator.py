@@ -5,18 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import time
 import uuid
-from contextvars import ContextVar
-
-import bcrypt
 
 from auth_plugin.acl import Action, allows
 from auth_plugin.budget import BcryptBudget
 from auth_plugin.cache import VerifiedCache
 from auth_plugin.credentials import Credential, Kind, client_id_refusal, device_namespace
 from auth_plugin.decisions import AuthStats, Check, ConnectAttempt, Decision, unchecked
+from auth_plugin.password_check import LOGIN_DEADLINE, PasswordCheck, unmatchable_hash
 from auth_plugin.principals import (
     BAD_USERNAME_OR_PASSWORD,
     NOT_AUTHORIZED,
@@ -27,16 +24,17 @@ from auth_plugin.principals import (
 )
 from auth_plugin.throttle import LoginThrottle, ThrottlePolicy
 from auth_plugin.verifiers import VerifierKey, load_verifier_key
+from auth_plugin.writes import MAX_AUDITS_IN_FLIGHT, BackgroundWrites
 from config import Settings
 from provisioning.contract import DEVICE_USERNAME_PREFIX, PROVISION_USERNAME, identity_from_client_id
 from provisioning.errors import RegistryUnavailableError
 from provisioning.keys import derive_device_key, secrets_match
 from provisioning.passwords import PasswordHasher
-from provisioning.registry import Actor, DeviceRegistry
+from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
-from provisioning.registry.verifiers import StoredVerifier, VerifierStore
+from provisioning.registry.verifiers import VerifierStore
 
-# Re-exported: callers import the decision types and the namespace rule from here.
+# Re-exported: callers import the decision types and these helpers from here.
 __all__ = [
     "MAX_AUDITS_IN_FLIGHT",
     "AuthStats",
@@ -50,23 +48,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# bcrypt's own base-64 alphabet and the length of the digest after the 29-character salt.
-_BCRYPT_ALPHABET = "./ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
-_BCRYPT_DIGEST_CHARS = 31
-#: When the decision under way must be made by (the event loop's clock), per task.
-_DEADLINE: ContextVar[float | None] = ContextVar("mqttprov_login_deadline", default=None)
 #: Seconds a login decision may take at least, whatever the CONNECT timeout (a device waits longer).
 MIN_LOGIN_DEADLINE = 5.0
-#: Verifiers made within this many seconds are written in one transaction.
-VERIFIER_BATCH_SECONDS = 0.2
-#: Verifiers waiting to be written at most (a registry that cannot take them: the oldest go).
-MAX_UNSAVED_VERIFIERS = 10_000
 #: Verified credentials loaded into the cache at start (most recently seen first).
 WARM_UP_LIMIT = 50_000
-#: Background registry writes (refusal audits) at once; more refusals are counted, not written.
-MAX_AUDITS_IN_FLIGHT = 8
-#: The budget's source for checks of usernames that are not registered: one share for all of them.
-UNKNOWN_SOURCE = "unknown usernames"
 
 
 def _will_allowed(principal: Principal, attempt: ConnectAttempt) -> bool:
@@ -117,14 +102,17 @@ class Authenticator:
         self.stats = AuthStats()
         self.budget = BcryptBudget(hasher, answer_within=self._answer_within)
         self._verifiers = VerifierStore(registry.engine)
-        self._dummy_hash = unmatchable_hash(hasher.cost)
-        self._dummy_verifier = StoredVerifier("", "", secrets.token_hex(32))
-        self._foreign_key_warned = False
-        self._verifier_write_failures = 0
-        # Verifiers made and not yet written, by username (written in batches), and the writer.
-        self._unsaved: dict[str, tuple[str, StoredVerifier]] = {}
-        self._saving: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._writes = BackgroundWrites(registry, self._verifiers, self.stats)
+        self._background = self._writes.tasks  # the writes in flight (a test counts them)
+        self._passwords = PasswordCheck(
+            cache=self.cache,
+            verifier_key=self.verifier_key,
+            throttle=self.throttle,
+            budget=self.budget,
+            stats=self.stats,
+            writes=self._writes,
+            cost=hasher.cost,
+        )
         # Decisions under way (each bounded by the deadline): settle() waits for them.
         self._deciding = 0
         self._none_deciding = asyncio.Event()
@@ -140,14 +128,14 @@ class Authenticator:
         """
         self._deciding += 1
         self._none_deciding.clear()
-        deadline = _DEADLINE.set(asyncio.get_running_loop().time() + self._answer_within)
+        deadline = LOGIN_DEADLINE.set(asyncio.get_running_loop().time() + self._answer_within)
         try:
             async with asyncio.timeout(self._answer_within):
                 decision = await self._decide(attempt)
         except TimeoutError:
             decision = Decision(None, f"not decided within {self._answer_within:g}s", SERVER_UNAVAILABLE)
         finally:
-            _DEADLINE.reset(deadline)
+            LOGIN_DEADLINE.reset(deadline)
             self._deciding -= 1
             if not self._deciding:
                 self._none_deciding.set()
@@ -186,60 +174,6 @@ class Authenticator:
                 await asyncio.sleep(delay)  # hold the refusal back; the loop keeps serving
         return decision
 
-    async def _checked(
-        self, attempt: ConnectAttempt, username: str, credential: Credential, since: int
-    ) -> Check:
-        """Check the password against the credential: the cache, its verifier, else bcrypt."""
-        stored_hash, tag = credential.stored_hash, credential.tag
-        password = attempt.password or ""
-        if self.cache.verified(username, tag, password):
-            self.stats.cache_hits += 1
-            return Check.VERIFIED
-        key = self.verifier_key
-        stored = credential.own_verifier()
-        if key is not None and stored is not None:
-            if stored.key_id == key.key_id:
-                self.stats.verifier_checks += 1
-                if not key.matches(stored, username, stored_hash, password):
-                    return Check.WRONG
-                self.cache.remember(username, tag, password, since=since)
-                return Check.VERIFIED
-            self._foreign_key_seen(username)
-        if not self.throttle.begin_check(username, attempt.address):
-            return Check.LOCKED
-        try:
-            verified = await self.budget.verify(
-                attempt.address or f"username {username}", password, stored_hash, deadline=_DEADLINE.get()
-            )
-        finally:
-            self.throttle.end_check(username, attempt.address)
-        if verified is None:
-            self.stats.overload_refusals += 1
-            return Check.BUSY
-        self.stats.bcrypt_checks += 1
-        if not verified:
-            return Check.WRONG
-        self.cache.remember(username, tag, password, since=since)
-        if key is not None:
-            self._keep_verifier(username, stored_hash, key.make(username, stored_hash, tag, password))
-        return Check.VERIFIED
-
-    async def _unknown(self, attempt: ConnectAttempt, reason: str) -> Decision:
-        """Refuse a username with no credential at the cost of checking one that has a verifier."""
-        password = attempt.password or ""
-        if self.verifier_key is not None:
-            # The same work as a verifier check, so timing does not tell which usernames exist.
-            self.verifier_key.matches(
-                self._dummy_verifier, attempt.username or "", self._dummy_hash, password
-            )
-        elif (
-            await self.budget.verify(UNKNOWN_SOURCE, password, self._dummy_hash, deadline=_DEADLINE.get())
-            is None
-        ):
-            self.stats.overload_refusals += 1
-            return Decision(None, "bcrypt workers overloaded", SERVER_UNAVAILABLE)
-        return Decision(None, reason, BAD_USERNAME_OR_PASSWORD)
-
     async def _registered_login(self, attempt: ConnectAttempt, username: str, kind: Kind) -> Decision:
         """A login with a registered credential, a device's or an account's: the same steps."""
         cached = self.cache.principal(username, attempt.password or "")
@@ -252,12 +186,12 @@ class Authenticator:
         since = self.cache.mark()  # a change dropped after this read keeps the login out of the cache
         credential = await self._find(kind, username)
         if credential is None:
-            return await self._unknown(attempt, kind.unknown)
+            return await self._passwords.unknown(attempt, kind.unknown)
         device = credential.device
-        check = await self._checked(attempt, username, credential, since)
+        check = await self._passwords.check(attempt, username, credential, since)
         if check is not Check.VERIFIED:
             if check is Check.WRONG and device is not None:
-                self._audit(device.id, "wrong password")
+                self._writes.audit(device.id, "wrong password")
             return unchecked(check)
         reason = credential.refusal()
         if reason is not None:
@@ -282,7 +216,7 @@ class Authenticator:
         if reason is None:
             return None
         if device_id is not None:
-            self._audit(device_id, "client id differs from username")
+            self._writes.audit(device_id, "client id differs from username")
         return Decision(None, reason)
 
     async def _find(self, kind: Kind, username: str) -> Credential | None:
@@ -387,90 +321,4 @@ class Authenticator:
         """
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._none_deciding.wait(), within)
-        if self._background:
-            await asyncio.wait(set(self._background), timeout=within)
-
-    def _audit(self, device_id: uuid.UUID, reason: str) -> None:
-        """A folded ``login_refused`` event, written in the background (never delays the answer).
-
-        At most :data:`MAX_AUDITS_IN_FLIGHT` at once: a flood of wrong passwords must not queue
-        unbounded writes for the pool's connections (the logins' own reads need them). Refusals
-        over the bound are only counted (``stats.audits_dropped``).
-        """
-        if len(self._background) >= MAX_AUDITS_IN_FLIGHT:
-            self.stats.audits_dropped += 1
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._registry.record_event(
-                device_id, "login_refused", actor=Actor.DEVICE, detail={"reason": reason}, fold=True
-            ),
-            name=f"audit-login-{device_id}",
-        )
-        self._background.add(task)
-        task.add_done_callback(self._audited)
-
-    def _audited(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("could not record a login_refused event: %s", task.exception())
-
-    def _keep_verifier(self, username: str, stored_hash: str, verifier: StoredVerifier) -> None:
-        """Store the verifier of a credential that has just passed bcrypt, in the background.
-
-        Verifiers are written in batches (one transaction for all that arrived within
-        :data:`VERIFIER_BATCH_SECONDS`): a cold storm of first logins must not be a storm of
-        write transactions on the registry too.
-        """
-        self._unsaved[username] = (stored_hash, verifier)
-        while len(self._unsaved) > MAX_UNSAVED_VERIFIERS:  # the oldest: bcrypt again, at worst
-            del self._unsaved[next(iter(self._unsaved))]
-        if self._saving is None or self._saving.done():
-            self._saving = asyncio.get_running_loop().create_task(self._save_verifiers(), name="verifiers")
-            self._background.add(self._saving)
-            self._saving.add_done_callback(self._saved)
-
-    def _saved(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if self._saving is task:
-            self._saving = None
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("credential verifiers not stored: %s", task.exception())
-
-    async def _save_verifiers(self) -> None:
-        while self._unsaved:
-            await asyncio.sleep(VERIFIER_BATCH_SECONDS)
-            batch = [(username, *made) for username, made in self._unsaved.items()]
-            self._unsaved.clear()
-            try:
-                await self._verifiers.save_many(batch)
-            except RegistryUnavailableError as exc:
-                # Their next logins are bcrypt checks again, and store them then: one line per outage.
-                if not self._verifier_write_failures:
-                    logger.warning("credential verifiers not stored, bcrypt until they are: %s", exc)
-                self._verifier_write_failures += len(batch)
-                continue
-            if self._verifier_write_failures:
-                logger.info(
-                    "credential verifiers stored again (%d not stored)", self._verifier_write_failures
-                )
-                self._verifier_write_failures = 0
-
-    def _foreign_key_seen(self, username: str) -> None:
-        if not self._foreign_key_warned:
-            self._foreign_key_warned = True
-            logger.warning(
-                "the verifier of %s was made under another key: every process on this registry must use "
-                "the same [auth] verifier_key; checking with bcrypt and storing a verifier under this key",
-                username,
-            )
-
-
-def unmatchable_hash(cost: int) -> str:
-    """A well-formed bcrypt hash at ``cost`` that no password matches, made without hashing.
-
-    Checking a password against it costs exactly one bcrypt run at ``cost``, as a real check
-    does. Hashing a dummy password on first use instead made the first unknown-username login
-    of a process cost two runs (a hash, then the check), and told that the name was unknown.
-    """
-    salt = bcrypt.gensalt(rounds=cost).decode("ascii")
-    return salt + "".join(secrets.choice(_BCRYPT_ALPHABET) for _ in range(_BCRYPT_DIGEST_CHARS))
+        await self._writes.settle(within)
