@@ -68,3 +68,16 @@ def _shown(text: str) -> str:
     """A bounded, printable rendering of untrusted input for error messages."""
     shown = text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
     return repr(shown)
+
+
+_PREFIX_SEPARATORS = re.compile(r"[:.-]")
+_PREFIX_DIGITS = re.compile(r"[0-9a-f]{1,12}")
+
+
+def mac_prefix(text: str) -> str | None:
+    """The canonical form of the start of a MAC typed in any notation, for prefix searches
+    (``AA-BB-C`` and ``aabb.c`` are ``aa:bb:c``); None when ``text`` cannot begin a MAC."""
+    digits = _PREFIX_SEPARATORS.sub("", text.strip()).lower()
+    if not _PREFIX_DIGITS.fullmatch(digits):
+        return None
+    return ":".join(digits[i : i + 2] for i in range(0, len(digits), 2))

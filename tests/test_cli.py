@@ -233,7 +233,7 @@ def test_devices_list_json_never_shows_the_hash(config_file: Path, sqlite_url: s
     result = invoke("devices", "list", "--config", str(config_file), "--json")
     assert result.exit_code == 0, result.stderr
     listed = json.loads(result.stdout)
-    assert set(listed) == {"devices", "total"}
+    assert set(listed) == {"devices", "total", "next_cursor"}
     assert listed["total"] == 2
     assert [d["id"] for d in listed["devices"]] == [str(a.id), str(b.id)]
     assert [d["has_credentials"] for d in listed["devices"]] == [False, True]

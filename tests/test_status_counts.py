@@ -299,7 +299,7 @@ async def test_a_reader_on_a_read_only_database_still_gets_exact_totals(
     await engine.dispose()
     read_only = await _read_only(engine)
     try:
-        with caplog.at_level(logging.INFO, logger="provisioning.registry.repository"):
+        with caplog.at_level(logging.INFO, logger="provisioning.registry.search"):
             page = await DeviceRegistry(read_only).list_devices(status=DeviceStatus.OFFLINE)
     finally:
         await read_only.dispose()

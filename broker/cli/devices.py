@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import csv
+import enum
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -29,6 +33,7 @@ from broker.cli.common import (
 from provisioning import DeviceExistsError, DeviceNotFoundError, InvalidMacError, parse_mac
 from provisioning.registry import (
     DeviceEventInfo,
+    DeviceFilter,
     DeviceInfo,
     DevicePage,
     DeviceRegistry,
@@ -87,26 +92,96 @@ def device_json(device: DeviceInfo) -> dict[str, Any]:
     return device.model_dump(mode="json")
 
 
+StatusOption = Annotated[
+    list[DeviceStatus] | None,
+    typer.Option("--status", "-s", help="Only devices in this status (repeat: any of them)."),
+]
+SearchOption = Annotated[
+    str | None,
+    typer.Option(
+        "--search", "-q", metavar="TEXT", help="Prefix of a MAC (any notation), a device id or a username."
+    ),
+]
+FilterLabelOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label", "-l", metavar="KEY=VALUE", help="Only devices with this label (repeat: all of them)."
+    ),
+]
+_TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
+CreatedFrom = Annotated[
+    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Created at or after this time (UTC).")
+]
+CreatedUntil = Annotated[
+    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Created before this time (UTC).")
+]
+SeenFrom = Annotated[
+    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Last seen at or after this time (UTC).")
+]
+SeenUntil = Annotated[
+    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Last seen before this time (UTC).")
+]
+
+
+def device_filter(
+    status: list[DeviceStatus] | None,
+    labels: list[str] | None,
+    search: str | None,
+    created: tuple[datetime | None, datetime | None],
+    seen: tuple[datetime | None, datetime | None],
+) -> DeviceFilter:
+    """The filter the options describe, or exit 2 with what is wrong."""
+    fields = {
+        "status": status or [],
+        "labels": labels_from(labels),
+        "search": search,
+        "created_from": created[0],
+        "created_until": created[1],
+        "seen_from": seen[0],
+        "seen_until": seen[1],
+    }
+    try:
+        return DeviceFilter.model_validate(fields)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        fail(f"error: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}", EXIT_USAGE)
+
+
 @app.command("list")
-def list_devices(
-    status: Annotated[
-        DeviceStatus | None, typer.Option("--status", "-s", help="Only devices in this status.")
-    ] = None,
+def list_devices(  # typer passes options by keyword
+    *,
+    status: StatusOption = None,
+    label: FilterLabelOption = None,
+    search: SearchOption = None,
+    created_from: CreatedFrom = None,
+    created_until: CreatedUntil = None,
+    seen_from: SeenFrom = None,
+    seen_until: SeenUntil = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="At most this many devices.")] = 50,
     offset: Annotated[int, typer.Option(min=0, help="Skip this many devices first.")] = 0,
+    after: Annotated[
+        str | None, typer.Option("--after", metavar="CURSOR", help="The page after a page's next_cursor.")
+    ] = None,
     config: ConfigOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List devices, oldest first."""
+    """List devices, oldest first; filters combine (AND), with the exact total that matches."""
+    wanted = device_filter(status, label, search, (created_from, created_until), (seen_from, seen_until))
     settings = settings_from(config)
 
     async def work() -> DevicePage:
         async with open_registry(settings) as registry:
-            return await registry.list_devices(status=status, limit=limit, offset=offset)
+            return await registry.search_devices(wanted, limit=limit, offset=offset, after=after)
 
     page = run(work)
     if as_json:
-        print_json({"devices": [device_json(d) for d in page.devices], "total": page.total})
+        print_json(
+            {
+                "devices": [device_json(d) for d in page.devices],
+                "total": page.total,
+                "next_cursor": page.next_cursor,
+            }
+        )
         return
     table = Table(title=f"devices ({len(page.devices)} of {page.total})")
     for column in ("id", "mac", "username", "status", "firmware", "last seen", "labels"):
@@ -122,6 +197,90 @@ def list_devices(
             _labels_text(d.labels),
         )
     stdout.print(table)
+    if page.next_cursor is not None:
+        stdout.print(f"next page: --after {page.next_cursor}", style="dim", markup=False)
+
+
+class ExportFormat(enum.StrEnum):
+    """What ``devices export`` writes."""
+
+    CSV = "csv"
+    JSONL = "jsonl"
+
+
+_CSV_COLUMNS = [
+    "id",
+    "mac",
+    "mqtt_username",
+    "status",
+    "firmware",
+    "note",
+    "created_at",
+    "last_seen_at",
+    "labels",
+]
+
+
+def _csv_row(device: DeviceInfo) -> list[str]:
+    return [
+        str(device.id),
+        device.mac,
+        device.mqtt_username,
+        device.status.value,
+        device.firmware_version or "",
+        device.note or "",
+        device.created_at.isoformat(),
+        device.last_seen_at.isoformat() if device.last_seen_at else "",
+        ";".join(f"{k}={v}" for k, v in sorted(device.labels.items())),
+    ]
+
+
+@app.command("export")
+def export(  # typer passes options by keyword
+    *,
+    status: StatusOption = None,
+    label: FilterLabelOption = None,
+    search: SearchOption = None,
+    created_from: CreatedFrom = None,
+    created_until: CreatedUntil = None,
+    seen_from: SeenFrom = None,
+    seen_until: SeenUntil = None,
+    output_format: Annotated[ExportFormat, typer.Option("--format", "-f", help="csv or jsonl.")] = (
+        ExportFormat.CSV
+    ),
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", dir_okay=False, help="Write here instead of stdout.")
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Write every matching device, streamed: CSV (the import's columns and more) or JSON lines."""
+    wanted = device_filter(status, label, search, (created_from, created_until), (seen_from, seen_until))
+    settings = settings_from(config)
+
+    try:
+        sink = output.open("w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout)
+    except OSError as exc:
+        fail(f"error: {output}: {exc.strerror or exc}", EXIT_USAGE)
+
+    with sink as fh:
+        writer = csv.writer(fh)
+
+        async def work() -> int:
+            written = 0
+            if output_format is ExportFormat.CSV:
+                writer.writerow(_CSV_COLUMNS)
+            async with open_registry(settings) as registry:
+                async for device in registry.export_devices(wanted):
+                    if output_format is ExportFormat.CSV:
+                        writer.writerow(_csv_row(device))
+                    else:
+                        fh.write(device.model_dump_json() + "\n")
+                    written += 1
+            return written
+
+        written = run(work)
+    if output is not None:
+        stdout.print(f"exported {written} devices to {output}", markup=False)
 
 
 @app.command("show")

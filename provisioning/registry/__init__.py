@@ -12,6 +12,7 @@ from provisioning.registry.labels import (
 from provisioning.registry.models import ACTIVE_STATUSES, Actor, Base, Device, DeviceEvent, DeviceStatus
 from provisioning.registry.repository import DeviceRegistry, username_for
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
+from provisioning.registry.search import MAX_PAGE, DeviceFilter, DeviceSearch, InvalidFilterError
 from provisioning.registry.tokens import (
     ApiTokenInfo,
     IssuedToken,
@@ -26,6 +27,7 @@ from provisioning.registry.tokens import (
 __all__ = [
     "ACTIVE_STATUSES",
     "MAX_LABELS",
+    "MAX_PAGE",
     "Actor",
     "ApiTokenInfo",
     "Base",
@@ -33,10 +35,13 @@ __all__ = [
     "DeviceCredentials",
     "DeviceEvent",
     "DeviceEventInfo",
+    "DeviceFilter",
     "DeviceInfo",
     "DevicePage",
     "DeviceRegistry",
+    "DeviceSearch",
     "DeviceStatus",
+    "InvalidFilterError",
     "InvalidLabelError",
     "IssuedToken",
     "LabelKey",

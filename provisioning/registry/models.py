@@ -78,6 +78,15 @@ class Device(Base):
         # instead of a sort of every matching row (the registry benchmark at 100k devices).
         Index("ix_devices_status_created", "status", "created_at", "id"),
         Index("ix_devices_created", "created_at", "id"),
+        # Prefix searches (provisioning.registry.search): PostgreSQL compares them byte-wise with
+        # its pattern operators, which only a pattern_ops index serves; on SQLite these are
+        # plain indexes beside the unique ones (migration 0009).
+        Index("ix_devices_mac_prefix", "mac", postgresql_ops={"mac": "varchar_pattern_ops"}),
+        Index(
+            "ix_devices_username_prefix",
+            "mqtt_username",
+            postgresql_ops={"mqtt_username": "varchar_pattern_ops"},
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

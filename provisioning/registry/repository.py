@@ -21,20 +21,18 @@ from provisioning.errors import (
     DeviceExistsError,
     DeviceNotFoundError,
     InvalidTransitionError,
-    ProvisioningError,
-    RegistryUnavailableError,
 )
 from provisioning.mac import parse_device_mac, parse_mac
 from provisioning.registry.events import fold_event, new_event
-from provisioning.registry.labels import change_labels, check_labels, labels_for, labels_of
+from provisioning.registry.labels import change_labels, check_labels, labels_for
 from provisioning.registry.models import Actor, CredentialVerifier, Device, DeviceEvent, DeviceStatus, utcnow
 from provisioning.registry.schemas import DeviceCredentials, DeviceEventInfo, DeviceInfo, DevicePage
-from provisioning.registry.status_counts import COMPACT_ABOVE, compact, kept_count
-from provisioning.registry.transactions import Repository, record_change
+from provisioning.registry.search import MAX_PAGE, DeviceFilter, DeviceSearch
+
+__all__ = ["MAX_PAGE", "DeviceRegistry", "username_for"]
+from provisioning.registry.transactions import record_change
 
 logger = logging.getLogger(__name__)
-
-MAX_PAGE = 1000
 
 
 def username_for(device_id: uuid.UUID) -> str:
@@ -42,8 +40,9 @@ def username_for(device_id: uuid.UUID) -> str:
     return f"{DEVICE_USERNAME_PREFIX}{device_id.hex[:12]}"
 
 
-class DeviceRegistry(Repository):
-    """Repository and service layer over ``devices`` and ``device_events``."""
+class DeviceRegistry(DeviceSearch):
+    """Repository and service layer over ``devices`` and ``device_events``; pages and exports are
+    :class:`DeviceSearch`'s."""
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -88,36 +87,9 @@ class DeviceRegistry(Repository):
     async def list_devices(
         self, *, status: DeviceStatus | None = None, limit: int = 50, offset: int = 0
     ) -> DevicePage:
-        """One page of devices, oldest first, optionally filtered by status."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise ProvisioningError(f"limit must be between 1 and {MAX_PAGE}, not {limit}")
-        if offset < 0:
-            raise ProvisioningError(f"offset must not be negative, not {offset}")
-        # Table rows, not ORM objects: a page is read-only, and the identity map only costs.
-        query = select(*Device.__table__.columns)
-        if status is not None:
-            query = query.where(Device.status == status.value)
-        query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
-        async with self._read() as session:
-            rows = (await session.execute(query)).all()
-            labels = await labels_of(session, [r.id for r in rows])
-            # Kept by triggers: counting 60,000 devices of one status was most of a page's time.
-            total, summed = await kept_count(session, status.value if status is not None else None)
-        if summed > COMPACT_ABOVE:
-            await self._compact_counts()
-        return DevicePage(devices=[DeviceInfo.from_row(r, labels.get(r.id)) for r in rows], total=total)
-
-    async def _compact_counts(self) -> None:
-        # Best effort: a writer that made many rows without folding them (a bulk import, the CLI
-        # with no broker running) must not make every page slower; a read-only database (a
-        # standby, a read-only file) keeps its rows, and the total stays exact either way.
-        try:
-            async with self._write() as session:
-                folded = await compact(await session.connection())
-        except RegistryUnavailableError as exc:
-            logger.info("device status counts not compacted: %s", exc)
-            return
-        logger.debug("device status counts compacted: %d rows folded", folded)
+        """One page of devices, oldest first, optionally filtered by status (see :meth:`search_devices`)."""
+        statuses = frozenset() if status is None else frozenset({status})
+        return await self.search_devices(DeviceFilter(status=statuses), limit=limit, offset=offset)
 
     async def events(self, device_id: uuid.UUID, *, limit: int = 20) -> list[DeviceEventInfo]:
         """The device's most recent audit events, newest first."""

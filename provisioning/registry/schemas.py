@@ -120,6 +120,8 @@ class DevicePage(_View):
 
     devices: list[DeviceInfo]
     total: int
+    #: Pass as ``after`` for the next page (a keyset cursor); None when this page is the last.
+    next_cursor: str | None = None
 
 
 class DeviceCredentials(_View):
