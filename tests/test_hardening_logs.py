@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import broker.embedded.amqtt_broker
+import broker.embedded.base
 import broker.embedded.plugins.auth
 from auth_plugin.logsafe import MAX_SHOWN, BurstLog, shown
 from broker.embedded import BrokerServer
@@ -63,7 +63,7 @@ def captured() -> Iterator[Captured]:
 async def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[BrokerServer]:
     # Bursts short enough for the test to see one end.
     monkeypatch.setattr(broker.embedded.plugins.auth._refused, "window", 1.0)
-    monkeypatch.setattr(broker.embedded.amqtt_broker._over_limits, "window", 1.0)
+    monkeypatch.setattr(broker.embedded.base.over_limits, "window", 1.0)
     config = settings(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}", throttle_after=10_000, lockout_after=10_000)
     async with BrokerServer(config) as running:
         await make_account(running.accounts, "svc", ["subscribe devices/#"])

@@ -13,7 +13,7 @@ from amqtt.errors import BrokerError
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
 from broker.core import STOP_TIMEOUT, AuthCore, Supervised, auth_core, run_until_signalled
-from broker.embedded.amqtt_broker import BrokerLink, ConnectionLimits, MqttprovBroker
+from broker.embedded.amqtt_broker import MqttprovBroker
 from broker.embedded.assembly import (
     Listener,
     Services,
@@ -22,6 +22,8 @@ from broker.embedded.assembly import (
     listeners,
     topic_limits,
 )
+from broker.embedded.base import ConnectionLimits
+from broker.embedded.control import BrokerLink
 from broker.embedded.plugins.sessions import SessionHooks
 from broker.errors import ServeError
 from config import Settings
