@@ -127,6 +127,8 @@ class CredentialPool:
             hashing.cancel()
             stopping.cancel()
             await asyncio.gather(hashing, stopping, return_exceptions=True)
-        if stopping.done() and not stopping.cancelled():
-            return None
-        return PooledCredential(password, hashing.result())
+        # A hash that ended (or failed) counts even when the stop came in the same turn of the
+        # loop: a failure must be logged, not lost to the stop (seen on Python 3.12).
+        if hashing.done() and not hashing.cancelled():
+            return PooledCredential(password, hashing.result())
+        return None
