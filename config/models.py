@@ -292,6 +292,8 @@ class ApiSettings(_Section):
     tls_key: Path | None = None
     #: Largest request body accepted (bytes); a larger one is answered 413 before it is read.
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1_048_576)] = 1_048_576
+    #: The operator console in the browser, under ``/`` beside the API (docs/console.md).
+    console: bool = True
 
     @model_validator(mode="after")
     def _tls_files(self) -> ApiSettings:

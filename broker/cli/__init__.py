@@ -10,7 +10,20 @@ import typer
 import typer.main
 from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from broker.cli import accounts, api, authd, bridge, config_cmd, db, devices, keys, provision, tokens, worker
+from broker.cli import (
+    accounts,
+    api,
+    authd,
+    bridge,
+    config_cmd,
+    db,
+    devices,
+    keys,
+    operators,
+    provision,
+    tokens,
+    worker,
+)
 from broker.cli.common import ConfigOption, run, settings_from, state
 from broker.errors import ServeError
 from broker.loop import loop_factory
@@ -29,6 +42,7 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(keys.app, name="keys")
 app.add_typer(accounts.app, name="accounts")
 app.add_typer(tokens.app, name="tokens")
+app.add_typer(operators.app, name="operators")
 app.command("provision-device")(provision.provision_device)
 app.add_typer(bridge.app, name="bridge")
 app.command("worker")(worker.worker)

@@ -232,3 +232,31 @@ class DeviceLabel(Base):
     )
     key: Mapped[str] = mapped_column(String(63), primary_key=True)
     value: Mapped[str] = mapped_column(String(63))
+
+
+class Operator(Base):
+    """A person who may use the operator console: a name and a bcrypt hash (``mqttprov operators``)."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(60))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_login_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class OperatorSession(Base):
+    """A console login: the SHA-256 of the cookie's random id (never the id), ended by logout,
+    by its expiry or with its operator (deleted with it)."""
+
+    __tablename__ = "operator_sessions"
+    __table_args__ = (Index("ix_operator_sessions_operator_id", "operator_id"),)
+
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    operator_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("operators.id", ondelete="CASCADE"))
+    #: The synchronizer token every form of this session carries (not a login secret).
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    #: Written at most once a minute (:data:`~provisioning.registry.operator_sessions.TOUCH_EVERY`).
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)

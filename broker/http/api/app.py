@@ -24,10 +24,11 @@ documents with a stable `error_code`. See docs/api.md.
 """
 
 
-def create_app(services: ApiServices, *, version: str = "1") -> FastAPI:
+def create_app(services: ApiServices, *, version: str = "1", console: bool | None = None) -> FastAPI:
     """The API over ``services``, which the caller owns (started before, closed after the app).
 
     ``mqttprov serve`` and ``mqttprov api`` both host it: the same routes on the same registry.
+    ``console``: the operator console under ``/`` too (default: ``[api] console``).
     """
     app = FastAPI(
         title="mqttprov management API",
@@ -53,6 +54,11 @@ def create_app(services: ApiServices, *, version: str = "1") -> FastAPI:
     api.include_router(provision.router)
     app.include_router(health.router)
     app.include_router(api)
+    if services.settings.api.console if console is None else console:
+        # Jinja2 and the console's templates only when it is served.
+        from broker.http.console import install_console  # noqa: PLC0415
+
+        install_console(app, services)
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

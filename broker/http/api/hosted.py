@@ -17,6 +17,7 @@ from broker.embedded import BrokerServer
 from broker.http.api.app import create_app
 from broker.http.api.context import ApiServices
 from broker.http.api.server import ApiServer
+from broker.http.console.app import announce_console
 from config import Settings
 from provisioning.registry.tokens import TokenStore
 
@@ -55,6 +56,7 @@ class BrokerWithApi:
             await broker.stop()
             raise
         self._api = api
+        await announce_console(api.url, services)
 
     async def stop(self) -> None:
         """Close the API first (no request outlives the services), then the broker."""

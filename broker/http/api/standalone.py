@@ -18,6 +18,7 @@ from broker.errors import ServeError
 from broker.http.api.app import create_app
 from broker.http.api.context import ApiServices
 from broker.http.api.server import ApiServer
+from broker.http.console.app import announce_console
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
@@ -90,6 +91,7 @@ class StandaloneApi:
         services.provisioning.advertise(self.settings.broker)
         pool = Supervised("mqttprov-api-credential-pool", services.provisioning.pool).start()
         self._running = _Running(services, pool, server)
+        await announce_console(server.url, services)
 
     async def stop(self) -> None:
         """Close the port, stop the pool, release the bcrypt workers and the engine."""
