@@ -10,6 +10,7 @@ Client-id take-over attempts follow the table.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -540,6 +541,8 @@ anon   | mac-account | refused
 RESUME_MAC = "02:00:00:00:0d:0e"
 RESUME_MAC_CLIENT_ID = "02-00-00-00-0d-0e"
 Login = dict[str, Any]
+#: The last byte of each resume row's device MAC: unique across the rows, which share one server.
+_RESUME_MACS = itertools.count(1)
 
 
 def resume_rows() -> list[tuple[str, str, str]]:
@@ -556,7 +559,7 @@ async def _first_principal(world: World, first: str) -> tuple[str, Login, str | 
     """A fresh principal of kind ``first``: its client id, its login, a topic it may receive."""
     server = world.server
     if first in ("A", "B"):
-        device = await make_device(server.registry, f"02:00:00:00:0e:{uuid.uuid4().hex[:2]}")
+        device = await make_device(server.registry, f"02:00:00:00:0e:{next(_RESUME_MACS):02x}")
         world.devices[f"resume-{device.id}"] = device
         login = {"username": device.mqtt_username, "password": PASSWORD}
         return device.mqtt_username, login, f"devices/{device.id}/commands"
