@@ -110,3 +110,77 @@ async def test_a_device_page_and_its_changes(api: Api) -> None:
     assert (await api.client.get(f"/devices/{device.id}")).status_code == 404
     forged = await api.client.post(f"/devices/{device.id}/delete", data={})
     assert forged.status_code == 403
+
+
+async def test_the_approval_queue_approves_and_rejects_one_or_many(api: Api) -> None:
+    token = await logged_in(api.client)
+    registry = api.server.services.registry
+    for mac in MACS:
+        assert (await api.client.post("/api/v1/provision", json={"mac": mac})).status_code == 202
+    waiting = await api.client.get("/approvals?fragment=1")
+    assert "3 waiting" in waiting.text
+    ids = [str((await registry.resolve(mac)).id) for mac in MACS]
+
+    many = await api.client.post("/approvals", data={"csrf": token, "action": "approve", "device": ids[:2]})
+    assert many.status_code == 303
+    assert "2 approved" in (await api.client.get(many.headers["location"])).text.lower()
+    one = await api.client.post(
+        "/approvals", data={"csrf": token, "only": f"reject:{ids[2]}", "device": ids[:1]}
+    )
+    assert (await api.client.get(one.headers["location"])).status_code == 200
+    statuses = [(await registry.resolve(mac)).status for mac in MACS]
+    assert statuses == [DeviceStatus.APPROVED, DeviceStatus.APPROVED, DeviceStatus.REJECTED]
+    assert "Nobody is waiting." in (await api.client.get("/approvals")).text
+    stale = await api.client.post("/approvals", data={"csrf": token, "action": "approve", "device": ids[2:]})
+    assert (await api.client.get(stale.headers["location"])).status_code == 200
+    assert (await registry.resolve(MACS[2])).status is DeviceStatus.APPROVED  # rejected may be approved
+
+
+async def test_service_accounts_are_added_rotated_and_removed(api: Api) -> None:
+    token = await logged_in(api.client)
+    rules = "subscribe devices/+/telemetry\r\npublish devices/+/commands\r\n"
+    added = await api.client.post("/accounts", data={"csrf": token, "name": "telemetry", "rules": rules})
+    assert added.status_code == 201
+    assert 'data-copy="secret-value"' in added.text
+    password = added.text.split('<code id="secret-value">', 1)[1].split("<", 1)[0]
+    accounts = api.server.services.accounts
+    found = await accounts.find("telemetry")
+    assert found is not None
+    assert await api.server.services.hasher.verify(password, found.password_hash)
+    assert [str(rule) for rule in found.account.allow] == [
+        "subscribe devices/+/telemetry",
+        "publish devices/+/commands",
+    ]
+    assert password not in (await api.client.get("/accounts")).text  # shown once
+
+    bad = await api.client.post("/accounts", data={"csrf": token, "name": "other", "rules": "listen #"})
+    assert bad.status_code == 400
+    assert "listen #" in bad.text  # the form keeps what was typed
+
+    rotated = await api.client.post("/accounts/telemetry/rotate", data={"csrf": token})
+    new_password = rotated.text.split('<code id="secret-value">', 1)[1].split("<", 1)[0]
+    assert new_password != password
+    removed = await api.client.post("/accounts/telemetry/remove", data={"csrf": token})
+    assert removed.headers["location"] == "/accounts?done=removed"
+    assert await accounts.find("telemetry") is None
+
+
+async def test_api_tokens_are_created_listed_and_revoked(api: Api) -> None:
+    token = await logged_in(api.client)
+    created = await api.client.post(
+        "/tokens", data={"csrf": token, "name": "factory", "scope": ["read", "write"]}
+    )
+    assert created.status_code == 201
+    secret = created.text.split('<code id="secret-value">', 1)[1].split("<", 1)[0]
+    works = await api.client.get("/api/v1/devices", headers={"Authorization": f"Bearer {secret}"})
+    assert works.status_code == 200
+    listed = await api.client.get("/tokens")
+    assert 'data-token="factory"' in listed.text
+    assert secret not in listed.text
+    none = await api.client.post("/tokens", data={"csrf": token, "name": "empty"})
+    assert none.status_code == 400
+    (info,) = await api.server.services.tokens.list()
+    revoked = await api.client.post(f"/tokens/{info.id}/revoke", data={"csrf": token})
+    assert revoked.headers["location"] == "/tokens?done=revoked"
+    refused = await api.client.get("/api/v1/devices", headers={"Authorization": f"Bearer {secret}"})
+    assert refused.status_code == 401

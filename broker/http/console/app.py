@@ -8,7 +8,7 @@ from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
 
 from broker.http.api.context import ApiServices
-from broker.http.console import devices, login, overview
+from broker.http.console import accounts, approvals, devices, login, overview, tokens
 from broker.http.console.security import (
     CsrfRefused,
     LoginRequired,
@@ -32,7 +32,7 @@ def install_console(app: FastAPI, services: ApiServices) -> None:
     app.add_exception_handler(LoginRequired, login_required)
     app.add_exception_handler(CsrfRefused, csrf_refused)
     app.mount(STATIC, StaticFiles(directory=HERE / "static"), name="console-static")
-    for module in (login, overview, devices):
+    for module in (login, overview, devices, approvals, accounts, tokens):
         app.include_router(module.router)
 
 
