@@ -8,7 +8,7 @@ import contextlib
 import gc
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Protocol, Self
@@ -56,21 +56,16 @@ def auth_core(settings: Settings, *, answer_within: float | None = None) -> Auth
     return AuthCore(registry, accounts, hasher, authenticator)
 
 
-async def run_until_signalled(
-    service: AbstractAsyncContextManager[object], stop: asyncio.Event | None = None
-) -> None:
-    """Enter ``service``, wait for SIGINT/SIGTERM (or for ``stop``), then leave it cleanly.
-
-    SIGHUP, which by default ends a process, is answered with one log line and nothing else:
-    nothing is reloaded (a configuration change takes a restart), and a ``kill -HUP`` or a
-    closed controlling terminal never takes the broker down.
-    """
-    stop_event = stop or asyncio.Event()
+@contextlib.asynccontextmanager
+async def signals_handled(stop: asyncio.Event) -> AsyncIterator[None]:
+    """While inside: SIGINT and SIGTERM set ``stop``; SIGHUP, which by default ends a process, is
+    answered with one log line and nothing else (nothing is reloaded: a configuration change takes
+    a restart), so a ``kill -HUP`` or a closed controlling terminal never takes a process down."""
     loop = asyncio.get_running_loop()
     handled: list[signal.Signals] = []
     handlers: list[tuple[signal.Signals, Callable[..., None], tuple[object, ...]]] = [
-        (signal.SIGINT, _request_stop, (stop_event, signal.SIGINT)),
-        (signal.SIGTERM, _request_stop, (stop_event, signal.SIGTERM)),
+        (signal.SIGINT, _request_stop, (stop, signal.SIGINT)),
+        (signal.SIGTERM, _request_stop, (stop, signal.SIGTERM)),
         (signal.SIGHUP, _ignore_hangup, ()),
     ]
     for sig, handler, args in handlers:
@@ -79,12 +74,27 @@ async def run_until_signalled(
             loop.add_signal_handler(sig, handler, *args)
             handled.append(sig)
     try:
-        async with service:
-            settle_heap()
-            await stop_event.wait()
+        yield
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+async def run_until_signalled(
+    service: AbstractAsyncContextManager[object], stop: asyncio.Event | None = None
+) -> None:
+    """Enter ``service``, wait for SIGINT/SIGTERM (or for ``stop``), then leave it cleanly."""
+    stop_event = stop or asyncio.Event()
+    async with signals_handled(stop_event), service:
+        settle_heap()
+        await stop_event.wait()
+
+
+async def run_main_until_signalled(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """Run ``main(stop)``, which returns once ``stop`` is set; SIGINT or SIGTERM sets it."""
+    stop = asyncio.Event()
+    async with signals_handled(stop):
+        await main(stop)
 
 
 #: How long a background loop gets to finish its round once asked to stop, before it is cancelled.

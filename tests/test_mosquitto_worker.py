@@ -306,7 +306,13 @@ async def test_bridge_and_worker_run_as_processes_until_signalled(tmp_path: Path
                 )
                 assert retired.returncode == 0, retired.stderr
                 assert await call(session.disconnected.wait, KICK_WITHIN)
+            for process in running:  # a hang-up (a closed terminal, kill -HUP) ends neither
+                process.process.send_signal(signal.SIGHUP)
+                await process.read_until("received SIGHUP: nothing reloaded")
+            second = "aa:bb:cc:00:04:02"
+            assert_ok(await call(request_provisioning, node.provision_port, second, {"mac": second}))
             for process in running:
+                assert process.process.returncode is None
                 assert await process.stop(signal.SIGTERM) == 0
         finally:
             await killed(running)

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from broker.cli.accounts import issue_password
 from broker.cli.common import ConfigOption, JsonOption, fail, print_json, run, settings_from, stdout
-from broker.external.mosquitto.layout import check_external_rules
-from broker.external.mosquitto.runtime import add_account, rotate_account, run_bridge, sync
-from broker.external.mosquitto.sync import SyncReport
-from broker.external.worker import broker_address, until_signalled
 from config import Settings
 from provisioning.errors import ProvisioningError
-from provisioning.external.link import BrokerAddress
 from provisioning.registry.accounts import AccountInfo, validate_account_name
 from provisioning.topics import parse_rule
+
+if TYPE_CHECKING:
+    from broker.external.mosquitto.sync import SyncReport
+    from provisioning.external.link import BrokerAddress
+
+# The commands import the external-broker code (paho among it) when they run: a CLI call that
+# does not talk to a broker (``mqttprov devices list``) loads none of it.
 
 app = typer.Typer(help="Mosquitto dynamic security: follow the registry, reconcile, service accounts.")
 accounts_app = typer.Typer(help="Service accounts on Mosquitto (the password is set there too).")
@@ -36,9 +38,12 @@ BrokerOption = Annotated[
 @app.command("run")
 def run_command(config: ConfigOption = None, broker: BrokerOption = None) -> None:
     """Set Mosquitto's default ACL access and worker role, then revoke clients as credentials die."""
+    from broker.core import run_main_until_signalled  # noqa: PLC0415
+    from broker.external.mosquitto.runtime import run_bridge  # noqa: PLC0415
+
     settings = settings_from(config)
     address = _address(settings, broker)
-    run(lambda: until_signalled(lambda stop: run_bridge(settings, address, stop)), log=settings.log)
+    run(lambda: run_main_until_signalled(lambda stop: run_bridge(settings, address, stop)), log=settings.log)
 
 
 @app.command("sync")
@@ -53,6 +58,8 @@ def sync_command(
     as_json: JsonOption = False,
 ) -> None:
     """Reconcile after an outage: reset devices Mosquitto lost, disable clients the registry dropped."""
+    from broker.external.mosquitto.runtime import sync  # noqa: PLC0415
+
     settings = settings_from(config)
     address = _address(settings, broker)
     report = run(lambda: sync(settings, address, dry_run=dry_run, grace=grace))
@@ -89,6 +96,9 @@ def accounts_add(
     as_json: JsonOption = False,
 ) -> None:
     """Create a service account in the registry and on Mosquitto; prints its password once."""
+    from broker.external.mosquitto.layout import check_external_rules  # noqa: PLC0415
+    from broker.external.mosquitto.runtime import add_account  # noqa: PLC0415
+
     settings = settings_from(config)
     address = _address(settings, broker)
     try:
@@ -114,6 +124,8 @@ def accounts_rotate(
     as_json: JsonOption = False,
 ) -> None:
     """New password on Mosquitto and in the registry (old sessions are disconnected); printed once."""
+    from broker.external.mosquitto.runtime import rotate_account  # noqa: PLC0415
+
     settings = settings_from(config)
     address = _address(settings, broker)
 
@@ -125,6 +137,8 @@ def accounts_rotate(
 
 def _address(settings: Settings, broker: str | None) -> BrokerAddress:
     """The broker to talk to, or one line and exit 2 for a bad URL."""
+    from broker.external.worker import broker_address  # noqa: PLC0415
+
     try:
         return broker_address(settings, broker)
     except ProvisioningError as exc:

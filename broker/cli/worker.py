@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from broker.cli.bridge import BrokerOption, _address
 from broker.cli.common import ConfigOption, run, settings_from
-from broker.external.mosquitto.runtime import run_mosquitto_worker
-from broker.external.worker import Runner, run_registry_worker, until_signalled
-
-_RUNNERS: dict[str, Runner] = {"registry": run_registry_worker, "mosquitto": run_mosquitto_worker}
 
 
 def worker(config: ConfigOption = None, broker: BrokerOption = None) -> None:
@@ -17,7 +13,13 @@ def worker(config: ConfigOption = None, broker: BrokerOption = None) -> None:
 
     "registry": the broker asks mqttprov authd, which checks the registry itself.
     """
+    from broker.core import run_main_until_signalled  # noqa: PLC0415
+    from broker.external import Runner, run_mosquitto_worker, run_registry_worker  # noqa: PLC0415
+
+    runners: dict[str, Runner] = {"registry": run_registry_worker, "mosquitto": run_mosquitto_worker}
     settings = settings_from(config)
     address = _address(settings, broker)
-    runner = _RUNNERS[settings.external.credentials]
-    run(lambda: until_signalled(lambda stop: runner(settings, address, stop, None)), log=settings.log)
+    runner = runners[settings.external.credentials]
+    run(
+        lambda: run_main_until_signalled(lambda stop: runner(settings, address, stop, None)), log=settings.log
+    )

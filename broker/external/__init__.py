@@ -1,7 +1,7 @@
 """External brokers: the provisioning worker on any MQTT broker, and the Mosquitto bridge."""
 
 from broker.external.mosquitto.runtime import run_bridge, run_mosquitto_worker
-from broker.external.worker import Runner, broker_address, run_registry_worker, until_signalled
+from broker.external.worker import Runner, broker_address, run_registry_worker
 
 __all__ = [
     "Runner",
@@ -9,5 +9,4 @@ __all__ = [
     "run_bridge",
     "run_mosquitto_worker",
     "run_registry_worker",
-    "until_signalled",
 ]
