@@ -184,3 +184,13 @@ async def test_api_tokens_are_created_listed_and_revoked(api: Api) -> None:
     assert revoked.headers["location"] == "/tokens?done=revoked"
     refused = await api.client.get("/api/v1/devices", headers={"Authorization": f"Bearer {secret}"})
     assert refused.status_code == 401
+
+
+async def test_the_search_form_as_a_browser_sends_it(api: Api) -> None:
+    await logged_in(api.client)
+    await api.server.services.registry.add_allowed(MACS[0])
+    found = await api.client.get("/devices", params={"q": "02-00", "status": "", "label": ""})
+    assert found.status_code == 200
+    assert "1 device," in found.text
+    unknown = await api.client.get("/devices", params={"status": "sleeping"})
+    assert unknown.status_code == 400

@@ -41,16 +41,18 @@ async def device_list(
     console: ConsoleDep,
     session: Session,
     *,
-    status: Annotated[DeviceStatus | None, Query()] = None,
+    # Text, not the enum: the form sends an empty status for "any".
+    status_name: Annotated[str, Query(alias="status", max_length=16)] = "",
     label: Annotated[str, Query(max_length=130)] = "",
     q: Annotated[str, Query(max_length=64)] = "",
     offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
     fragment: Annotated[str, Query(max_length=1)] = "",
 ) -> Response:
     """One page of devices, oldest first; ``?fragment=1``: only its rows (polled for presence)."""
-    query = {k: v for k, v in (("status", status.value if status else ""), ("label", label), ("q", q)) if v}
+    query = {k: v for k, v in (("status", status_name), ("label", label), ("q", q)) if v}
     error = None
     try:
+        status = DeviceStatus(status_name) if status_name else None
         wanted = DeviceFilter(
             status=frozenset({status}) if status else frozenset(),
             labels=dict([parse_label(label)]) if label.strip() else {},
@@ -58,14 +60,14 @@ async def device_list(
         )
         found = await console.services.registry.search_devices(wanted, limit=PAGE, offset=offset)
         devices, total = found.devices, found.total
-    except (ProvisioningError, ValidationError) as exc:
+    except (ProvisioningError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
         error, devices, total = _one_line(exc), [], 0
     context: dict[str, Any] = {
         "devices": devices,
         "total": total,
         "offset": offset,
         "page_size": PAGE,
-        "chosen_status": status.value if status else "",
+        "chosen_status": status_name,
         "label": label,
         "q": q,
         "when": when,

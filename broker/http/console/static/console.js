@@ -61,7 +61,9 @@ function confirmations() {
   // A typed confirmation: the button is enabled once the text matches (the server checks it too).
   document.querySelectorAll("input[data-must-equal]").forEach((input) => {
     const button = input.form.querySelector("button[type=submit]");
-    const update = () => { button.disabled = input.value.trim().toLowerCase() !== input.dataset.mustEqual.toLowerCase(); };
+    // A MAC in any notation: compared without separators or case, as the server compares it.
+    const bare = (text) => text.trim().toLowerCase().replace(/[:.-]/g, "");
+    const update = () => { button.disabled = bare(input.value) !== bare(input.dataset.mustEqual); };
     input.addEventListener("input", update);
     update();
   });
