@@ -8,7 +8,6 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -30,7 +29,7 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
-from provisioning import DeviceExistsError, DeviceNotFoundError, InvalidMacError, parse_mac
+from provisioning import DeviceNotFoundError, InvalidMacError, parse_mac
 from provisioning.registry import (
     DeviceEventInfo,
     DeviceFilter,
@@ -42,15 +41,21 @@ from provisioning.registry import (
     parse_labels,
 )
 from provisioning.registry.labels import validate_label_key
+from provisioning.registry.transfer import (
+    EXPORT_COLUMNS,
+    ImportFileError,
+    ImportReport,
+    ImportRow,
+    export_row,
+    import_rows,
+    read_csv,
+    report_json,
+    too_long,
+)
 
 app = typer.Typer(
     help="Enrol, list, inspect, approve, reset, decommission and delete devices.", no_args_is_help=True
 )
-
-# The registry's column widths: checked here so an over-long value is a clear refusal on every
-# database (SQLite would store it, PostgreSQL would fail the insert).
-FIRMWARE_MAX = 64
-NOTE_MAX = 256
 
 DeviceArg = Annotated[
     str, typer.Argument(metavar="ID_OR_MAC", help="Device id, MAC (any notation) or username.")
@@ -208,33 +213,6 @@ class ExportFormat(enum.StrEnum):
     JSONL = "jsonl"
 
 
-_CSV_COLUMNS = [
-    "id",
-    "mac",
-    "mqtt_username",
-    "status",
-    "firmware",
-    "note",
-    "created_at",
-    "last_seen_at",
-    "labels",
-]
-
-
-def _csv_row(device: DeviceInfo) -> list[str]:
-    return [
-        str(device.id),
-        device.mac,
-        device.mqtt_username,
-        device.status.value,
-        device.firmware_version or "",
-        device.note or "",
-        device.created_at.isoformat(),
-        device.last_seen_at.isoformat() if device.last_seen_at else "",
-        ";".join(f"{k}={v}" for k, v in sorted(device.labels.items())),
-    ]
-
-
 @app.command("export")
 def export(  # typer passes options by keyword
     *,
@@ -268,11 +246,11 @@ def export(  # typer passes options by keyword
         async def work() -> int:
             written = 0
             if output_format is ExportFormat.CSV:
-                writer.writerow(_CSV_COLUMNS)
+                writer.writerow(EXPORT_COLUMNS)
             async with open_registry(settings) as registry:
                 async for device in registry.export_devices(wanted):
                     if output_format is ExportFormat.CSV:
-                        writer.writerow(_csv_row(device))
+                        writer.writerow(export_row(device))
                     else:
                         fh.write(device.model_dump_json() + "\n")
                     written += 1
@@ -399,14 +377,6 @@ def label(
 # -- enrolment ---------------------------------------------------------------------------------
 
 
-def _too_long(firmware: str | None, note: str | None) -> str | None:
-    if firmware is not None and len(firmware) > FIRMWARE_MAX:
-        return f"firmware is longer than {FIRMWARE_MAX} characters"
-    if note is not None and len(note) > NOTE_MAX:
-        return f"note is longer than {NOTE_MAX} characters"
-    return None
-
-
 @app.command("add")
 def add(  # typer passes arguments and options by keyword
     mac: Annotated[str, typer.Argument(metavar="MAC", help="The device's MAC address (any notation).")],
@@ -419,7 +389,7 @@ def add(  # typer passes arguments and options by keyword
 ) -> None:
     """Allow one MAC to enrol (status approved; what allowlist mode checks)."""
     labels = labels_from(label)
-    problem = _too_long(firmware, note)
+    problem = too_long(firmware, note)
     if problem is not None:
         fail(f"error: {problem}", EXIT_USAGE)
     try:
@@ -439,79 +409,19 @@ def add(  # typer passes arguments and options by keyword
         stdout.print(f"added {added.mac} as {added.id} ({added.status.value}): it may enrol")
 
 
-@dataclass(frozen=True)
-class _Row:
-    line: int
-    mac: str
-    firmware: str | None
-    note: str | None
-    labels: str | None = None
-
-
-@dataclass
-class _ImportReport:
-    imported: int = 0
-    errors: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _read_rows(path: Path) -> list[_Row]:
+def _read_rows(path: Path) -> list[ImportRow]:
     """The CSV's records with their line numbers; exit 2 when the file itself is unusable."""
-    line = 1
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
-            reader = csv.DictReader(fh)
-            columns = [name.strip().lower() for name in reader.fieldnames or []]
-            if "mac" not in columns:
-                fail(f"error: {path}: no 'mac' column in the header line", EXIT_USAGE)
-            reader.fieldnames = columns
-            rows: list[_Row] = []
-            for record in reader:
-                line = reader.line_num
-                rows.append(
-                    _Row(
-                        line,
-                        (record.get("mac") or "").strip(),
-                        _text(record, "firmware"),
-                        _text(record, "note"),
-                        _text(record, "labels"),
-                    )
-                )
+            return read_csv(fh)
+    except ImportFileError as exc:
+        fail(f"error: {path}: {exc}", EXIT_USAGE)
     except FileNotFoundError:
         fail(f"error: {path}: no such file", EXIT_USAGE)
     except UnicodeDecodeError:
         fail(f"error: {path}: not UTF-8 text", EXIT_USAGE)
-    except csv.Error as exc:
-        fail(f"error: {path}: line {line + 1}: {exc}", EXIT_USAGE)
     except OSError as exc:
         fail(f"error: {path}: {exc.strerror or exc}", EXIT_USAGE)
-    return rows
-
-
-def _text(record: dict[str, str | None], column: str) -> str | None:
-    value = (record.get(column) or "").strip()
-    return value or None
-
-
-async def _import_row(registry: DeviceRegistry, row: _Row, seen: set[str]) -> str | None:
-    """Add one row; the reason it was skipped, or None when it was added."""
-    try:
-        mac = parse_mac(row.mac)
-    except InvalidMacError:
-        return "invalid MAC"
-    if mac in seen:
-        return "duplicate in file"
-    seen.add(mac)
-    problem = _too_long(row.firmware, row.note)
-    if problem is not None:
-        return problem
-    try:
-        labels = parse_labels(part for part in (row.labels or "").split(";") if part.strip())
-        await registry.add_allowed(mac, firmware_version=row.firmware, note=row.note, labels=labels)
-    except InvalidLabelError as exc:
-        return str(exc)
-    except DeviceExistsError:
-        return "already registered"
-    return None
 
 
 @app.command("import")
@@ -539,27 +449,18 @@ def import_devices(
         disable=as_json or not sys.stdout.isatty(),
     )
 
-    async def work() -> _ImportReport:
-        report = _ImportReport()
-        seen: set[str] = set()
+    async def work() -> ImportReport:
         task = progress.add_task("import", total=len(rows))
         async with open_registry(settings) as registry:
-            for row in rows:
-                reason = await _import_row(registry, row, seen)
-                if reason is None:
-                    report.imported += 1
-                else:
-                    report.errors.append({"line": row.line, "mac": row.mac, "error": reason})
-                progress.advance(task)
-        return report
+            return await import_rows(registry, rows, done=lambda: progress.advance(task))
 
     with progress:
         report = run(work)
     if as_json:
-        print_json({"imported": report.imported, "errors": report.errors})
+        print_json(report_json(report))
     else:
         for error in report.errors:
-            typer.echo(f"line {error['line']}: {error['mac'] or '(empty)'}: {error['error']}", err=True)
+            typer.echo(f"line {error.line}: {error.mac or '(empty)'}: {error.error}", err=True)
         stdout.print(f"imported {report.imported}, skipped {len(report.errors)}")
     if report.errors:
         raise typer.Exit(EXIT_FAILED)
