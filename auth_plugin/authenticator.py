@@ -139,8 +139,12 @@ class Authenticator:
             self._deciding -= 1
             if not self._deciding:
                 self._none_deciding.set()
-        if not decision.accepted:
-            self.stats.refusals[decision.reason] = self.stats.refusals.get(decision.reason, 0) + 1
+        stats = self.stats
+        if decision.accepted:
+            stats.accepted += 1
+        else:
+            stats.refusals[decision.reason] = stats.refusals.get(decision.reason, 0) + 1
+            stats.refused_by_code[decision.code] = stats.refused_by_code.get(decision.code, 0) + 1
         return decision
 
     async def _decide(self, attempt: ConnectAttempt) -> Decision:

@@ -55,6 +55,9 @@ class BcryptBudget:
         self.refused = 0
         #: Turns given back unused: the check could not have ended before its login's deadline.
         self.late = 0
+        #: Seconds login checks waited for their turn (given ones only), and how many got one.
+        self.turn_wait_seconds = 0.0
+        self.turns_given = 0
 
     @property
     def waiting(self) -> int:
@@ -94,8 +97,11 @@ class BcryptBudget:
         # Announced from now until it is over: the credential pool's idle-time hashes wait.
         self._hasher.expect(1)
         try:
+            arrived = time.monotonic()
             if self._closed or not await self._turn(source):
                 return None
+            self.turn_wait_seconds += time.monotonic() - arrived
+            self.turns_given += 1
             if deadline is not None and asyncio.get_running_loop().time() + self._per_check() > deadline:
                 self.late += 1
                 self._release()

@@ -67,6 +67,9 @@ class AuthStats:
     verifier_checks: int = 0
     cache_hits: int = 0
     overload_refusals: int = 0
+    #: Login decisions: accepted, and refused by CONNACK code (3, 4 or 5).
+    accepted: int = 0
+    refused_by_code: dict[int, int] = field(default_factory=dict)
     #: ``login_refused`` events not written: too many writes were in flight (a flood).
     audits_dropped: int = 0
     refusals: dict[str, int] = field(default_factory=dict)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Collection, Iterable
 from typing import Any, Protocol, runtime_checkable
 
@@ -105,6 +106,9 @@ class Revoker:
         self._listener: _Listener | None = None
         self._listen_retry_at = 0.0
         self.kicked = 0
+        #: When the feed was last read and applied (``time.monotonic``; the creation time until
+        #: then): the change-feed lag a metric reports is the time since.
+        self.read_at = time.monotonic()
         #: LISTEN connections opened (more than one: re-established after a lost connection).
         self.listens_opened = 0
         #: Seconds the cache vouches for its principals after a good round (see VerifiedCache.fresh).
@@ -172,6 +176,7 @@ class Revoker:
             self._outage.failed("change feed: revocations wait, cached logins go to the registry", exc)
             return False
         self._cache.feed_read()
+        self.read_at = time.monotonic()
         self._outage.succeeded()
         return True
 

@@ -67,6 +67,10 @@ class PasswordHasher:
         self.operations = 0
         #: Idle-time hashes started (the credential pool's fill), never part of ``operations``.
         self.idle_operations = 0
+        #: Seconds operations (not idle-time hashes) waited for a worker thread, and how many
+        #: waited: a sum and a count, as a metrics summary wants them.
+        self.wait_seconds = 0.0
+        self.waits = 0
         # Jobs of hash/verify that a worker thread has not finished yet: unlike ``pending``, a job
         # whose caller was cancelled counts until its thread is done with it.
         self._busy = 0
@@ -126,7 +130,7 @@ class PasswordHasher:
         job = self._pool.submit(_timed, bcrypt.hashpw, raw, salt)
         self._idle_running = True
         self.idle_operations += 1
-        digest, elapsed = await self._finish(job, self._idle_ended)
+        digest, _, elapsed = await self._finish(job, self._idle_ended)
         self._record(elapsed)
         return digest.decode("ascii")
 
@@ -134,11 +138,14 @@ class PasswordHasher:
         self.pending += 1
         self.operations += 1
         try:
+            submitted = time.perf_counter()
             job = self._pool.submit(_timed, fn, raw, other)
             self._busy += 1
-            result, elapsed = await self._finish(job, self._job_done)
+            result, began, elapsed = await self._finish(job, self._job_done)
         finally:
             self.pending -= 1
+        self.wait_seconds += max(0.0, began - submitted)
+        self.waits += 1
         self._record(elapsed)
         return result
 
@@ -179,10 +186,12 @@ def _settled(future: asyncio.Future[Any], ended: Callable[[], None]) -> None:
     ended()
 
 
-def _timed(fn: Callable[[bytes, Any], T], raw: bytes, other: Any) -> tuple[T, float]:
+def _timed(fn: Callable[[bytes, Any], T], raw: bytes, other: Any) -> tuple[T, float, float]:
+    """``fn``'s result, when the worker began it (``perf_counter``, one clock for all threads), and
+    how long it took."""
     started = time.perf_counter()
     result = fn(raw, other)
-    return result, time.perf_counter() - started
+    return result, started, time.perf_counter() - started
 
 
 def _checkpw(raw: bytes, hashed: str) -> bool:

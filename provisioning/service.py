@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import secrets
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -124,6 +125,8 @@ class ProvisioningService:
         #: Requests that missed their deadline: a stalled database, or bcrypt far behind.
         self.late = OutageLog(logger, subject="provisioning")
         self.deadline = deadline
+        #: Replies by result: ``ok``, ``pending``, or the refusal's ``error_code``.
+        self.results: Counter[str] = Counter()
 
     def bind_sessions(self, sessions: SessionControl) -> None:
         """Late binding: the broker exists only after the plugins that use this service."""
@@ -136,6 +139,12 @@ class ProvisioningService:
     async def handle(self, identity: ClientIdentity, payload: bytes, address: str | None) -> Outcome:
         """Decide, commit, and return the reply for one request, within :attr:`deadline`
         seconds once it is worked on. Never raises."""
+        outcome = await self._handle(identity, payload, address)
+        reply = outcome.reply
+        self.results[reply.error_code.value if isinstance(reply, ErrorReply) else reply.status] += 1
+        return outcome
+
+    async def _handle(self, identity: ClientIdentity, payload: bytes, address: str | None) -> Outcome:
         # The session's own topic until the request names its MAC as the device wrote it.
         topic = reply_topic(identity.written)
         request_id: str | None = None

@@ -41,6 +41,7 @@ from tests.authd_support import (
     running_authd,
 )
 from tests.helpers import free_port
+from tests.metrics_support import Scrape
 
 MAC = "02:00:00:00:08:01"
 OTHER_MAC = "02:00:00:00:08:02"
@@ -400,8 +401,8 @@ async def test_callers_without_the_shared_secret_are_refused(fleet: Fleet) -> No
     for authorization in (f"Bearer {SECRET}", basic()):
         async with client_for(fleet.server.url, authorization) as broker:
             assert (await broker.form("/rabbitmq/user", login)).text == "allow"
-    metrics = (await fleet.client.get("/metrics")).text
-    assert "mqttprov_authd_unauthorized_total 55\n" in metrics
+    metrics = Scrape((await fleet.client.get("/metrics")).text)
+    assert metrics["mqttprov_authd_unauthorized_total"] == 55
 
 
 async def test_malformed_requests_are_denied_and_logged_without_the_password(
@@ -442,8 +443,8 @@ async def test_database_unreachable_denies_everything_and_fails_health(
         assert (await c.json("/goauth/user", login | {"clientid": "backend"})).status == 403
         health = await c.get("/healthz")
         assert health.status == 503
-        metrics = (await c.get("/metrics")).text
-    assert 'mqttprov_authd_errors_total{contract="rabbitmq"} 2' in metrics
+        metrics = Scrape((await c.get("/metrics")).text)
+    assert metrics.value("mqttprov_authd_errors_total", contract="rabbitmq") == 2
     # Told once for the outage (tests/test_db_faults_authd.py), not once per request.
     assert caplog.text.count("database unavailable (") == 1
     assert "answered deny" not in caplog.text
@@ -472,9 +473,9 @@ async def test_over_max_concurrent_or_past_the_deadline_is_a_deny(
         assert await c.rabbit_user("other", "pw", "other") == "deny"  # over max_concurrent
         assert await hanging == "deny"  # past request_timeout
         release.set()
-        metrics = (await c.get("/metrics")).text
-        assert "mqttprov_authd_overloaded_total 1\n" in metrics
-        assert 'mqttprov_authd_errors_total{contract="rabbitmq"} 1' in metrics
+        metrics = Scrape((await c.get("/metrics")).text)
+        assert metrics["mqttprov_authd_overloaded_total"] == 1
+        assert metrics.value("mqttprov_authd_errors_total", contract="rabbitmq") == 1
 
 
 # -- metrics and revocation -----------------------------------------------------------------------
@@ -489,18 +490,28 @@ async def test_metrics_count_logins_cache_hits_and_latency(fleet: Fleet) -> None
     assert await c.rabbit_topic(user, user, "write", f"devices.{fleet.device.id}.t") == "allow"
     answer = await c.get("/metrics")
     assert answer.status == 200
-    text = answer.text
-    assert 'mqttprov_authd_logins_total{contract="rabbitmq",result="ok"} 2' in text
-    assert 'mqttprov_authd_logins_total{contract="rabbitmq",result="refused"} 1' in text
-    assert 'mqttprov_authd_checks_total{contract="rabbitmq",result="allow"} 1' in text
-    assert "mqttprov_authd_cache_hits_total 1\n" in text
-    assert "mqttprov_authd_bcrypt_checks_total 1\n" in text
-    assert "mqttprov_authd_verifier_checks_total 1\n" in text  # the wrong password: no bcrypt
-    assert "mqttprov_authd_cache_hit_ratio 0.333333\n" in text
-    assert "mqttprov_authd_bcrypt_queue_depth 0\n" in text
-    assert "mqttprov_authd_principal_cache_hits_total 1\n" in text
-    assert 'mqttprov_authd_request_seconds_count{contract="rabbitmq"} 4' in text
-    assert 'mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="+Inf"} 4' in text
+    metrics = Scrape(answer.text)
+    assert metrics.value("mqttprov_authd_logins_total", contract="rabbitmq", result="ok") == 2
+    assert metrics.value("mqttprov_authd_logins_total", contract="rabbitmq", result="refused") == 1
+    assert metrics.value("mqttprov_authd_checks_total", contract="rabbitmq", result="allow") == 1
+    assert metrics["mqttprov_authd_cache_hits_total"] == 1
+    assert metrics["mqttprov_authd_bcrypt_checks_total"] == 1
+    assert metrics["mqttprov_authd_verifier_checks_total"] == 1  # the wrong password: no bcrypt
+    assert metrics["mqttprov_authd_cache_hit_ratio"] == pytest.approx(1 / 3)
+    assert metrics["mqttprov_authd_bcrypt_queue_depth"] == 0
+    assert metrics["mqttprov_authd_principal_cache_hits_total"] == 1
+    assert metrics.value("mqttprov_authd_request_seconds_count", contract="rabbitmq") == 4
+    assert metrics.value("mqttprov_authd_request_seconds_bucket", contract="rabbitmq", le="+Inf") == 4
+    assert metrics.types["mqttprov_authd_request_seconds"] == "histogram"
+    # The same decisions in the names every process shares, and the library's process metrics.
+    assert metrics.value("mqttprov_logins_total", result="accepted") == 2
+    assert metrics.value("mqttprov_logins_total", result="bad_credentials") == 1
+    assert metrics.value("mqttprov_password_checks_total", path="bcrypt") == 1
+    assert metrics.value("mqttprov_password_checks_total", path="verifier") == 1
+    assert metrics.value("mqttprov_password_checks_total", path="cache") == 1
+    assert metrics["mqttprov_bcrypt_wait_seconds_count"] == 1  # the one bcrypt check
+    assert metrics["mqttprov_change_feed_lag_seconds"] < 60
+    assert metrics["process_cpu_seconds_total"] > 0
     assert (await c.get("/healthz")).status == 200
 
 

@@ -421,12 +421,12 @@ def test_a_storm_round_without_logins_gives_no_ratio() -> None:
 
 METRICS = """\
 # TYPE mqttprov_authd_request_seconds histogram
-mqttprov_authd_request_seconds_bucket{contract="emqx",le="0.001"} 7
-mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.001"} 50
-mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.0025"} 90
-mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.005"} 100
-mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="+Inf"} 100
-mqttprov_authd_request_seconds_sum{contract="rabbitmq"} 0.120000
+mqttprov_authd_request_seconds_bucket{contract="emqx",le="0.001"} 7.0
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.001"} 50.0
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.0025"} 90.0
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="0.005"} 100.0
+mqttprov_authd_request_seconds_bucket{contract="rabbitmq",le="+Inf"} 100.0
+mqttprov_authd_request_seconds_sum{contract="rabbitmq"} 0.12
 """
 
 

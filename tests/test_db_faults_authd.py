@@ -24,6 +24,7 @@ from provisioning.registry import DeviceInfo, DeviceRegistry, create_engine
 from tests.auth_support import PASSWORD, eventually, make_device, polled
 from tests.authd_support import AuthdClient, authd_settings, migrate, running_authd
 from tests.faulty_proxy import FaultyProxy
+from tests.metrics_support import Scrape
 
 # slow, the whole file: an authd through a fault proxy and outages that must be waited out.
 pytestmark = pytest.mark.slow
@@ -82,8 +83,8 @@ class Authd:
         """The change feed was read recently enough for the caches to vouch for principals."""
         return self.server.service.authenticator.cache.fresh
 
-    async def metrics(self) -> str:
-        return (await self.client.get("/metrics")).text
+    async def metrics(self) -> Scrape:
+        return Scrape((await self.client.get("/metrics")).text)
 
 
 @asynccontextmanager
@@ -115,18 +116,18 @@ async def test_topic_checks_leave_the_cache_once_the_feed_is_stale(
 ) -> None:
     assert await authd.emqx_login() == "allow"
     assert await authd.emqx_publish() == "allow"
-    assert "mqttprov_authd_principal_cache_hits_total 1\n" in await authd.metrics()
+    assert (await authd.metrics())["mqttprov_authd_principal_cache_hits_total"] == 1
 
     # The feed cannot be read; the registry itself still answers.
     feed = Outage(monkeypatch, "changes_since")
     await eventually(polled(lambda: authd.fresh), lambda fresh: not fresh, timeout=SETTLE)
     assert await authd.emqx_publish() == "allow"  # from the registry, not from memory
-    assert "mqttprov_authd_principal_cache_hits_total 1\n" in await authd.metrics()
+    assert (await authd.metrics())["mqttprov_authd_principal_cache_hits_total"] == 1
 
     # Now the registry cannot answer either: denied, never answered from memory.
     Outage(monkeypatch, "find_credentials_by_username")
     assert await authd.emqx_publish() == "deny"
-    assert "mqttprov_authd_principal_cache_hits_total 1\n" in await authd.metrics()
+    assert (await authd.metrics())["mqttprov_authd_principal_cache_hits_total"] == 1
     del feed
 
 
@@ -142,9 +143,9 @@ async def test_undecided_logins_are_denied_or_ignored_and_told_once(
         assert await c.rabbit_user(user, PASSWORD, user) == "deny"
         assert await authd.emqx_login() == "ignore"  # "not decided": EMQX asks its next authenticator
     metrics = await authd.metrics()
-    assert 'mqttprov_authd_errors_total{contract="rabbitmq"} 3' in metrics
-    assert 'mqttprov_authd_errors_total{contract="emqx"} 3' in metrics
-    assert "mqttprov_authd_logins_total{" not in metrics  # undecided: neither ok nor refused
+    assert metrics.value("mqttprov_authd_errors_total", contract="rabbitmq") == 3
+    assert metrics.value("mqttprov_authd_errors_total", contract="emqx") == 3
+    assert "mqttprov_authd_logins_total" not in metrics.names()  # undecided: neither ok nor refused
 
     outage.down = False
     await eventually(polled(lambda: authd.server.service.outage.down), lambda down: not down, timeout=SETTLE)

@@ -138,8 +138,10 @@ def build_app(
     contracts: Sequence[Contract],
     metrics: Metrics,
     health: Callable[[], Awaitable[object]],
+    scrape: Callable[[web.Request], Awaitable[web.StreamResponse]],
 ) -> web.Application:
-    """The application: each contract's routes, ``GET /healthz`` and ``GET /metrics``."""
+    """The application: each contract's routes, ``GET /healthz`` and ``GET /metrics`` (``scrape``:
+    the exposition of ``metrics`` and the rest of the process, which the host renders)."""
     app = web.Application(client_max_size=MAX_BODY_BYTES)
     guard = Guard(settings, metrics)
     for contract in contracts:
@@ -155,9 +157,6 @@ def build_app(
             return web.Response(status=503, text="registry unavailable\n")
         return web.Response(text="ok\n")
 
-    async def metrics_text(_: web.Request) -> web.Response:
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
-
     app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics_text)
+    app.router.add_get("/metrics", scrape)
     return app

@@ -1,10 +1,9 @@
-"""Counters and a latency histogram, rendered in the Prometheus text format (no client library needed)."""
+"""authd's counters and latency histogram: plain numbers, read by :class:`broker.metrics.AuthdCollector`."""
 
 from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from auth_plugin.authenticator import AuthStats
@@ -33,11 +32,11 @@ class Histogram:
 
 
 class Metrics:
-    """What ``/metrics`` reports; the contracts and the guard in :mod:`auth_plugin.authd.app` feed it."""
+    """What authd counts; the contracts and the guard in :mod:`auth_plugin.authd.app` feed it."""
 
     def __init__(self, stats: AuthStats, hasher: PasswordHasher) -> None:
-        self._stats = stats
-        self._hasher = hasher
+        self.stats = stats
+        self.hasher = hasher
         self.logins: Counter[tuple[str, str]] = Counter()
         self.checks: Counter[tuple[str, str]] = Counter()
         self.errors: Counter[str] = Counter()
@@ -61,59 +60,6 @@ class Metrics:
     @property
     def cache_hit_ratio(self) -> float:
         """Share of password checks answered by the in-memory cache (not a stored verifier or bcrypt)."""
-        stats = self._stats
+        stats = self.stats
         checks = stats.cache_hits + stats.verifier_checks + stats.bcrypt_checks
         return stats.cache_hits / checks if checks else 0.0
-
-    def render(self) -> str:
-        """The Prometheus text exposition (version 0.0.4)."""
-        out: list[str] = []
-
-        def family(name: str, kind: str, text: str, samples: Mapping[str, float]) -> None:
-            out.extend((f"# HELP mqttprov_authd_{name} {text}", f"# TYPE mqttprov_authd_{name} {kind}"))
-            out.extend(f"mqttprov_authd_{name}{labels} {_number(value)}" for labels, value in samples.items())
-
-        def by_result(counts: Counter[tuple[str, str]]) -> dict[str, float]:
-            return {f'{{contract="{c}",result="{r}"}}': n for (c, r), n in sorted(counts.items())}
-
-        family("logins_total", "counter", "Login decisions by contract and result.", by_result(self.logins))
-        family("checks_total", "counter", "Topic, vhost and resource decisions.", by_result(self.checks))
-        errors = {f'{{contract="{c}"}}': n for c, n in sorted(self.errors.items())}
-        family("errors_total", "counter", "Requests answered 'deny' because deciding failed.", errors)
-        for name, kind, text, value in (
-            ("unauthorized_total", "counter", "Requests without the shared secret.", self.unauthorized),
-            ("overloaded_total", "counter", "Requests denied over max_concurrent.", self.overloaded),
-            ("bcrypt_checks_total", "counter", "Password checks that ran bcrypt.", self._stats.bcrypt_checks),
-            (
-                "verifier_checks_total",
-                "counter",
-                "Password checks answered by a stored verifier (one HMAC).",
-                self._stats.verifier_checks,
-            ),
-            ("cache_hits_total", "counter", "Password checks answered by the cache.", self._stats.cache_hits),
-            ("cache_hit_ratio", "gauge", "cache hits / all password checks.", self.cache_hit_ratio),
-            (
-                "principal_cache_hits_total",
-                "counter",
-                "Topic checks served from cache.",
-                self.principal_cache_hits,
-            ),
-            ("bcrypt_queue_depth", "gauge", "bcrypt operations queued or running.", self._hasher.pending),
-        ):
-            family(name, kind, text, {"": value})
-        latency: dict[str, float] = {}
-        for contract, histogram in sorted(self.latency.items()):
-            cumulative = 0
-            for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=True):
-                cumulative += count
-                latency[f'_bucket{{contract="{contract}",le="{bound}"}}'] = cumulative
-            latency[f'_bucket{{contract="{contract}",le="+Inf"}}'] = histogram.count
-            latency[f'_sum{{contract="{contract}"}}'] = histogram.total
-            latency[f'_count{{contract="{contract}"}}'] = histogram.count
-        family("request_seconds", "histogram", "Time to answer one request, by contract.", latency)
-        return "\n".join(out) + "\n"
-
-
-def _number(value: float) -> str:
-    # Counters stay exact integers; ratios and sums get microsecond precision.
-    return str(value) if isinstance(value, int) else f"{value:.6f}"

@@ -131,6 +131,7 @@ class Accepting(BrokerBase):
             # replies are delivered directly, never through a queue).
             fresh.is_anonymous = True
         handler.max_queued = self.limits.max_queued_messages
+        handler.drops = self.dropped
         await self.turns.take(fresh.client_id or "", fresh)
         try:
             session = await self._adopt(fresh)

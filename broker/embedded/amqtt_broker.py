@@ -88,6 +88,7 @@ class MqttprovBroker(Control, Accepting, Delivery):
         self._open = 0
         self._open_by_address = Counter()
         self.refused_over_limit = 0
+        self.dropped = Counter()
         self.turns = ClientIdTurns()
         self._acl_check = None
         # amqtt 0.12.1's list of topic plugins: no default, a rename must fail at start.

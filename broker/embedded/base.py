@@ -55,6 +55,8 @@ class BrokerBase(Broker):
     limits: ConnectionLimits
     connect_timeout: float
     refused_over_limit: int
+    #: Messages dropped over the bounds, by reason (see ``BoundedFlow.drops``), since the start.
+    dropped: Counter[str]
     turns: ClientIdTurns
     #: The principal behind each retained message (see ``Control.retire``).
     retained_by: RetainedPublishers

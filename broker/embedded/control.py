@@ -66,6 +66,22 @@ class Control(BrokerBase):
         """Broadcast a broker-originated message (subscribers' RECEIVE checks still apply)."""
         await self.internal_message_broadcast(topic, payload, 0)
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now, from accept to close (authenticated or not yet)."""
+        return self._open
+
+    def listening(self) -> bool:
+        """True while every listener has a socket that accepts connections."""
+        for server in self._servers.values():
+            instance = server.instance
+            if instance is None or not instance.sockets:
+                return False
+            serving = getattr(instance, "is_serving", None)  # asyncio's; websockets' has none
+            if serving is not None and not serving():
+                return False
+        return bool(self._servers)
+
     def live_principals(self) -> Iterator[tuple[str, Principal]]:
         """``(client_id, principal)`` of every connected, authenticated session."""
         for client_id, (session, _handler) in list(self._sessions.items()):

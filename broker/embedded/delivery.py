@@ -275,6 +275,7 @@ class Delivery(BrokerBase):
         if session.retained_messages.qsize() < self.limits.max_queued_messages:
             await self._retain_broadcast_message(broadcast, qos, session)
             return
+        self.dropped["offline_queue_full"] += 1
         dropped = session.attributes.get(_DROPPED_WHILE_OFFLINE, 0) + 1
         session.attributes[_DROPPED_WHILE_OFFLINE] = dropped
         if dropped == 1 or dropped % 1000 == 0:

@@ -10,6 +10,7 @@ next connection of the session gets it again (MQTT 3.1.1 §4.4).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import Any
 
 from amqtt.mqtt.constants import QOS_1, QOS_2
@@ -35,6 +36,9 @@ class BoundedFlow(BrokerProtocolHandler):
         #: Incoming QoS 0 messages dropped, and connections ended, over the same bound.
         self.dropped_incoming = 0
         self.refused_incoming = 0
+        #: Messages dropped by reason, for the metrics: the broker's own counter once accepted, so
+        #: what a connection dropped outlives it.
+        self.drops: Counter[str] = Counter()
 
     async def mqtt_publish(
         self,
@@ -47,6 +51,7 @@ class BoundedFlow(BrokerProtocolHandler):
         """amqtt's delivery, bounded: a subscriber that stops reading cannot exhaust memory."""
         if self._queued >= self.max_queued:
             self.dropped += 1
+            self.drops["slow_subscriber"] += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 client_id = self.session.client_id if self.session else None
                 logger.warning(
@@ -87,6 +92,7 @@ class BoundedFlow(BrokerProtocolHandler):
             return
         if len(session.inflight_out) >= self.max_queued:
             self.dropped += 1
+            self.drops["unacknowledged"] += 1
             logger.warning(
                 "client %s: too many unacknowledged messages, dropping one", shown(session.client_id)
             )
@@ -116,5 +122,6 @@ class BoundedFlow(BrokerProtocolHandler):
                     await self.handle_connection_closed()
                     return
                 self.dropped_incoming += 1
+                self.drops["incoming"] += 1
                 return
         await super().handle_publish(publish_packet)

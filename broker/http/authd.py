@@ -12,6 +12,8 @@ from types import TracebackType
 from typing import Self
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.aiohttp import make_aiohttp_handler
 
 from auth_plugin.authd import (
     AuthdRevoker,
@@ -28,6 +30,13 @@ from auth_plugin.authd import (
 from auth_plugin.authd.app import build_app
 from broker.core import AuthCore, Supervised, auth_core, run_until_signalled
 from broker.errors import ServeError
+from broker.metrics import (
+    AuthdCollector,
+    AuthenticatorCollector,
+    HasherCollector,
+    RevokerCollector,
+    process_registry,
+)
 from config import AuthdSettings, Settings
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry.outage import OutageLog
@@ -94,6 +103,8 @@ class AuthdServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._running: _Running | None = None
+        #: What ``/metrics`` reports (set at start).
+        self.metrics: CollectorRegistry | None = None
 
     @property
     def service(self) -> AuthdService:
@@ -140,7 +151,19 @@ class AuthdServer:
         with contextlib.suppress(RegistryUnavailableError):
             await revoker.begin()
         await core.authenticator.warm_up()
-        app = build_app(section, enabled_contracts(service, section), metrics, core.registry.last_change_id)
+        self.metrics = process_registry(
+            AuthdCollector(metrics, kicker),
+            AuthenticatorCollector(core.authenticator),
+            HasherCollector(core.hasher),
+            RevokerCollector(revoker),
+        )
+        app = build_app(
+            section,
+            enabled_contracts(service, section),
+            metrics,
+            core.registry.last_change_id,
+            make_aiohttp_handler(self.metrics),
+        )
         # No access log: the query string of a badly configured broker could carry a secret.
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()

@@ -60,9 +60,11 @@ AFTER = "after-restart"
 #: (docs/scaling-out.md), and RabbitMQ's default, 15 s.
 CACHE_TTLS_MS = (1_000, 15_000)
 #: authd's password checks, by how they were answered.
-_CHECKS = re.compile(r"^mqttprov_authd_(bcrypt_checks|verifier_checks|cache_hits)_total (\d+)")
+_CHECKS = re.compile(r"^mqttprov_authd_(bcrypt_checks|verifier_checks|cache_hits)_total (\d+)(?:\.0)?$")
 #: authd's latency histogram for the RabbitMQ contract, one line per bucket.
-_BUCKET = re.compile(r'^mqttprov_authd_request_seconds_bucket\{contract="rabbitmq",le="([^"]+)"\} (\d+)')
+_BUCKET = re.compile(
+    r'^mqttprov_authd_request_seconds_bucket\{contract="rabbitmq",le="([^"]+)"\} (\d+)(?:\.0)?$'
+)
 
 
 @dataclass
