@@ -19,6 +19,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from config import AuthSettings
+
 logger = logging.getLogger(__name__)
 
 
@@ -31,6 +33,17 @@ class ThrottlePolicy:
     window: float = 60.0
     lockout_seconds: float = 60.0
     max_delay: float = 2.0
+
+    @classmethod
+    def of(cls, auth: AuthSettings) -> ThrottlePolicy:
+        """The thresholds ``[auth]`` sets."""
+        return cls(
+            throttle_after=auth.throttle_after,
+            lockout_after=auth.lockout_after,
+            window=auth.throttle_window,
+            lockout_seconds=auth.lockout_seconds,
+            max_delay=auth.max_refusal_delay,
+        )
 
 
 class LoginThrottle:

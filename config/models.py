@@ -294,6 +294,12 @@ class ApiSettings(_Section):
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1_048_576)] = 1_048_576
     #: The operator console in the browser, under ``/`` beside the API (docs/console.md).
     console: bool = True
+    #: Event streams (``GET /api/v1/events/stream``) open at once, in all and per API token.
+    max_streams: Annotated[int, Field(ge=1, le=10_000)] = 32
+    max_streams_per_token: Annotated[int, Field(ge=1, le=10_000)] = 4
+    #: An event stream ends after this long (the client resumes it with Last-Event-ID), so a
+    #: stream never outlives a revoked token or a setting by more than this.
+    stream_seconds: Annotated[float, Field(gt=0, le=86_400)] = 900.0
 
     @model_validator(mode="after")
     def _tls_files(self) -> ApiSettings:

@@ -34,6 +34,12 @@ ROUTES = [
     Route("POST", "/api/v1/devices/{device}/reset", Scope.WRITE),
     Route("POST", "/api/v1/devices/{device}/decommission", Scope.WRITE),
     Route("DELETE", "/api/v1/devices/{device}", Scope.WRITE),
+    Route("GET", "/api/v1/devices/export", Scope.READ),
+    Route("POST", "/api/v1/devices/import", Scope.WRITE, [{"mac": "02:00:00:00:c0:04"}]),
+    Route("PUT", "/api/v1/devices/{device}/labels", Scope.WRITE, {"labels": {"site": "berlin"}}),
+    Route("DELETE", "/api/v1/devices/{device}/labels/{key}", Scope.WRITE),
+    Route("GET", "/api/v1/devices/{device}/events", Scope.READ),
+    Route("GET", "/api/v1/events/stream", Scope.READ),
     Route("GET", "/api/v1/accounts", Scope.READ),
     Route("POST", "/api/v1/accounts", Scope.WRITE, {"name": "backend", "allow": []}),
     Route("POST", "/api/v1/accounts/{name}/rotate", Scope.WRITE),
@@ -46,8 +52,16 @@ ANONYMOUS = {"GET /health", "GET /ready"}
 
 
 async def _call(api: Api, route: Route, headers: dict[str, str]) -> Any:
-    path = route.path.format(device=MAC, name="existing")
-    return await api.client.request(route.method, path, json=route.body, headers=headers)
+    path = route.path.format(device=MAC, name="existing", key="site")
+    request = api.client.build_request(route.method, path, json=route.body, headers=headers)
+    # Streamed: the event stream does not end; its status and headers are what is checked.
+    response = await api.client.send(request, stream=True)
+    try:
+        if not response.headers.get("content-type", "").startswith("text/event-stream"):
+            await response.aread()
+    finally:
+        await response.aclose()
+    return response
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=str)

@@ -95,11 +95,11 @@ def serve(config: ConfigOption = None) -> None:
         try:
             await serve_forever(settings)
         except ServeError as exc:
-            if not _address_in_use(exc):
+            if not _address_in_use(exc) or getattr(exc, "names_setting", False):
                 raise
             raise ServeError(
                 f"{exc} (set another: [broker] port in the config file or MQTTPROV_BROKER__PORT; "
-                "tls_port and ws_port likewise, [api] port for the API)"
+                "tls_port and ws_port likewise)"
             ) from exc
 
     run(work, log=settings.log, loop_factory=loop_factory(settings.broker.event_loop))

@@ -7,8 +7,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from broker.http.api import accounts, devices, health, provision
+from broker.http.api import accounts, devices, events, health, labels, provision, transfer
 from broker.http.api.context import ApiServices
+from broker.http.api.limits import ApiLimits
 from broker.http.api.problems import PROBLEM_JSON, BodyLimit, install_handlers, problems
 
 #: Where the management routes live; a breaking change would get /api/v2.
@@ -39,6 +40,7 @@ def create_app(services: ApiServices, *, version: str = "1", console: bool | Non
         redoc_url=None,
     )
     app.state.services = services
+    app.state.limits = ApiLimits.build(services.settings)
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=services.settings.api.max_body_bytes)
     # What every route may answer besides its own: a bad request, a body over the limit.
@@ -49,7 +51,11 @@ def create_app(services: ApiServices, *, version: str = "1", console: bool | Non
     )
     secured = problems(UNAUTHORIZED="No valid API token.", FORBIDDEN="The token lacks the route's scope.")
     api = APIRouter(prefix=PREFIX)
+    # /devices/export before /devices/{device}: the first route that matches answers.
+    api.include_router(transfer.router, responses=common | secured)
     api.include_router(devices.router, responses=common | secured)
+    api.include_router(labels.router, responses=common | secured)
+    api.include_router(events.router, responses=common | secured)
     api.include_router(accounts.router, responses=common | secured)
     api.include_router(provision.router)
     app.include_router(health.router)

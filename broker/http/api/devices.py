@@ -16,17 +16,17 @@ from fastapi import APIRouter, Path, Query
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from broker.http.api.context import Services
+from broker.http.api.filters import Filter
 from broker.http.api.problems import problems
 from broker.http.api.security import Reader, Writer
 from provisioning.errors import DeviceNotFoundError, InvalidMacError
 from provisioning.registry import DeviceEventInfo, DeviceInfo, DeviceRegistry, DeviceStatus
+from provisioning.registry.labels import MAX_LABELS, LabelKey, LabelValue
 from provisioning.registry.repository import MAX_PAGE
+from provisioning.registry.transfer import FIRMWARE_MAX, NOTE_MAX
 
 router = APIRouter(prefix="/devices", tags=["devices"])
 
-#: The registry's column widths (as ``mqttprov devices add`` checks them).
-FIRMWARE_MAX = 64
-NOTE_MAX = 256
 #: The furthest a page may start: past any real fleet, short of what a database cannot count.
 MAX_OFFSET = 1_000_000_000
 MAX_EVENTS = 100
@@ -54,6 +54,7 @@ class DeviceList(BaseModel):
     total: int = Field(description="Devices matching the filter, exact.")
     limit: int
     offset: int
+    next_cursor: str | None = Field(description="Pass as `after` for the next page; null on the last.")
 
 
 class DeviceDetail(BaseModel):
@@ -71,6 +72,9 @@ class NewDevice(BaseModel):
     mac: Annotated[str, StringConstraints(max_length=64)] = Field(examples=["02:00:00:00:00:01"])
     firmware_version: Annotated[str, Text, StringConstraints(max_length=FIRMWARE_MAX)] | None = None
     note: Annotated[str, Text, StringConstraints(max_length=NOTE_MAX)] | None = None
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict, max_length=MAX_LABELS, examples=[{"site": "berlin"}]
+    )
 
 
 async def find(registry: DeviceRegistry, device: str) -> DeviceInfo:
@@ -89,13 +93,25 @@ async def find(registry: DeviceRegistry, device: str) -> DeviceInfo:
 async def list_devices(
     services: Services,
     _token: Reader,
-    status: Annotated[DeviceStatus | None, Query(description="Only devices in this status.")] = None,
-    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Devices per page.")] = 50,
-    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET, description="Devices to skip first.")] = 0,
+    wanted: Filter,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE, description="Devices per page (at most 1000).")] = 50,
+    offset: Annotated[
+        int, Query(ge=0, le=MAX_OFFSET, description="Devices to skip first (after the cursor, if any).")
+    ] = 0,
+    after: Annotated[
+        str | None,
+        Query(max_length=256, description="A page's `next_cursor`: the page after it, at any depth."),
+    ] = None,
 ) -> DeviceList:
-    """One page of devices, oldest first, with the exact total matching the filter."""
-    page = await services.registry.list_devices(status=status, limit=limit, offset=offset)
-    return DeviceList(devices=page.devices, total=page.total, limit=limit, offset=offset)
+    """One page of the devices matching every filter given, oldest first, with the exact total.
+
+    Deep pages: follow ``next_cursor`` (``after``), which costs the same at any depth, rather
+    than a growing ``offset``.
+    """
+    page = await services.registry.search_devices(wanted, limit=limit, offset=offset, after=after)
+    return DeviceList(
+        devices=page.devices, total=page.total, limit=limit, offset=offset, next_cursor=page.next_cursor
+    )
 
 
 @router.post(
@@ -107,7 +123,9 @@ async def list_devices(
 async def add_device(services: Services, _token: Writer, body: NewDevice) -> DeviceInfo:
     """Pre-register a MAC (status ``approved``): in allowlist mode only such MACs may enrol."""
     registry = services.registry
-    return await registry.add_allowed(body.mac, firmware_version=body.firmware_version, note=body.note)
+    return await registry.add_allowed(
+        body.mac, firmware_version=body.firmware_version, note=body.note, labels=body.labels
+    )
 
 
 @router.get("/{device}", summary="Show a device", responses=_NOT_FOUND)

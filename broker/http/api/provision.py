@@ -11,6 +11,7 @@ behalf may present an API token with the ``provision`` scope instead.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -22,6 +23,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.security import HTTPBasic
 
 from broker.http.api.context import ApiServices, Services
+from broker.http.api.limits import limits_of
 from broker.http.api.problems import PROBLEM_JSON, ApiError, Problem, Responses
 from broker.http.api.security import REALM, bearer, require, token_of
 from provisioning.contract import (
@@ -97,7 +99,9 @@ _RESPONSES: Responses = {
         "PAYLOAD_TOO_LARGE: over [provisioning] max_payload_bytes, or over [api] max_body_bytes."
     ),
     HTTPStatus.UNPROCESSABLE_ENTITY.value: {"model": Problem, "description": "Not used: see 400."},
-    HTTPStatus.TOO_MANY_REQUESTS.value: _refusal(ErrorCode.RATE_LIMITED),
+    HTTPStatus.TOO_MANY_REQUESTS.value: _either(
+        "RATE_LIMITED; or TOO_MANY_FAILURES: too many wrong proofs from this address (problem)."
+    ),
     HTTPStatus.SERVICE_UNAVAILABLE.value: _refusal(ErrorCode.UNAVAILABLE),
 }
 
@@ -133,6 +137,19 @@ async def check_proof(request: Request, services: ApiServices, identity: ClientI
         credentials = await bearer(request)
         await require(Scope.PROVISION)(await token_of(services, credentials))
         return
+    throttle = limits_of(request).proofs
+    address = request.client.host if request.client is not None else None
+    # A token is 256 random bits, past guessing; a proof is not. Guesses are counted by the
+    # address that makes them, whichever MAC they name: the proof is the fleet's, or derived
+    # from the fleet's secret.
+    if throttle.locked(PROVISION_USERNAME, address):
+        logger.info("api: provisioning refused mac=%s address=%s: locked out", identity.mac, address)
+        raise ApiError(
+            HTTPStatus.TOO_MANY_REQUESTS,
+            "TOO_MANY_FAILURES",
+            "too many wrong provisioning proofs from this address; try again later",
+            headers={"Retry-After": str(limits_of(request).lockout_seconds)},
+        )
     presented = _basic_password(value) if scheme.lower() == "basic" else None
     if policy.auth == "fleet_secret" and policy.fleet_secret is not None:
         expected = policy.fleet_secret.get_secret_value()
@@ -141,8 +158,15 @@ async def check_proof(request: Request, services: ApiServices, identity: ClientI
     else:  # pragma: no cover - the settings validator guarantees a secret
         expected = None
     if expected is not None and secrets_match(presented, expected):
+        # No throttle.succeeded(): one device's own key must not wipe the count of guesses at
+        # another's from the same address.
         return
-    logger.info("api: provisioning refused mac=%s: no valid %s", identity.mac, policy.auth)
+    logger.info(
+        "api: provisioning refused mac=%s address=%s: no valid %s", identity.mac, address, policy.auth
+    )
+    delay = throttle.failed(PROVISION_USERNAME, address)
+    if delay > 0:
+        await asyncio.sleep(delay)  # hold the refusal back, as the MQTT listener does a wrong password
     raise ApiError(
         HTTPStatus.UNAUTHORIZED,
         "UNAUTHORIZED",

@@ -10,6 +10,7 @@ it up (``log_config=None``), with no access log.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
@@ -40,12 +41,25 @@ def tls_context(settings: ApiSettings) -> ssl.SSLContext | None:
     return context
 
 
+class ApiListenError(ServeError):
+    """The API's port cannot be bound; the message names the setting to change."""
+
+    #: ``mqttprov serve`` adds no hint of its own (it would name the broker's ports).
+    names_setting = True
+
+
 def _bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         return socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
-        raise ServeError(f"the API cannot listen on {host}:{port}: {exc}") from exc
+        hint = ""
+        if exc.errno == errno.EADDRINUSE:
+            hint = (
+                " (set another: [api] port in the config file or MQTTPROV_API__PORT; "
+                "[api] enabled = false serves no API)"
+            )
+        raise ApiListenError(f"the API cannot listen on {host}:{port}: {exc}{hint}") from exc
 
 
 class ApiServer:
@@ -104,6 +118,9 @@ class ApiServer:
         if server is None:
             return
         server.should_exit = True
+        limits = getattr(self.app.state, "limits", None)
+        if limits is not None:  # event streams end now rather than hold the shutdown
+            limits.streams.closing.set()
         if self._main is not None:
             await self._main
         await server.shutdown(sockets=[self._socket] if self._socket is not None else None)
