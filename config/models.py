@@ -283,10 +283,11 @@ class ApiSettings(_Section):
     """``[api]``: the HTTP management API (``mqttprov api``, or inside ``mqttprov serve``)."""
 
     #: Whether ``mqttprov serve`` hosts the API beside the broker (``mqttprov api`` always does).
-    enabled: bool = False
+    enabled: bool = True
     #: Loopback by default: the API manages every device; expose it deliberately, with TLS.
     host: str = "127.0.0.1"
-    port: ListenPort = 8080
+    #: Not 8080 (http-alt: proxies, Jenkins, dev servers): a taken port stops ``serve``.
+    port: ListenPort = 9883
     #: HTTPS: PEM certificate chain and key.
     tls_cert: Path | None = None
     tls_key: Path | None = None

@@ -27,6 +27,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("MQTTPROV_") and not name.startswith("MQTTPROV_TEST_"):
             monkeypatch.delenv(name)
+    # `mqttprov serve` hosts the API on 127.0.0.1:9883 by default: serve processes of parallel
+    # tests would race for that port. A test that wants the API sets MQTTPROV_API__ENABLED=true
+    # (and a port of 0, or a free one); `mqttprov api` ignores this setting.
+    monkeypatch.setenv("MQTTPROV_API__ENABLED", "false")
 
 
 def _postgres_admin_dsn() -> str:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from broker.errors import ServeError
+from config import Settings
 from tests.api_support import api_settings, running_api
 from tests.helpers import run_mqttprov, self_signed_cert, write_config
 
@@ -51,3 +52,31 @@ async def test_an_unreadable_key_is_a_serve_error(tmp_path: Path, sqlite_url: st
     with pytest.raises(ServeError, match=r"api\.tls_cert/tls_key: cannot load"):
         async with running_api(settings):
             pass
+
+
+def test_serve_on_a_taken_api_port_is_one_line_naming_the_setting(tmp_path: Path, sqlite_url: str) -> None:
+    # serve hosts the API by default (the suite turns it off: see conftest), on loopback.
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env = {
+            "MQTTPROV_API__ENABLED": "true",
+            "MQTTPROV_API__PORT": str(taken.getsockname()[1]),
+            "MQTTPROV_BROKER__HOST": "127.0.0.1",
+            "MQTTPROV_BROKER__PORT": "0",
+            "MQTTPROV_DATABASE__URL": sqlite_url,
+        }
+        done = run_mqttprov("serve", cwd=tmp_path, env=env)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert done.stderr.splitlines()[-1] == error
+    assert error.startswith("error: the API cannot listen on 127.0.0.1:")
+    assert "address already in use" in error.lower()
+    assert error.endswith(
+        "(set another: [api] port in the config file or MQTTPROV_API__PORT; "
+        "[api] enabled = false serves no API)"
+    )
+
+
+def test_the_api_is_on_by_default_on_loopback() -> None:
+    api = Settings().api
+    assert (api.enabled, api.host, api.port) == (True, "127.0.0.1", 9883)

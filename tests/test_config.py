@@ -42,7 +42,8 @@ def config_error(path: Path | None) -> str:
 # -- defaults and sources -------------------------------------------------------------------------
 
 
-def test_defaults_without_file_or_env() -> None:
+def test_defaults_without_file_or_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MQTTPROV_API__ENABLED")  # set for every test by conftest
     settings = load_settings()
 
     assert settings == Settings()

@@ -41,6 +41,8 @@ class ServedBroker:
         if kind == "mqttprov":
             if settings is None:
                 raise ValueError("mqttprov needs its settings")
+            # The broker alone unless a figure asks for the API (on by default, on a fixed port).
+            settings = {**settings, "api": {"enabled": False, **settings.get("api", {})}}
             config = write_config(directory / f"mqttprov-{port}.toml", settings)
             argv = [console_script("mqttprov"), "serve", "--config", str(config)]
         else:
