@@ -28,6 +28,7 @@ from auth_plugin.principals import AccountPrincipal, DevicePrincipal, Principal,
 from provisioning.errors import RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.feed import ChangeFeed
 from provisioning.registry.outage import OutageLog
 from provisioning.registry.transactions import CHANGES_CHANNEL, watch_changes
 
@@ -102,7 +103,7 @@ class Revoker:
         self._pending: dict[str, Principal] = {}
         self._stopping = False
         # Kept across restarts of :meth:`run`: a restarted follower resumes, it does not skip.
-        self._last: int | None = None
+        self._feed = ChangeFeed(devices)
         self._listener: _Listener | None = None
         self._listen_retry_at = 0.0
         self.kicked = 0
@@ -124,7 +125,7 @@ class Revoker:
     @property
     def position(self) -> int | None:
         """The id of the newest change applied (None until the feed could first be read)."""
-        return self._last
+        return self._feed.position
 
     async def begin(self) -> None:
         """Start following from the feed's newest change, before any login is answered.
@@ -132,7 +133,7 @@ class Revoker:
         Raises :class:`RegistryUnavailableError`; then :meth:`run` takes the position itself
         and, not knowing what changed before it, forgets every cached verification.
         """
-        self._last = await self._devices.last_change_id()
+        await self._feed.start()
 
     def request_stop(self) -> None:
         """Make :meth:`run` return after the round in progress (a query is never cut off)."""
@@ -163,14 +164,11 @@ class Revoker:
     async def _round(self) -> bool:
         """Read the feed once and apply it; False when the database failed (retried next round)."""
         try:
-            if self._last is None:
-                self._last = await self._devices.last_change_id()
+            if self._feed.position is None:
+                await self._feed.start()
                 # Logins cached before the position was known may predate a revocation.
                 self._cache.clear()
-            changes = await self._devices.changes_since(self._last)
-            if changes:
-                await self.apply({username for _, username, _ in changes})
-                self._last = changes[-1][0]
+            await self._feed.read(self.apply)
             await self._recheck_pending()
         except (RegistryUnavailableError, SQLAlchemyError, OSError) as exc:
             self._outage.failed("change feed: revocations wait, cached logins go to the registry", exc)

@@ -35,6 +35,7 @@ from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.registry import ACTIVE_STATUSES, DeviceInfo, DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
+from provisioning.registry.feed import ChangeFeed
 from provisioning.registry.outage import OutageLog
 from provisioning.topics import TopicRule
 
@@ -60,10 +61,15 @@ class DynsecBridge:
         self._external = settings.external
         self._interval = interval
         self.revoked = 0
-        #: The newest change applied (kept across restarts of :meth:`follow`).
-        self.position: int | None = None
+        # Kept across restarts of :meth:`follow`: a restarted bridge resumes, it does not skip.
+        self._feed = ChangeFeed(devices)
         self._database = OutageLog(logger)
         self._mosquitto = OutageLog(logger, subject="Mosquitto")
+
+    @property
+    def position(self) -> int | None:
+        """The id of the newest change applied (None until the feed could first be read)."""
+        return self._feed.position
 
     async def ensure_layout(self) -> None:
         """Deny-by-default access, the worker's role, and the worker's client (see below)."""
@@ -254,7 +260,7 @@ class DynsecBridge:
         Mosquitto away) is retried: the position only moves past changes applied.
         """
         if since is not None:
-            self.position = since
+            self._feed.position = since
         logged = False
         while not stop.is_set():
             if await self._round() and not logged:
@@ -265,12 +271,7 @@ class DynsecBridge:
 
     async def _round(self) -> bool:
         try:
-            if self.position is None:
-                self.position = await self.devices.last_change_id()
-            changes = await self.devices.changes_since(self.position)
-            if changes:
-                await self.apply({username for _, username, _ in changes})
-                self.position = changes[-1][0]
+            await self._feed.read(self.apply)
         except (RegistryUnavailableError, SQLAlchemyError, OSError) as exc:
             self._database.failed("bridge: revocations wait to reach Mosquitto", exc)
             return False
