@@ -10,6 +10,7 @@ from config.models import (
     DatabaseSettings,
     ExternalSettings,
     LogSettings,
+    MetricsSettings,
     ProvisioningSettings,
     Settings,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DatabaseSettings",
     "ExternalSettings",
     "LogSettings",
+    "MetricsSettings",
     "ProvisioningSettings",
     "Settings",
     "load_settings",

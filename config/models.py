@@ -301,12 +301,28 @@ class ApiSettings(_Section):
     #: An event stream ends after this long (the client resumes it with Last-Event-ID), so a
     #: stream never outlives a revoked token or a setting by more than this.
     stream_seconds: Annotated[float, Field(gt=0, le=86_400)] = 900.0
+    #: ``GET /metrics`` (Prometheus): ``open`` to anyone who reaches the port, like ``/health``
+    #: (the metrics name no device, address or secret); ``token`` with a ``read``-scope API token
+    #: only; ``off`` not at all (docs/operations/metrics.md).
+    metrics: Literal["open", "token", "off"] = "open"
 
     @model_validator(mode="after")
     def _tls_files(self) -> ApiSettings:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         return self
+
+
+class MetricsSettings(_Section):
+    """``[metrics]``: a Prometheus ``/metrics`` listener for ``mqttprov worker`` and ``bridge run``.
+
+    ``serve`` answers ``/metrics`` on its API's port, ``authd`` and ``mqttprov api`` on their own.
+    """
+
+    #: Loopback by default; a scraper elsewhere needs the address it reaches.
+    host: str = "127.0.0.1"
+    #: None (the default): no listener; 0: any free port (logged at start).
+    port: ListenPort | None = None
 
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
@@ -341,6 +357,7 @@ class Settings(_Section):
     authd: AuthdSettings = AuthdSettings()
     api: ApiSettings = ApiSettings()
     log: LogSettings = LogSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     def warnings(self) -> list[str]:
         """Operator-facing warnings about settings that work but are probably not meant."""

@@ -48,7 +48,8 @@ ROUTES = [
     Route("POST", "/api/v1/provision", Scope.PROVISION, {"mac": "02:00:00:00:c0:03"}),
 ]
 #: Anonymous by design: probes, and devices proving themselves by [provisioning] auth.
-ANONYMOUS = {"GET /health", "GET /ready"}
+# /metrics too, by default ([api] metrics = "open"; tests/test_metrics.py covers "token").
+ANONYMOUS = {"GET /health", "GET /ready", "GET /metrics"}
 
 
 async def _call(api: Api, route: Route, headers: dict[str, str]) -> Any:

@@ -9,6 +9,7 @@ from types import TracebackType
 from typing import Self
 
 from amqtt.errors import BrokerError
+from prometheus_client import CollectorRegistry
 
 from auth_plugin.presence import PresenceRecorder
 from auth_plugin.revocation import Revoker
@@ -26,6 +27,14 @@ from broker.embedded.base import ConnectionLimits
 from broker.embedded.control import BrokerLink
 from broker.embedded.plugins.sessions import SessionHooks
 from broker.errors import ServeError
+from broker.metrics import (
+    AuthenticatorCollector,
+    BrokerCollector,
+    HasherCollector,
+    ProvisioningCollector,
+    RevokerCollector,
+    process_registry,
+)
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry
@@ -46,6 +55,8 @@ class _Running:
     services: Services
     revoker: Revoker
     link: BrokerLink
+    #: What ``/metrics`` reports: the collectors over the services above, and the process's.
+    metrics: CollectorRegistry
     broker: MqttprovBroker | None = None
     #: Background loops, restarted should one die.
     loops: list[Supervised] = field(default_factory=list)
@@ -91,6 +102,16 @@ class BrokerServer:
         return self._state().services
 
     @property
+    def metrics(self) -> CollectorRegistry:
+        """The process's metrics (valid while started)."""
+        return self._state().metrics
+
+    def listening(self) -> bool:
+        """True while started and every MQTT listener accepts connections."""
+        running = self._running
+        return running is not None and running.broker is not None and running.broker.listening()
+
+    @property
     def hasher(self) -> PasswordHasher:
         """The bcrypt worker pool (valid while started)."""
         return self._state().core.hasher
@@ -113,7 +134,14 @@ class BrokerServer:
             presence=PresenceRecorder(PresenceStore(registry.engine), outage=outage),
             revoker=revoker,
         )
-        return _Running(core, services, revoker, link)
+        metrics = process_registry(
+            AuthenticatorCollector(authenticator),
+            HasherCollector(core.hasher),
+            ProvisioningCollector(services.provisioning),
+            RevokerCollector(revoker),
+            BrokerCollector(link),
+        )
+        return _Running(core, services, revoker, link, metrics)
 
     async def start(self) -> None:
         """Migrate the registry and open every listener; :class:`ServeError` on failure."""

@@ -7,7 +7,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from broker.http.api import accounts, devices, events, health, labels, provision, transfer
+from broker.http.api import accounts, devices, events, health, labels, metrics, provision, transfer
 from broker.http.api.context import ApiServices
 from broker.http.api.limits import ApiLimits
 from broker.http.api.problems import PROBLEM_JSON, BodyLimit, install_handlers, problems
@@ -59,6 +59,7 @@ def create_app(services: ApiServices, *, version: str = "1", console: bool | Non
     api.include_router(accounts.router, responses=common | secured)
     api.include_router(provision.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     app.include_router(api)
     if services.settings.api.console if console is None else console:
         # Jinja2 and the console's templates only when it is served.

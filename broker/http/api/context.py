@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 
@@ -14,6 +14,9 @@ from provisioning.registry import DeviceRegistry
 from provisioning.registry.accounts import AccountRegistry
 from provisioning.registry.tokens import TokenStore
 from provisioning.service import ProvisioningService
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,11 @@ class ApiServices:
     tokens: TokenStore
     #: Publishes an enrolment event (topic, JSON) where the host runs a broker; None elsewhere.
     announce: Callable[[str, bytes], Awaitable[None]] | None = None
+    #: The process's metrics, answered at ``GET /metrics`` (per ``[api] metrics``).
+    metrics: CollectorRegistry | None = None
+    #: Whether the host's MQTT listeners accept connections (``serve``), for ``/ready``; None
+    #: where the host runs no broker.
+    listening: Callable[[], bool] | None = None
 
 
 def _services(request: Request) -> ApiServices:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+from http import HTTPStatus
 from typing import Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
 from broker.http.api.context import Services
-from broker.http.api.problems import problems
+from broker.http.api.problems import RETRY_AFTER, ApiError, problems
+from provisioning.errors import RegistryUnavailableError
+
+#: Seconds the registry has to answer ``/ready``: a stalled database is not ready either.
+READY_TIMEOUT = 5.0
 
 router = APIRouter(tags=["health"])
 
@@ -28,9 +34,23 @@ async def health() -> Health:
 @router.get(
     "/ready",
     summary="Readiness",
-    responses=problems(SERVICE_UNAVAILABLE="The registry is unavailable."),
+    responses=problems(
+        SERVICE_UNAVAILABLE="The registry is unavailable, or (in `serve`) the MQTT listener is not up."
+    ),
 )
 async def ready(services: Services) -> Health:
-    """The registry answers a read: requests can be served (503 with ``Retry-After`` if not)."""
-    await services.registry.last_change_id()
+    """The registry answers a read within 5 s and, in ``mqttprov serve``, every MQTT listener
+    accepts connections: requests can be served (503 with ``Retry-After`` if not)."""
+    if services.listening is not None and not services.listening():
+        raise ApiError(
+            HTTPStatus.SERVICE_UNAVAILABLE,
+            "UNAVAILABLE",
+            "the MQTT listener is not accepting connections",
+            headers={"Retry-After": str(RETRY_AFTER)},
+        )
+    try:
+        async with asyncio.timeout(READY_TIMEOUT):
+            await services.registry.last_change_id()
+    except TimeoutError as exc:
+        raise RegistryUnavailableError(f"no answer within {READY_TIMEOUT:g}s") from exc
     return Health()

@@ -48,6 +48,8 @@ class BrokerWithApi:
             provisioning=broker.services.provisioning,
             tokens=TokenStore(broker.registry.engine),
             announce=broker.services.sessions.announce,
+            metrics=broker.metrics,
+            listening=broker.listening,
         )
         api = ApiServer(create_app(services), broker.settings.api)
         try:

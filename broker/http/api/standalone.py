@@ -19,6 +19,7 @@ from broker.http.api.app import create_app
 from broker.http.api.context import ApiServices
 from broker.http.api.server import ApiServer
 from broker.http.console.app import announce_console
+from broker.metrics import HasherCollector, ProvisioningCollector, process_registry
 from config import Settings
 from provisioning.passwords import PasswordHasher
 from provisioning.registry import DeviceRegistry, create_engine
@@ -35,13 +36,15 @@ def build_services(settings: Settings) -> ApiServices:
     engine = create_engine(settings.database.url, pool_size=settings.database.pool_size)
     registry = DeviceRegistry(engine)
     hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
+    provisioning = ProvisioningService(registry, hasher, settings)
     return ApiServices(
         settings=settings,
         registry=registry,
         accounts=AccountRegistry(engine),
         hasher=hasher,
-        provisioning=ProvisioningService(registry, hasher, settings),
+        provisioning=provisioning,
         tokens=TokenStore(engine),
+        metrics=process_registry(HasherCollector(hasher), ProvisioningCollector(provisioning)),
     )
 
 
