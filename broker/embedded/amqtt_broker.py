@@ -51,6 +51,7 @@ from broker.embedded.plugins.sessions import SessionHooks
 from broker.embedded.retained import RetainedPublishers
 from broker.embedded.topictree import FilterTree, TopicTree
 from broker.embedded.turns import ClientIdTurns
+from config import BrokerSettings
 
 
 def _broadcast_topics(plugins: Iterable[Any]) -> frozenset[str] | None:
@@ -82,7 +83,7 @@ class MqttprovBroker(Control, Accepting, Delivery):
         session_hooks: SessionHooks | None = None,
     ) -> None:
         super().__init__(config)
-        self.limits = limits or ConnectionLimits()
+        self.limits = limits or ConnectionLimits.of(BrokerSettings())
         self._session_hooks = session_hooks
         self.connect_timeout = self.limits.connect_timeout
         self._open = 0

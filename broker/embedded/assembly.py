@@ -61,12 +61,7 @@ def listeners(settings: BrokerSettings) -> list[Listener]:
 
 def topic_limits(settings: BrokerSettings) -> TopicLimits:
     """The ``[broker]`` bounds on topics and subscriptions."""
-    return TopicLimits(
-        max_filters_per_subscribe=settings.max_filters_per_subscribe,
-        max_subscriptions_per_session=settings.max_subscriptions_per_session,
-        max_topic_length=settings.max_topic_length,
-        max_topic_levels=settings.max_topic_levels,
-    )
+    return TopicLimits.of(settings)
 
 
 def plugin_config(services: Services) -> dict[str, dict[str, Any]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.broker import Broker
@@ -25,6 +25,7 @@ from broker.embedded.retained import RetainedPublishers
 from broker.embedded.subscriptions import TopicLimits
 from broker.embedded.topictree import FilterTree, TopicTree
 from broker.embedded.turns import ClientIdTurns
+from config import BrokerSettings
 
 logger = logging.getLogger(__name__)
 # Refused at CONNECT (accepting) and at SUBSCRIBE (delivery): one burst count for both.
@@ -41,12 +42,24 @@ REVOKED = "mqttprov.revoked"
 class ConnectionLimits:
     """``[broker]`` limits the broker enforces itself."""
 
-    connect_timeout: float = 10.0
-    max_connections: int = 100_000
-    max_connections_per_address: int = 2_000
-    max_queued_messages: int = 1_000
-    max_packet_bytes: int = 1_048_576
-    topics: TopicLimits = field(default_factory=TopicLimits)
+    connect_timeout: float
+    max_connections: int
+    max_connections_per_address: int
+    max_queued_messages: int
+    max_packet_bytes: int
+    topics: TopicLimits
+
+    @classmethod
+    def of(cls, settings: BrokerSettings) -> ConnectionLimits:
+        """The limits ``settings`` set (their defaults live there, and only there)."""
+        return cls(
+            connect_timeout=settings.connect_timeout,
+            max_connections=settings.max_connections,
+            max_connections_per_address=settings.max_connections_per_address,
+            max_queued_messages=settings.max_queued_messages,
+            max_packet_bytes=settings.max_packet_bytes,
+            topics=TopicLimits.of(settings),
+        )
 
 
 class BrokerBase(Broker):

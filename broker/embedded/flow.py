@@ -19,8 +19,11 @@ from amqtt.mqtt.publish import PublishPacket
 from amqtt.session import IncomingApplicationMessage, OutgoingApplicationMessage
 
 from auth_plugin.logsafe import shown
+from config import BrokerSettings
 
 logger = logging.getLogger(__name__)
+
+_DEFAULT_MAX_QUEUED: int = BrokerSettings.model_fields["max_queued_messages"].default
 
 
 class BoundedFlow(BrokerProtocolHandler):
@@ -30,7 +33,7 @@ class BoundedFlow(BrokerProtocolHandler):
         super().__init__(*args, **kwargs)
         #: Deliveries to this client in progress at once before further ones are dropped; also
         #: the bound on incoming messages not yet finished (see handle_publish).
-        self.max_queued = 1_000
+        self.max_queued = _DEFAULT_MAX_QUEUED  # the broker sets its own on accept
         self._queued = 0
         self.dropped = 0
         #: Incoming QoS 0 messages dropped, and connections ended, over the same bound.

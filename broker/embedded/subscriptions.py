@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from auth_plugin.principals import ProvisioningPrincipal, principal_of
+from config import BrokerSettings
 
 _FILTERS = "mqttprov.filters"
 
@@ -20,10 +21,20 @@ _FILTERS = "mqttprov.filters"
 class TopicLimits:
     """``[broker]`` bounds on topics and subscriptions (defaults no real device needs to exceed)."""
 
-    max_filters_per_subscribe: int = 32
-    max_subscriptions_per_session: int = 100
-    max_topic_length: int = 1_024
-    max_topic_levels: int = 32
+    max_filters_per_subscribe: int
+    max_subscriptions_per_session: int
+    max_topic_length: int
+    max_topic_levels: int
+
+    @classmethod
+    def of(cls, settings: BrokerSettings) -> TopicLimits:
+        """The bounds ``settings`` set (their defaults live there, and only there)."""
+        return cls(
+            max_filters_per_subscribe=settings.max_filters_per_subscribe,
+            max_subscriptions_per_session=settings.max_subscriptions_per_session,
+            max_topic_length=settings.max_topic_length,
+            max_topic_levels=settings.max_topic_levels,
+        )
 
     def topic_refusal(self, topic: str) -> str | None:
         """Why ``topic`` (a name or a filter) is over the bounds, or None."""
