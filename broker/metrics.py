@@ -24,7 +24,6 @@ from prometheus_client.metrics_core import (
     SummaryMetricFamily,
 )
 
-from auth_plugin.authd.metrics import LATENCY_BUCKETS
 from auth_plugin.principals import BAD_USERNAME_OR_PASSWORD, NOT_AUTHORIZED, SERVER_UNAVAILABLE
 
 if TYPE_CHECKING:
@@ -35,12 +34,14 @@ if TYPE_CHECKING:
     from auth_plugin.authenticator import Authenticator
     from auth_plugin.revocation import Revoker
     from broker.embedded.control import BrokerLink
+    from broker.external.mosquitto.bridge import DynsecBridge
     from provisioning.passwords import PasswordHasher
     from provisioning.service import ProvisioningService
 
 __all__ = [
     "AuthdCollector",
     "AuthenticatorCollector",
+    "BridgeCollector",
     "BrokerCollector",
     "FeedCollector",
     "HasherCollector",
@@ -220,6 +221,23 @@ class RevokerCollector(FeedCollector):
         )
 
 
+class BridgeCollector(FeedCollector):
+    """``mqttprov bridge run``: its feed lag, and the clients it disabled on Mosquitto."""
+
+    def __init__(self, bridge: DynsecBridge) -> None:
+        super().__init__(lambda: bridge.read_at, lambda: bridge.position)
+        self._bridge = bridge
+
+    def collect(self) -> Iterable[Metric]:
+        """Read the bridge's counters now."""
+        yield from super().collect()
+        yield _counter(
+            "mqttprov_bridge_revocations",
+            "Clients disabled or deleted on Mosquitto because their credential was revoked.",
+            self._bridge.revoked,
+        )
+
+
 class BrokerCollector:
     """The embedded broker: connections, sessions, and messages dropped over the bounds."""
 
@@ -308,7 +326,7 @@ class AuthdCollector:
         )
         for contract, histogram in sorted(dict(metrics.latency).items()):
             cumulative, buckets = 0, []
-            for bound, count in zip(LATENCY_BUCKETS, histogram.counts, strict=True):
+            for bound, count in zip(histogram.bounds, histogram.counts, strict=True):
                 cumulative += count
                 buckets.append((str(bound), float(cumulative)))
             buckets.append(("+Inf", float(histogram.count)))

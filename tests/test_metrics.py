@@ -7,9 +7,13 @@ test asserts that the counters moved by what the traffic did, no more.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import subprocess
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +24,11 @@ from provisioning.registry.tokens import Scope
 from tests.api_support import api_settings, assert_problem, running_api
 from tests.auth_support import RawSession, eventually, login_code
 from tests.faulty_proxy import FaultyProxy
+from tests.helpers import mqttprov_executable, run_mqttprov, write_config
 from tests.metrics_support import Scrape
+from tests.mosquitto_node import call, killed, mosquitto_missing, mosquitto_node, stack_sections
+from tests.mqtt_clients import assert_ok, request_provisioning
+from tests.test_serve import ServeProcess
 
 MAC = "02:00:00:00:17:01"
 ACCEPTED, BAD_CREDENTIALS = 0, 4
@@ -155,3 +163,67 @@ async def test_ready_fails_while_the_registry_is_unreachable(postgres_url: str) 
             assert_problem(stalled, 503, "UNAVAILABLE")
             await proxy.set_mode("pass")
             await eventually(lambda: client.get("/ready"), lambda answer: answer.status_code == 200, 15.0)
+
+
+def _metrics_url(process: ServeProcess) -> str:
+    (line,) = [message for message in process.messages if message.startswith("metrics on ")]
+    return line.removeprefix("metrics on ")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mosquitto_missing() is not None, reason=str(mosquitto_missing()))
+async def test_bridge_and_worker_answer_metrics_on_their_own_port(tmp_path: Path, sqlite_url: str) -> None:
+    env = {"MQTTPROV_METRICS__PORT": "0"}
+    with mosquitto_node(tmp_path / "mosquitto") as node:
+        config = write_config(tmp_path / "mqttprov.toml", stack_sections(node, sqlite_url))
+        migrated = await asyncio.to_thread(
+            run_mqttprov, "db", "upgrade", "--config", str(config), cwd=tmp_path
+        )
+        assert migrated.returncode == 0, migrated.stderr
+        running = [await _spawn(config, env, "bridge", "run")]
+        try:
+            await running[0].read_until("bridge following the credential change feed")
+            running.append(await _spawn(config, env, "worker"))
+            await running[1].read_until("provisioning worker serving")
+            bridge, worker = (_metrics_url(process) for process in running)
+            assert bridge.startswith("http://127.0.0.1:")  # loopback by default
+            mac = "aa:bb:cc:00:17:01"
+            body = await call(request_provisioning, node.provision_port, mac, {"mac": mac})
+            assert body is not None
+            assert_ok(body)
+            retired = await asyncio.to_thread(
+                run_mqttprov, "devices", "decommission", mac, "--config", str(config), cwd=tmp_path
+            )
+            assert retired.returncode == 0, retired.stderr
+            async with httpx.AsyncClient() as client:
+                served = Scrape((await client.get(worker)).text)
+                assert served.value("mqttprov_provisioning_requests_total", result="ok") == 1
+                assert served["mqttprov_bcrypt_workers"] >= 1
+                assert served["process_cpu_seconds_total"] > 0
+
+                async def bridge_scrape() -> Scrape:
+                    return Scrape((await client.get(bridge)).text)
+
+                followed = await eventually(
+                    bridge_scrape, lambda s: s["mqttprov_bridge_revocations_total"] == 1
+                )
+                assert followed["mqttprov_change_feed_lag_seconds"] < 30
+            for process in running:
+                assert await process.stop(signal.SIGTERM) == 0
+        finally:
+            await killed(running)
+
+
+async def _spawn(config: Path, env: dict[str, str], *args: str) -> ServeProcess:
+    process = await asyncio.create_subprocess_exec(
+        mqttprov_executable(),
+        *args,
+        "--config",
+        str(config),
+        cwd=config.parent,
+        env={**os.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return ServeProcess(process)

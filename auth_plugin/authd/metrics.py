@@ -18,13 +18,14 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 class Histogram:
     """Cumulative buckets, sum and count, as Prometheus wants them."""
 
+    bounds: tuple[float, ...] = LATENCY_BUCKETS
     counts: list[int] = field(default_factory=lambda: [0] * len(LATENCY_BUCKETS))
     total: float = 0.0
     count: int = 0
 
     def observe(self, seconds: float) -> None:
         """Record one duration."""
-        index = bisect.bisect_left(LATENCY_BUCKETS, seconds)
+        index = bisect.bisect_left(self.bounds, seconds)
         if index < len(self.counts):
             self.counts[index] += 1
         self.total += seconds

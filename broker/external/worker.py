@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from auth_plugin.acl import Action
 from auth_plugin.principals import AccountPrincipal
+from broker.metrics import HasherCollector, ProvisioningCollector, process_registry
 from config import Settings
 from provisioning.contract import EVENT_PREFIX, REPLY_PREFIX, REQUEST_TOPIC, event_topic
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink, parse_broker_url
@@ -150,9 +151,13 @@ async def serve_provisioning(
     external = settings.external
     secret = external.worker_password
     assert secret is not None  # check_worker_settings ran
+    # aiohttp only when a worker runs: the CLI imports this module for every bridge command.
+    from broker.http.metrics import metrics_listener  # noqa: PLC0415
+
     hasher = PasswordHasher(settings.auth.bcrypt_cost, workers=settings.auth.bcrypt_workers)
     try:
         service = ProvisioningService(devices, hasher, settings, credentials=credentials)
+        metrics = process_registry(HasherCollector(hasher), ProvisioningCollector(service))
         link = MqttLink(
             address,
             client_id=service_client_id(external.worker_username),
@@ -161,7 +166,7 @@ async def serve_provisioning(
             ca_file=external.ca_file,
             timeout=external.request_timeout,
         )
-        async with link:
+        async with metrics_listener(settings.metrics, metrics), link:
             worker = ProvisioningWorker(
                 link,
                 service,

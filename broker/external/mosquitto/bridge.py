@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Sequence
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -61,6 +62,8 @@ class DynsecBridge:
         self._external = settings.external
         self._interval = interval
         self.revoked = 0
+        #: When the feed was last read and applied (``time.monotonic``; the creation time until then).
+        self.read_at = time.monotonic()
         # Kept across restarts of :meth:`follow`: a restarted bridge resumes, it does not skip.
         self._feed = ChangeFeed(devices)
         self._database = OutageLog(logger)
@@ -281,6 +284,7 @@ class DynsecBridge:
             return False
         self._database.succeeded()
         self._mosquitto.succeeded()
+        self.read_at = time.monotonic()
         return True
 
 

@@ -22,6 +22,7 @@ from broker.external.worker import (
     serve_provisioning,
     service_client_id,
 )
+from broker.metrics import BridgeCollector, process_registry
 from config import Settings
 from provisioning.external.link import BrokerAddress, ExternalBrokerError, MqttLink
 from provisioning.registry import DeviceRegistry, create_engine
@@ -85,12 +86,16 @@ async def run_bridge(
             logger.info(
                 "bridge start: disabled %d client(s) the registry no longer backs", len(caught_up.steps)
             )
-        if ready is not None:
-            ready.set()
+        # aiohttp only when the bridge runs: the CLI imports this module for every bridge command.
+        from broker.http.metrics import metrics_listener  # noqa: PLC0415
+
         # Supervised: a follower that dies anyway is logged with its traceback and restarted.
         follower = Supervised("mqttprov-bridge-follower", BridgeFollower(bridge, since=since)).start()
         try:
-            await stop.wait()
+            async with metrics_listener(settings.metrics, process_registry(BridgeCollector(bridge))):
+                if ready is not None:
+                    ready.set()
+                await stop.wait()
         finally:
             await follower.stop()
 
