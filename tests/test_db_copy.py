@@ -32,6 +32,7 @@ from provisioning.registry.copy import (
 )
 from provisioning.registry.migrate import current_revision, head_revision, upgrade
 from provisioning.registry.models import Device
+from provisioning.registry.operators import OperatorStore
 from provisioning.topics import parse_rule
 from tests.auth_support import ACCOUNT_PASSWORD, PASSWORD, hashed, login_code, settings
 from tests.authd_support import authd_settings, migrate, running_authd
@@ -51,6 +52,8 @@ TABLES = {
     "credential_verifiers",
     "api_tokens",
     "device_labels",
+    "operators",
+    "operator_sessions",
 }
 
 
@@ -109,6 +112,8 @@ async def seed(url: str) -> dict[DeviceStatus, uuid.UUID]:
         await accounts.add("telemetry", account_hash, [parse_rule("subscribe devices/+/telemetry")])
         await accounts.add("ops", account_hash, [parse_rule("publish devices/+/commands")])
         await accounts.rotate("ops", device_hash)
+        operators = OperatorStore(engine)
+        await operators.start_session(await operators.add("alice", account_hash))
     finally:
         await engine.dispose()
     return ids
