@@ -137,6 +137,7 @@ class DeviceEvent(Base):
     __table_args__ = (
         Index("ix_device_events_device_id_id", "device_id", "id"),
         Index("ix_device_events_fold_key", "fold_key"),
+        Index("ix_device_events_kind_created_at", "kind", "created_at"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
