@@ -154,7 +154,7 @@ class Authenticator:
         else:
             identity = identity_from_client_id(attempt.client_id)
             if identity is not None and username in (None, PROVISION_USERNAME):
-                decision = self._provisioning_session(attempt, ProvisioningPrincipal(identity))
+                decision = await self._provisioning_session(attempt, ProvisioningPrincipal(identity))
             elif username:
                 decision = await self._password_login(attempt, username, Kind.ACCOUNT)
             else:
@@ -257,7 +257,9 @@ class Authenticator:
             return None
         return credential.principal(self._template)
 
-    def _provisioning_session(self, attempt: ConnectAttempt, principal: ProvisioningPrincipal) -> Decision:
+    async def _provisioning_session(
+        self, attempt: ConnectAttempt, principal: ProvisioningPrincipal
+    ) -> Decision:
         if attempt.will_flag:
             return Decision(None, "provisioning sessions may not set a will")
         policy = self._settings.provisioning
@@ -271,7 +273,16 @@ class Authenticator:
             expected = derive_device_key(policy.device_key_secret.get_secret_value(), principal.identity.mac)
         else:  # pragma: no cover - the settings validator guarantees a secret
             return Decision(None, "provisioning proof is not configured")
+        # Guesses at the proof are throttled per address as wrong passwords are, and as the HTTP
+        # path counts them (one key for both: PROVISION_USERNAME and the address); once locked,
+        # the right proof from that address waits too. No succeeded(): one device's own key must
+        # not wipe the count of another client's guesses from behind the same address.
+        if self.throttle.locked(PROVISION_USERNAME, attempt.address):
+            return Decision(None, "locked out after repeated wrong provisioning proofs", NOT_AUTHORIZED)
         if not secrets_match(attempt.password, expected):
+            delay = self.throttle.failed(PROVISION_USERNAME, attempt.address)
+            if delay > 0:
+                await asyncio.sleep(delay)  # hold the refusal back; the loop keeps serving
             return Decision(None, f"wrong {policy.auth}", BAD_USERNAME_OR_PASSWORD)
         return Decision(principal, f"provisioning session ({policy.auth})")
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from broker.embedded import BrokerServer
 from provisioning.keys import derive_device_key
 from provisioning.registry import DeviceStatus
 from tests.helpers import connack_code
@@ -28,6 +29,7 @@ from tests.mqtt_clients import (
     provision,
     provisioning_broker,
     provisioning_session,
+    provisioning_settings,
 )
 
 MAC = "02:00:00:00:10:01"
@@ -262,6 +264,28 @@ async def test_fleet_secret_is_required_to_provision(sqlite_url: str) -> None:
         assert not_a_mac in REFUSED
 
         creds = await enrol(server, MAC, username="provision", password=FLEET_SECRET)
+        assert await asyncio.to_thread(login, port, creds) == ACCEPTED
+
+
+async def test_guesses_at_the_fleet_secret_are_throttled_per_address(sqlite_url: str) -> None:
+    settings = provisioning_settings(sqlite_url, auth="fleet_secret", fleet_secret=FLEET_SECRET)
+    auth = settings.auth.model_copy(
+        update={"throttle_after": 2, "lockout_after": 4, "max_refusal_delay": 0.05}
+    )
+    async with BrokerServer(settings.model_copy(update={"auth": auth})) as server:
+        port = server.settings.broker.port
+
+        def code(password: str) -> int:
+            return connack_code(HOST, port, MAC, username="provision", password=password)
+
+        creds = await enrol(server, "02:00:00:00:10:03", username="provision", password=FLEET_SECRET)
+        guesses = [await asyncio.to_thread(code, f"guess-{n}") for n in range(4)]
+        assert guesses == [BAD_USERNAME_OR_PASSWORD] * 4
+        # Locked out: from this address even the right secret is refused without a comparison,
+        # so a guess that happens to be right tells nothing, and the guessing stops paying.
+        assert await asyncio.to_thread(code, FLEET_SECRET) == NOT_AUTHORIZED
+        assert await asyncio.to_thread(code, "guess-5") == NOT_AUTHORIZED
+        # A device's own login is not a proof: the fleet behind that address still logs in.
         assert await asyncio.to_thread(login, port, creds) == ACCEPTED
 
 
