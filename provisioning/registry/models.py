@@ -87,6 +87,8 @@ class Device(Base):
             "mqtt_username",
             postgresql_ops={"mqtt_username": "varchar_pattern_ops"},
         ),
+        # The event stream follows presence writes in this order (migration 0012).
+        Index("ix_devices_last_seen_at_id", "last_seen_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

@@ -2,8 +2,9 @@
 
 PostgreSQL compares the prefixes byte-wise with its pattern operators (a linguistic collation need
 not sort ``aa:b`` next to ``aa:bc``), which only a ``varchar_pattern_ops`` index serves; SQLite
-makes them plain indexes. ``last_seen_at`` gets none: every login and logout writes it, and a
-last-seen range is read in creation order anyway.
+makes them plain indexes. ``last_seen_at`` got none here (every login and logout writes it, and a
+last-seen range is read in creation order anyway); the event stream's presence order got one in
+0012.
 
 Revision ID: 0009
 Revises: 0008
