@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import csv
-import enum
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
-from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from broker.cli import device_files
 from broker.cli.common import (
-    EXIT_FAILED,
     EXIT_USAGE,
     ConfigOption,
     JsonOption,
@@ -29,27 +23,28 @@ from broker.cli.common import (
     settings_from,
     stdout,
 )
+from broker.cli.device_filters import (
+    CreatedFrom,
+    CreatedUntil,
+    FilterLabelOption,
+    SearchOption,
+    SeenFrom,
+    SeenUntil,
+    StatusOption,
+    device_filter,
+    labels_from,
+)
 from provisioning import DeviceNotFoundError, InvalidMacError, parse_mac
 from provisioning.registry import (
     DeviceEventInfo,
-    DeviceFilter,
     DeviceInfo,
     DevicePage,
     DeviceRegistry,
     DeviceStatus,
     InvalidLabelError,
-    parse_labels,
 )
 from provisioning.registry.labels import validate_label_key
 from provisioning.registry.transfer import (
-    EXPORT_COLUMNS,
-    ImportFileError,
-    ImportReport,
-    ImportRow,
-    export_row,
-    import_rows,
-    read_csv,
-    report_json,
     too_long,
 )
 
@@ -64,14 +59,6 @@ LabelOption = Annotated[
     list[str] | None,
     typer.Option("--label", "-l", metavar="KEY=VALUE", help="A label (repeat for several)."),
 ]
-
-
-def labels_from(texts: list[str] | None) -> dict[str, str]:
-    """The ``KEY=VALUE`` labels of the command line, or exit 2 with what is wrong."""
-    try:
-        return parse_labels(texts or [])
-    except InvalidLabelError as exc:
-        fail(f"error: {exc}", EXIT_USAGE)
 
 
 def _labels_text(labels: dict[str, str]) -> str:
@@ -95,61 +82,6 @@ async def find(registry: DeviceRegistry, device: str) -> DeviceInfo:
 def device_json(device: DeviceInfo) -> dict[str, Any]:
     """A device as JSON: every column except the password hash."""
     return device.model_dump(mode="json")
-
-
-StatusOption = Annotated[
-    list[DeviceStatus] | None,
-    typer.Option("--status", "-s", help="Only devices in this status (repeat: any of them)."),
-]
-SearchOption = Annotated[
-    str | None,
-    typer.Option(
-        "--search", "-q", metavar="TEXT", help="Prefix of a MAC (any notation), a device id or a username."
-    ),
-]
-FilterLabelOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--label", "-l", metavar="KEY=VALUE", help="Only devices with this label (repeat: all of them)."
-    ),
-]
-_TIME_FORMATS = ["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"]
-CreatedFrom = Annotated[
-    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Created at or after this time (UTC).")
-]
-CreatedUntil = Annotated[
-    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Created before this time (UTC).")
-]
-SeenFrom = Annotated[
-    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Last seen at or after this time (UTC).")
-]
-SeenUntil = Annotated[
-    datetime | None, typer.Option(formats=_TIME_FORMATS, help="Last seen before this time (UTC).")
-]
-
-
-def device_filter(
-    status: list[DeviceStatus] | None,
-    labels: list[str] | None,
-    search: str | None,
-    created: tuple[datetime | None, datetime | None],
-    seen: tuple[datetime | None, datetime | None],
-) -> DeviceFilter:
-    """The filter the options describe, or exit 2 with what is wrong."""
-    fields = {
-        "status": status or [],
-        "labels": labels_from(labels),
-        "search": search,
-        "created_from": created[0],
-        "created_until": created[1],
-        "seen_from": seen[0],
-        "seen_until": seen[1],
-    }
-    try:
-        return DeviceFilter.model_validate(fields)
-    except ValidationError as exc:
-        problem = exc.errors()[0]
-        fail(f"error: --{str(problem['loc'][0]).replace('_', '-')}: {problem['msg']}", EXIT_USAGE)
 
 
 @app.command("list")
@@ -204,61 +136,6 @@ def list_devices(  # typer passes options by keyword
     stdout.print(table)
     if page.next_cursor is not None:
         stdout.print(f"next page: --after {page.next_cursor}", style="dim", markup=False)
-
-
-class ExportFormat(enum.StrEnum):
-    """What ``devices export`` writes."""
-
-    CSV = "csv"
-    JSONL = "jsonl"
-
-
-@app.command("export")
-def export(  # typer passes options by keyword
-    *,
-    status: StatusOption = None,
-    label: FilterLabelOption = None,
-    search: SearchOption = None,
-    created_from: CreatedFrom = None,
-    created_until: CreatedUntil = None,
-    seen_from: SeenFrom = None,
-    seen_until: SeenUntil = None,
-    output_format: Annotated[ExportFormat, typer.Option("--format", "-f", help="csv or jsonl.")] = (
-        ExportFormat.CSV
-    ),
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", dir_okay=False, help="Write here instead of stdout.")
-    ] = None,
-    config: ConfigOption = None,
-) -> None:
-    """Write every matching device, streamed: CSV (the import's columns and more) or JSON lines."""
-    wanted = device_filter(status, label, search, (created_from, created_until), (seen_from, seen_until))
-    settings = settings_from(config)
-
-    try:
-        sink = output.open("w", newline="", encoding="utf-8") if output else nullcontext(sys.stdout)
-    except OSError as exc:
-        fail(f"error: {output}: {exc.strerror or exc}", EXIT_USAGE)
-
-    with sink as fh:
-        writer = csv.writer(fh)
-
-        async def work() -> int:
-            written = 0
-            if output_format is ExportFormat.CSV:
-                writer.writerow(EXPORT_COLUMNS)
-            async with open_registry(settings) as registry:
-                async for device in registry.export_devices(wanted):
-                    if output_format is ExportFormat.CSV:
-                        writer.writerow(export_row(device))
-                    else:
-                        fh.write(device.model_dump_json() + "\n")
-                    written += 1
-            return written
-
-        written = run(work)
-    if output is not None:
-        stdout.print(f"exported {written} devices to {output}", markup=False)
 
 
 @app.command("show")
@@ -409,63 +286,6 @@ def add(  # typer passes arguments and options by keyword
         stdout.print(f"added {added.mac} as {added.id} ({added.status.value}): it may enrol")
 
 
-def _read_rows(path: Path) -> list[ImportRow]:
-    """The CSV's records with their line numbers; exit 2 when the file itself is unusable."""
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as fh:  # -sig: spreadsheets write a BOM
-            return read_csv(fh)
-    except ImportFileError as exc:
-        fail(f"error: {path}: {exc}", EXIT_USAGE)
-    except FileNotFoundError:
-        fail(f"error: {path}: no such file", EXIT_USAGE)
-    except UnicodeDecodeError:
-        fail(f"error: {path}: not UTF-8 text", EXIT_USAGE)
-    except OSError as exc:
-        fail(f"error: {path}: {exc.strerror or exc}", EXIT_USAGE)
-
-
-@app.command("import")
-def import_devices(
-    file: Annotated[
-        Path,
-        typer.Argument(
-            metavar="FILE.csv",
-            help="CSV with a header: mac, optional firmware, note and labels (KEY=VALUE;KEY=VALUE).",
-        ),
-    ],
-    config: ConfigOption = None,
-    as_json: JsonOption = False,
-) -> None:
-    """Allow every MAC of a CSV file to enrol; bad lines are reported and skipped."""
-    settings = settings_from(config)
-    rows = _read_rows(file)
-    progress = Progress(
-        TextColumn("importing"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=stdout,
-        transient=True,
-        disable=as_json or not sys.stdout.isatty(),
-    )
-
-    async def work() -> ImportReport:
-        task = progress.add_task("import", total=len(rows))
-        async with open_registry(settings) as registry:
-            return await import_rows(registry, rows, done=lambda: progress.advance(task))
-
-    with progress:
-        report = run(work)
-    if as_json:
-        print_json(report_json(report))
-    else:
-        for error in report.errors:
-            typer.echo(f"line {error.line}: {error.mac or '(empty)'}: {error.error}", err=True)
-        stdout.print(f"imported {report.imported}, skipped {len(report.errors)}")
-    if report.errors:
-        raise typer.Exit(EXIT_FAILED)
-
-
 # -- operator decisions ------------------------------------------------------------------------
 
 Transition = Callable[[DeviceRegistry, uuid.UUID], Awaitable[DeviceInfo]]
@@ -515,3 +335,9 @@ def reject(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption =
 def reset(device: DeviceArg, config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Revoke a device's credentials now and allow exactly one new enrolment."""
     _decide(device, config, as_json, DeviceRegistry.reset, "reset")
+
+
+# -- files ---------------------------------------------------------------------------------------
+
+app.command("export")(device_files.export)
+app.command("import")(device_files.import_devices)
