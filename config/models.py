@@ -314,7 +314,8 @@ class ApiSettings(_Section):
 
 
 class MetricsSettings(_Section):
-    """``[metrics]``: a Prometheus ``/metrics`` listener for ``mqttprov worker`` and ``bridge run``.
+    """``[metrics]``: a Prometheus ``/metrics`` listener for ``mqttprov worker``, ``bridge run``,
+    and ``serve`` with the API turned off.
 
     ``serve`` answers ``/metrics`` on its API's port, ``authd`` and ``mqttprov api`` on their own.
     """

@@ -19,12 +19,14 @@ import httpx
 import pytest
 from sqlalchemy.engine import make_url
 
+from broker.embedded.server import BrokerServer, with_metrics
 from broker.http.api.hosted import BrokerWithApi
+from config import Settings
 from provisioning.registry.tokens import Scope
 from tests.api_support import api_settings, assert_problem, running_api
 from tests.auth_support import RawSession, eventually, login_code
 from tests.faulty_proxy import FaultyProxy
-from tests.helpers import mqttprov_executable, run_mqttprov, write_config
+from tests.helpers import broker_settings, mqttprov_executable, run_mqttprov, write_config
 from tests.metrics_support import Scrape
 from tests.mosquitto_node import call, killed, mosquitto_missing, mosquitto_node, stack_sections
 from tests.mqtt_clients import assert_ok, request_provisioning
@@ -163,6 +165,26 @@ async def test_ready_fails_while_the_registry_is_unreachable(postgres_url: str) 
             assert_problem(stalled, 503, "UNAVAILABLE")
             await proxy.set_mode("pass")
             await eventually(lambda: client.get("/ready"), lambda answer: answer.status_code == 200, 15.0)
+
+
+async def test_serve_without_the_api_answers_metrics_on_the_metrics_port(sqlite_url: str) -> None:
+    base = broker_settings(sqlite_url)
+    settings = Settings.model_validate(
+        base.model_dump() | {"api": {"enabled": False}, "metrics": {"port": 0}}
+    )
+    server = BrokerServer(settings)
+    async with with_metrics(server) as url, httpx.AsyncClient() as client:
+        assert url is not None
+        port = server.settings.broker.port
+        refused = await asyncio.to_thread(login_code, port, "svc-1", username="nobody", password="wrong")
+        assert refused == 4
+        answer = await client.get(url)
+        assert answer.status_code == 200
+        scraped = Scrape(answer.text)
+        assert scraped.value("mqttprov_logins_total", result="bad_credentials") == 1
+        assert scraped["mqttprov_connections"] >= 0
+    async with with_metrics(BrokerServer(base)) as none:
+        assert none is None  # no [metrics] port: no listener
 
 
 def _metrics_url(process: ServeProcess) -> str:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -246,9 +248,23 @@ class BrokerServer:
         await self.stop()
 
 
+@contextlib.asynccontextmanager
+async def with_metrics(server: BrokerServer) -> AsyncIterator[str | None]:
+    """Run ``server``, and with ``[metrics] port`` set a ``/metrics`` listener beside it (for a
+    ``serve`` without the API, whose port answers ``/metrics`` otherwise); yields its URL."""
+    async with server:
+        if server.settings.metrics.port is None:
+            yield None
+            return
+        from broker.http.metrics import metrics_listener  # noqa: PLC0415 - aiohttp only when asked
+
+        async with metrics_listener(server.settings.metrics, server.metrics) as url:
+            yield url
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None) -> None:
     """Run until SIGINT/SIGTERM (or until ``stop`` is set), then shut down cleanly."""
-    await run_until_signalled(BrokerServer(settings), stop)
+    await run_until_signalled(with_metrics(BrokerServer(settings)), stop)
 
 
 def _root_cause(exc: BaseException) -> str:
