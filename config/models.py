@@ -293,6 +293,10 @@ class ApiSettings(_Section):
     tls_key: Path | None = None
     #: Largest request body accepted (bytes); a larger one is answered 413 before it is read.
     max_body_bytes: Annotated[int, Field(ge=1024, le=64 * 1_048_576)] = 1_048_576
+    #: HTTP connections (and requests in progress) at once; past it a request is answered 503.
+    #: The API shares ``serve``'s process, and so its file descriptors, with the MQTT listeners:
+    #: one client opening connections without end must not starve the devices.
+    max_connections: Annotated[int, Field(ge=1, le=100_000)] = 1_000
     #: The operator console in the browser, under ``/`` beside the API (docs/console.md).
     console: bool = True
     #: Event streams (``GET /api/v1/events/stream``) open at once, in all and per API token.

@@ -10,6 +10,7 @@ import pytest
 
 from provisioning.registry.tokens import Scope
 from tests.api_support import api_settings, assert_problem, running_api
+from tests.auth_support import eventually
 
 FLEET_SECRET = "fleet-secret-for-api-tests-0123456789"
 LOCKOUT_AFTER = 4
@@ -106,3 +107,25 @@ async def test_a_stream_ends_when_the_server_stops(sqlite_url: str) -> None:
             await api.server.stop()
             await response.aread()  # returns once the server ends the stream
         assert time.monotonic() - started < 3
+
+
+async def test_connections_past_the_limit_are_answered_503_and_the_rest_keep_working(
+    sqlite_url: str,
+) -> None:
+    # One client holding idle connections open must not take the process's file descriptors
+    # (shared with the MQTT listeners in serve): past [api] max_connections, 503.
+    settings = api_settings(sqlite_url, api={"max_connections": 3})
+    async with running_api(settings) as api:
+        port = api.server.settings.api.port
+        held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+        try:
+            refused = await eventually(
+                lambda: api.client.get("/health"), lambda answer: answer.status_code == 503
+            )
+            assert refused.status_code == 503
+        finally:
+            for _, writer in held:
+                writer.close()
+                await writer.wait_closed()
+        again = await eventually(lambda: api.client.get("/health"), lambda answer: answer.status_code == 200)
+        assert again.status_code == 200

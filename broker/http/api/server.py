@@ -95,6 +95,7 @@ class ApiServer:
             ws="none",
             proxy_headers=False,  # the client address is the peer's: rate limits count by it
             server_header=False,
+            limit_concurrency=self.settings.max_connections,
             timeout_graceful_shutdown=GRACEFUL_SHUTDOWN,
             ssl_context_factory=None if context is None else (lambda _config, _default: context),
         )
