@@ -264,6 +264,11 @@ class BrokerCollector:
             "CONNECTs refused over [broker] max_connections or max_connections_per_address.",
             broker.refused_over_limit,
         )
+        yield _counter(
+            "mqttprov_sessions_expired",
+            "Offline persistent sessions discarded after [broker] session_expiry.",
+            broker.sessions_expired,
+        )
         drops = dict.fromkeys(("slow_subscriber", "offline_queue_full", "unacknowledged", "incoming"), 0)
         yield _by(
             "mqttprov_deliveries_dropped",

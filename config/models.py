@@ -49,6 +49,10 @@ class BrokerSettings(_Section):
     #: refused (SUBACK 0x80), a PUBLISH closes the connection, a will refuses the CONNECT (5).
     max_topic_length: Annotated[int, Field(ge=16, le=65_535)] = 1_024
     max_topic_levels: Annotated[int, Field(ge=2, le=1_000)] = 32
+    #: Seconds an offline persistent session (clean session off) and its queued messages are kept
+    #: after its connection ended; then it is discarded (MQTT 3.1.1 sets no limit, Mosquitto's
+    #: ``persistent_client_expiration``); no "never": every session the broker keeps is bounded.
+    session_expiry: Annotated[float, Field(gt=0, le=365 * 86_400)] = 7 * 86_400.0
     #: The event loop of ``serve`` and ``authd``: ``auto`` is uvloop when it is installed, else
     #: asyncio's own (docs/benchmarks.md, figure ``uvloop``).
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"

@@ -145,3 +145,28 @@ async def test_a_revoked_devices_offline_session_is_discarded(server: BrokerServ
     assert user in server.broker.sessions
     await getattr(server.registry, change)(device.id)
     assert await eventually(polled(lambda: user not in server.broker.sessions), bool)
+
+
+async def test_an_offline_session_expires_and_a_connected_one_does_not(tmp_path: Path) -> None:
+    base = settings(f"sqlite+aiosqlite:///{tmp_path / 'r.db'}")
+    broker = base.broker.model_copy(update={"session_expiry": 0.5})
+    async with BrokerServer(base.model_copy(update={"broker": broker})) as running:
+        await make_account(running.accounts, "svc", RULES)
+        await make_account(running.accounts, "feeder", RULES)
+        port = running.settings.broker.port
+        login = {"username": "svc", "password": ACCOUNT_PASSWORD}
+        staying = await asyncio.to_thread(Wire, port, "svc-live", clean_session=False, **login)
+        try:
+            assert staying.code == 0
+            await asyncio.to_thread(leave_with_a_queued_message, port, "svc-p", "devices/q", **login)
+            assert "svc-p" in running.broker.sessions
+            gone = await eventually(polled(lambda: "svc-p" not in running.broker.sessions), bool)
+            assert gone
+            assert running.broker.sessions_expired == 1
+            # Connected all along (longer than the expiry): kept, and still served.
+            await asyncio.to_thread(staying.ping)
+            assert "svc-live" in running.broker.sessions
+        finally:
+            await asyncio.to_thread(staying.disconnect)
+        code, present, received = await asyncio.to_thread(resume, port, "svc-p", **login)
+        assert (code, present, received) == (0, 0, [])

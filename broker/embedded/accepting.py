@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any, NoReturn
 
 from amqtt.adapters import ReaderAdapter, WriterAdapter
@@ -31,7 +32,7 @@ from auth_plugin.principals import (
     principal_of,
     refusal_code,
 )
-from broker.embedded.base import CONNECTING, REVOKED, BrokerBase, over_limits
+from broker.embedded.base import CONNECTING, OFFLINE_SINCE, REVOKED, BrokerBase, over_limits
 from broker.embedded.framing import FramingReader
 from broker.embedded.ownership import account_client_id_allowed, owner
 from broker.embedded.protocol import KeepAliveHandler, close_transport, grace
@@ -244,20 +245,21 @@ class Accepting(BrokerBase):
     async def _client_message_loop(self, client_session: Session, handler: BrokerProtocolHandler) -> None:
         """amqtt's loop over the session's packets; from here on, subscriptions are new ones."""
         client_session.attributes.pop(CONNECTING, None)
+        client_session.attributes.pop(OFFLINE_SINCE, None)
         # From here on the connection can be taken over: let the next CONNECT for its id in.
         self.turns.give_back(client_session)
         hooks = self._session_hooks
-        if hooks is None:
-            await super()._client_message_loop(client_session, handler)
-            return
         # Called here rather than as amqtt's client_connected/client_disconnected events (a task
         # per call); the end is recorded however the loop ends, a shutdown's cancel included. A
         # take-over ends the old loop before the new connection gets here (see _adopt).
-        hooks.started(client_session.client_id, client_session)
+        if hooks is not None:
+            hooks.started(client_session.client_id, client_session)
         try:
             await super()._client_message_loop(client_session, handler)
         finally:
-            hooks.ended(client_session)
+            client_session.attributes[OFFLINE_SINCE] = time.monotonic()
+            if hooks is not None:
+                hooks.ended(client_session)
 
     async def _authenticate(self, session: Session, _: Any) -> bool:
         # Already decided in _initialize_client_session; amqtt asks again on the adopted session.

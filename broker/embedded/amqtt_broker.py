@@ -89,6 +89,7 @@ class MqttprovBroker(Control, Accepting, Delivery):
         self._open = 0
         self._open_by_address = Counter()
         self.refused_over_limit = 0
+        self.sessions_expired = 0
         self.dropped = Counter()
         self.turns = ClientIdTurns()
         self._acl_check = None

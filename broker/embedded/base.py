@@ -36,6 +36,9 @@ over_limits = BurstLog(logger, "refused over the topic and subscription limits")
 CONNECTING = "mqttprov.connecting"
 #: Set on a session whose principal was revoked: never resumed, discarded once its connection ends.
 REVOKED = "mqttprov.revoked"
+#: When a session's connection ended (``time.monotonic``): an offline persistent session is
+#: discarded ``[broker] session_expiry`` seconds later (see ``Control.expire_offline``).
+OFFLINE_SINCE = "mqttprov.offline_since"
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class BrokerBase(Broker):
     limits: ConnectionLimits
     connect_timeout: float
     refused_over_limit: int
+    #: Offline persistent sessions discarded after ``[broker] session_expiry``, since the start.
+    sessions_expired: int
     #: Messages dropped over the bounds, by reason (see ``BoundedFlow.drops``), since the start.
     dropped: Counter[str]
     turns: ClientIdTurns

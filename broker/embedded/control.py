@@ -12,7 +12,7 @@ from collections.abc import Collection, Iterator
 
 from auth_plugin.logsafe import shown
 from auth_plugin.principals import Principal, principal_of
-from broker.embedded.base import REVOKED, BrokerBase
+from broker.embedded.base import OFFLINE_SINCE, REVOKED, BrokerBase
 from broker.embedded.retained import publisher_name
 
 logger = logging.getLogger(__name__)
@@ -61,6 +61,26 @@ class Control(BrokerBase):
             logger.info("discarding the offline session of client %s: %s", shown(client_id), reason)
             await self._discard(session)
         return True
+
+    async def expire_offline(self, expiry: float, now: float) -> int:
+        """Discard the offline persistent sessions whose connection ended ``expiry`` seconds or
+        more before ``now`` (``time.monotonic``), with their subscriptions and queued messages;
+        how many. MQTT 3.1.1 keeps such a session for ever; a broker cannot."""
+        expired = 0
+        for client_id, (session, _handler) in list(self._sessions.items()):
+            since = session.attributes.get(OFFLINE_SINCE)
+            if (
+                since is None
+                or session.transitions.state == "connected"
+                or session.clean_session is not False
+                or now - since < expiry
+            ):
+                continue
+            logger.info("discarding the offline session of client %s: expired", shown(client_id))
+            await self._discard(session)
+            expired += 1
+        self.sessions_expired += expired
+        return expired
 
     async def announce(self, topic: str, payload: bytes) -> None:
         """Broadcast a broker-originated message (subscribers' RECEIVE checks still apply)."""
@@ -177,3 +197,7 @@ class BrokerLink:
     async def retire(self, principal: Principal) -> int:
         """See :meth:`Control.retire`."""
         return await self._target().retire(principal)
+
+    async def expire_offline(self, expiry: float, now: float) -> int:
+        """See :meth:`Control.expire_offline`."""
+        return await self._target().expire_offline(expiry, now)

@@ -27,6 +27,7 @@ from broker.embedded.assembly import (
 )
 from broker.embedded.base import ConnectionLimits
 from broker.embedded.control import BrokerLink
+from broker.embedded.expiry import SessionExpiry
 from broker.embedded.plugins.sessions import SessionHooks
 from broker.errors import ServeError
 from broker.metrics import (
@@ -183,6 +184,9 @@ class BrokerServer:
             Supervised("mqttprov-revocation", running.revoker).start(),
             Supervised("mqttprov-presence", running.services.presence).start(),
             Supervised("mqttprov-credential-pool", running.services.provisioning.pool).start(),
+            Supervised(
+                "mqttprov-session-expiry", SessionExpiry(running.link, self.settings.broker.session_expiry)
+            ).start(),
         ]
         self._running = running
         self._resolve_ports(broker, running.services)
