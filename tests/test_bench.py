@@ -23,9 +23,11 @@ from tests.bench import cli, plot
 from tests.bench.context import QUICK, Context
 from tests.bench.figures import (
     all_figures,
+    api_pages,
     enrol_burst,
     event_loop,
     flood,
+    http_provisioning,
     many_subscribers,
     mosquitto_storm,
     rabbitmq_storm,
@@ -51,6 +53,7 @@ from tests.bench.figures.external import (
     login_latency_rows,
     storm_rows,
 )
+from tests.bench.figures.http_api import with_api
 from tests.bench.fleet import create_registry, mac_for, make_fleet
 from tests.bench.load import IdleTask, Login, ProvisionResult, StormResult
 from tests.bench.logins import FloodResult, RetryLoginResult, flood_login
@@ -741,3 +744,59 @@ def test_subscribe_storm_runs_at_tiny_sizes_and_no_filter_is_refused(tmp_path: P
     assert len(storms) == 2
     granted = 2 * subscribe_storm.FILTERS
     assert all(f"({granted} filters granted, 0 refused" in line for line in storms)
+
+
+# -- the HTTP API: device pages, HTTP against MQTT provisioning -------------------------------------
+
+#: Both API figures in seconds: a few hundred devices, a handful of requests.
+API_TINY = replace(
+    TINY, registry_devices=300, api_page_requests=4, provision_devices=4, provision_concurrency=2
+)
+
+
+def test_the_api_is_asked_for_a_port_the_os_picks() -> None:
+    settings = with_api(mqttprov_settings("sqlite+aiosqlite:///x.db", 1, cost=4, api={"host": "127.0.0.1"}))
+    assert settings["api"] == {"host": "127.0.0.1", "enabled": "true", "port": 0}
+
+
+def test_api_pages_run_at_tiny_sizes_against_the_same_pages_in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MQTTPROV_API__ENABLED", "true")  # conftest turns it off for every test
+    logged: list[str] = []
+    result = api_pages.run(Context(API_TINY, quick=True, workdir=tmp_path, log=logged.append))
+    assert result.error is None
+    backends = ["SQLite"] + (
+        ["PostgreSQL"] if not any("PostgreSQL skipped" in n for n in result.notes) else []
+    )
+    kinds = ("page 1", "deep page by offset", "deep page by cursor", "label filter", "q prefix")
+    # Per backend: p50 and p99 of every kind against in-process, then the deep pages against page 1.
+    assert len(result.rows) == len(backends) * (2 * len(kinds) + 2)
+    for row in result.rows:
+        assert row.ours is not None
+        assert row.reference is not None
+        assert row.reference > 0
+    by_label = {row.label: row for row in result.rows}
+    cursor = by_label["API deep page by cursor vs page 1, 300, SQLite (p50)"]
+    assert cursor.goal == Goal("ratio_at_most", 1.5)
+    # Every page's total was compared with the registry's (a difference crashes the figure).
+    assert sum("SQLite: " in line and "HTTP p50" in line for line in logged) == len(kinds)
+
+
+def test_http_provisioning_runs_at_tiny_sizes_and_every_device_enrols(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MQTTPROV_API__ENABLED", "true")  # conftest turns it off for every test
+    logged: list[str] = []
+    result = http_provisioning.run(Context(API_TINY, quick=True, workdir=tmp_path, log=logged.append))
+    assert result.error is None
+    rate, p50, p99 = result.rows
+    assert rate.goal == Goal("ratio_at_least", 0.8)
+    assert rate.ratio is not None
+    for row in (p50, p99):
+        assert row.ours is not None
+        assert row.reference is not None
+    assert not [note for note in result.notes if "round" in note]  # only refusals get a note
+    rounds = [line for line in logged if line.startswith("round ")]
+    assert len(rounds) == 2 * API_TINY.http_provision_rounds
+    assert all("4 devices in" in line and "{'ok': 4}" in line for line in rounds)

@@ -77,6 +77,10 @@ class Sizes:
     storm_subscribes: int = 20
     #: Rounds per side of those two figures (each holds a broker full of subscribers or retained).
     subscription_rounds: int = 2
+    #: API pages: requests of each kind of page (over HTTP, and as many read in-process).
+    api_page_requests: int = 500
+    #: HTTP against MQTT provisioning: rounds per transport (``provision_devices`` each).
+    http_provision_rounds: int = 2
 
     def as_json(self) -> dict[str, float]:
         """The sizes as plain data."""
@@ -117,6 +121,8 @@ QUICK = Sizes(
     storm_retained=1_000,
     storm_subscribes=5,
     subscription_rounds=1,
+    api_page_requests=25,
+    http_provision_rounds=1,
 )
 
 FULL = Sizes(

@@ -21,10 +21,12 @@ class Figure:
 def all_figures() -> list[Figure]:
     """Every figure, imported on demand (the modules pull in the product and amqtt)."""
     from tests.bench.figures import (  # noqa: PLC0415
+        api_pages,
         cold_storm,
         enrol_burst,
         event_loop,
         flood,
+        http_provisioning,
         login_timing,
         many_subscribers,
         memory,
@@ -42,8 +44,10 @@ def all_figures() -> list[Figure]:
         warm_storm,
         cold_storm,
         provisioning_rate,
+        http_provisioning,
         throughput,
         registry,
+        api_pages,
         memory,
         login_timing,
         restart_storm,
