@@ -4,6 +4,7 @@ behind, CONNECT timeout, keep-alive, CONNACK codes. Real sockets on a free loopb
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import inspect
 import socket
 import threading
@@ -227,6 +228,36 @@ async def test_a_client_that_pings_stays_connected(server: BrokerServer) -> None
             await asyncio.sleep(0.8)  # the client's own ping interval, not a wait for the server
     finally:
         sock.close()
+
+
+#: SHA-256 of amqtt 0.12.1's ``Broker._handle_client_session`` source, which
+#: ``Accepting._session_lifetime`` copies less its per-CONNECT walk of every filter: a new amqtt
+#: that changes the method must be read again (docs/amqtt.md) before this is updated.
+SESSION_LIFETIME_SHA256 = "8b1b52a03df9daf58a0e88ab15f4b65a778b6b2289e323f821ed5e42c77c1095"
+#: The steps both make, in order.
+LIFETIME_STEPS = (
+    "await self._authenticate(client_session",
+    "client_session.transitions.connect()",
+    "await old_session[1].handle_connection_closed()",
+    "handler.attach(client_session, reader, writer)",
+    "self._sessions[client_session.client_id] = (client_session, handler)",
+    "await handler.mqtt_connack_authorize(authenticated)",
+    "BrokerEvents.CLIENT_CONNECTED",
+    "await handler.start()",
+    "await self._publish_session_retained_messages(client_session)",
+    "await self._client_message_loop(client_session, handler)",
+)
+
+
+def test_the_session_lifetime_is_amqtts_less_the_walk_of_every_filter() -> None:
+    theirs = inspect.getsource(Broker._handle_client_session)
+    assert hashlib.sha256(theirs.encode()).hexdigest() == SESSION_LIFETIME_SHA256
+    ours = inspect.getsource(MqttprovBroker._session_lifetime)
+    for source in (theirs, ours):
+        places = [source.index(step) for step in LIFETIME_STEPS]
+        assert places == sorted(places)
+    assert "for topic in self._subscriptions" in theirs
+    assert "await self._publish_retained_messages_for_subscription" not in ours
 
 
 def test_pinned_amqtt_still_has_the_methods_we_override() -> None:

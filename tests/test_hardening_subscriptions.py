@@ -333,3 +333,45 @@ async def test_a_maximal_subscribe_over_many_retained_messages_leaves_others_ser
 def _publish_qos0(topic: str, payload: bytes) -> bytes:
     body = _text(topic) + payload
     return bytes([0x30]) + remaining_length(len(body)) + body
+
+
+async def test_a_connect_costs_nothing_per_filter_others_hold(
+    server: BrokerServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # amqtt 0.12.1 walked every filter in the table on every CONNECT (one call each): with a
+    # fleet subscribed, a reconnect storm cost the square of the fleet. Counted, not timed.
+    port = server.settings.broker.port
+    filters = [f"devices/{n}/commands" for n in range(50)]
+
+    def hold_filters() -> Wire:
+        holder = Wire(port, "svc-holder", username="svc", password=ACCOUNT_PASSWORD)
+        assert holder.subscribe(filters[:25]) == [1] * 25
+        assert holder.subscribe(filters[25:]) == [1] * 25
+        return holder
+
+    holder = await asyncio.to_thread(hold_filters)
+    assert entries(server) == 50
+    assert "50 filters" in repr(server.broker.subscriptions)  # amqtt logs it per SUBSCRIBE
+    offered: list[str] = []
+    original = type(server.broker)._publish_retained_messages_for_subscription
+
+    async def counted(self: object, subscription: tuple[str, int], session: object) -> None:
+        offered.append(subscription[0])
+        await original(self, subscription, session)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(type(server.broker), "_publish_retained_messages_for_subscription", counted)
+    try:
+
+        def connect_twice() -> list[int]:
+            codes = []
+            for client_id in ("svc-a", "svc-b"):
+                wire = Wire(port, client_id, username="svc", password=ACCOUNT_PASSWORD)
+                codes.append(wire.code)
+                wire.ping()
+                wire.disconnect()
+            return codes
+
+        assert await asyncio.to_thread(connect_twice) == [0, 0]
+        assert offered == []
+    finally:
+        await asyncio.to_thread(holder.disconnect)

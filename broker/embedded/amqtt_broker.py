@@ -49,6 +49,7 @@ from broker.embedded.delivery import Delivery
 from broker.embedded.plugins.auth import MqttprovTopicPlugin
 from broker.embedded.plugins.sessions import SessionHooks
 from broker.embedded.retained import RetainedPublishers
+from broker.embedded.subscriptions import FilterTable
 from broker.embedded.topictree import FilterTree, TopicTree
 from broker.embedded.turns import ClientIdTurns
 from config import BrokerSettings
@@ -102,6 +103,7 @@ class MqttprovBroker(Control, Accepting, Delivery):
         self._broadcast_topics = _broadcast_topics(self.plugins_manager.plugins)
         #: The principal behind each retained message (see :meth:`retire`).
         self.retained_by = RetainedPublishers()
+        self._subscriptions = FilterTable()  # amqtt's table, whose repr no longer costs a walk
         # Indexes of amqtt's subscription table and retained store, kept in step with them.
         self._filters = FilterTree()
         self._retained_topics = TopicTree()
