@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 
@@ -361,3 +362,12 @@ def test_cli_reads_the_file_mqttprov_config_names(tmp_path: Path) -> None:
 
     assert done.returncode == 0, done.stderr
     assert '"port": 3883' in done.stdout
+
+
+def test_ci_exports_no_variable_the_settings_refuse() -> None:
+    # Every mqttprov process a test starts inherits .ci/run's environment: a variable of ours that
+    # names no setting stops each of them with a config error (MQTTPROV_REQUIRE_BROWSER did).
+    run = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text(encoding="utf-8")
+    exported = re.findall(r"export (MQTTPROV_\w+)=", run)
+    assert exported  # the browser tests' switch, at least
+    config.loader.check_environment(dict.fromkeys(exported, "1"))  # raises ConfigError otherwise

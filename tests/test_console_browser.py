@@ -1,7 +1,7 @@
 """The console in a real browser: Debian's chromium driven by Playwright (no browser download),
 against ``serve`` with the API and the console, devices on MQTT.
 
-With ``MQTTPROV_SCREENSHOTS=docs/console`` set, the tests write the screenshots docs/console.md shows.
+With ``MQTTPROV_TEST_SCREENSHOTS=docs/console`` set, the tests write the screenshots docs/console.md shows.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-SHOTS = os.environ.get("MQTTPROV_SCREENSHOTS")
+SHOTS = os.environ.get("MQTTPROV_TEST_SCREENSHOTS")
 
 
 def chromium() -> str | None:
@@ -52,7 +52,7 @@ def executable() -> str:
     found = chromium()
     if found is None:
         reason = "no chromium on this machine (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("MQTTPROV_REQUIRE_BROWSER"):  # .ci/run: a missing browser is a failure
+        if os.environ.get("MQTTPROV_TEST_REQUIRE_BROWSER"):  # .ci/run: a missing browser is a failure
             pytest.fail(reason)
         pytest.skip(reason)
     return found
