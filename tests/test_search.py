@@ -14,11 +14,12 @@ from pydantic import ValidationError
 from sqlalchemy import update
 from typer.testing import CliRunner, Result
 
+import provisioning.registry.search
 from broker.cli import app
 from provisioning import ProvisioningError
 from provisioning.registry import DeviceInfo, DeviceRegistry, DeviceStatus
 from provisioning.registry.models import Device
-from provisioning.registry.search import MAX_PAGE, DeviceFilter, InvalidFilterError
+from provisioning.registry.search import LABELS_DRIVE_MAX, MAX_PAGE, DeviceFilter, InvalidFilterError
 from tests.helpers import preserved_logging, write_config
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -74,7 +75,14 @@ async def test_status_is_any_of(registry: DeviceRegistry, fleet: list[DeviceInfo
     assert await found(registry, status=["offline"]) == []
 
 
-async def test_labels_are_all_of(registry: DeviceRegistry, fleet: list[DeviceInfo]) -> None:
+@pytest.mark.parametrize("drive_max", [0, LABELS_DRIVE_MAX], ids=["from-devices", "from-labels"])
+async def test_labels_are_all_of(
+    registry: DeviceRegistry, fleet: list[DeviceInfo], monkeypatch: pytest.MonkeyPatch, drive_max: int
+) -> None:
+    # Both ways a page may be found (SQLite picks by how many devices carry the labels).
+    monkeypatch.setattr(provisioning.registry.search, "LABELS_DRIVE_MAX", drive_max)
+    assert await found(registry, labels={"site": "berlin"}, status=["pending", "approved"]) == [1, 2]
+    assert await found(registry, labels={"site": "paris"}, search="0a") == [3]
     assert await found(registry, labels={"site": "berlin"}) == [1, 2]
     assert await found(registry, labels={"tier": "gold"}) == [1, 3]
     assert await found(registry, labels={"site": "berlin", "tier": "gold"}) == [1]

@@ -13,13 +13,14 @@ import base64
 import binascii
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select, tuple_
 
+from provisioning.contract import DEVICE_USERNAME_PREFIX
 from provisioning.errors import ProvisioningError, RegistryUnavailableError
 from provisioning.mac import mac_prefix
 from provisioning.registry.labels import MAX_LABELS, LabelKey, LabelValue, labels_of
@@ -34,7 +35,9 @@ logger = logging.getLogger(__name__)
 MAX_PAGE = 1000
 #: Rows an export reads per transaction.
 EXPORT_CHUNK = 1000
-_USERNAME_PREFIX = "device_"
+#: On SQLite a label-filtered page starts from the labelled devices up to this many, else from the
+#: devices in page order (see DeviceSearch._labels_drive): either way a few thousand reads at most.
+LABELS_DRIVE_MAX = 2000
 _ID_PREFIX_MAX = 12  # the hex digits of an id that its username carries
 
 
@@ -77,6 +80,10 @@ class DeviceFilter(BaseModel):
             return False, None
         return True, next(iter(self.status), None)
 
+    def labels_only(self) -> bool:
+        """True when the filter is labels and nothing else: the labels index alone counts it."""
+        return bool(self.labels) and self.model_dump(exclude={"labels"}, exclude_defaults=True) == {}
+
 
 class DeviceSearch(Repository):
     """Pages and exports of devices by :class:`DeviceFilter` (a base of ``DeviceRegistry``)."""
@@ -100,21 +107,27 @@ class DeviceSearch(Repository):
         if offset < 0:
             raise InvalidFilterError(f"offset must not be negative, not {offset}")
         wanted = device_filter or DeviceFilter()
-        conditions = self._conditions(wanted)
-        # Table rows, not ORM objects: a page is read-only, and the identity map only costs.
-        query = select(*Device.__table__.columns).where(*conditions)
-        if after is not None:
-            query = query.where(_after(after))
-        query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
         counted, status = wanted.counted_status()
         async with self._read() as session:
+            # How many devices carry the labels asked for: one read of the labels index, which
+            # also tells how the page is best found (see _labels_drive).
+            labelled = await session.scalar(_label_count(wanted.labels)) or 0 if wanted.labels else None
+            conditions = self._conditions(wanted, drive=self._labels_drive(labelled))
+            # Table rows, not ORM objects: a page is read-only, and the identity map only costs.
+            query = select(*Device.__table__.columns).where(*conditions)
+            if after is not None:
+                query = query.where(_after(after))
+            query = query.order_by(Device.created_at, Device.id).limit(limit).offset(offset)
             rows = (await session.execute(query)).all()
             labels = await labels_of(session, [r.id for r in rows])
             if counted:
                 # Kept by triggers: counting 60,000 devices of one status was most of a page's time.
                 total, summed = await kept_count(session, status.value if status is not None else None)
+            elif labelled is not None and wanted.labels_only():
+                total, summed = labelled, 0  # label rows go with their device: no device row needed
             else:
-                total, summed = await session.scalar(_count(conditions)) or 0, 0
+                counting = self._conditions(wanted, drive=True)
+                total, summed = await session.scalar(_count(counting)) or 0, 0
         if summed > COMPACT_ABOVE:
             await self._compact_counts()
         devices = [DeviceInfo.from_row(r, labels.get(r.id)) for r in rows]
@@ -145,16 +158,31 @@ class DeviceSearch(Repository):
                 return
             last = (rows[-1].created_at, rows[-1].id)
 
-    def _conditions(self, wanted: DeviceFilter) -> list[ColumnElement[bool]]:
+    def _labels_drive(self, labelled: int | None) -> bool:
+        """Whether a page starts from the labelled devices (``IN``) rather than from the devices in
+        page order, asking each for its labels (``EXISTS``, which stops at a page's worth).
+
+        PostgreSQL's planner chooses between the two itself given ``IN``. SQLite takes ``IN`` as
+        "start from the list, then sort it": 40 ms for 10,000 labelled devices of 100,000, where
+        ``EXISTS`` takes 2 ms; but ``EXISTS`` reads every device when few carry the label. The
+        count of labelled devices, one index read, decides.
+        """
+        if labelled is None or self.engine.dialect.name == "postgresql":
+            return True
+        return labelled <= LABELS_DRIVE_MAX
+
+    def _conditions(self, wanted: DeviceFilter, *, drive: bool = True) -> list[ColumnElement[bool]]:
         conditions: list[ColumnElement[bool]] = []
         if wanted.status:
             conditions.append(Device.status.in_(sorted(s.value for s in wanted.status)))
         for key, value in sorted(wanted.labels.items()):
-            # (key, value, device_id) is one index: each label is an index lookup per device.
+            # drive: from the (key, value, device_id) index, as many reads as devices match (a count
+            # of 10,000 of 100,000 took 200 ms the other way); else one probe per device read.
+            labelled = _labelled(key, value)
             conditions.append(
-                exists().where(
-                    DeviceLabel.device_id == Device.id, DeviceLabel.key == key, DeviceLabel.value == value
-                )
+                Device.id.in_(labelled)
+                if drive
+                else exists(labelled.where(DeviceLabel.device_id == Device.id))
             )
         if wanted.search is not None:
             conditions.append(self._search(wanted.search))
@@ -180,7 +208,9 @@ class DeviceSearch(Repository):
         except ValueError:
             if 0 < len(digits) <= _ID_PREFIX_MAX and all(c in "0123456789abcdef" for c in digits):
                 # A username is "device_" and the first 12 hex digits of the id.
-                matches.append(_prefix(Device.mqtt_username, _USERNAME_PREFIX + digits, postgres=postgres))
+                matches.append(
+                    _prefix(Device.mqtt_username, DEVICE_USERNAME_PREFIX + digits, postgres=postgres)
+                )
         return or_(*matches)
 
     async def _compact_counts(self) -> None:
@@ -211,6 +241,19 @@ def _prefix(column: Any, prefix: str, *, postgres: bool) -> ColumnElement[bool]:
 
 def _count(conditions: list[ColumnElement[bool]]) -> Select[int]:
     return select(func.count()).select_from(Device).where(*conditions)
+
+
+def _labelled(key: str, value: str) -> Select[uuid.UUID]:
+    """The ids of the devices labelled ``key=value``, from the (key, value, device_id) index."""
+    return select(DeviceLabel.device_id).where(DeviceLabel.key == key, DeviceLabel.value == value)
+
+
+def _label_count(labels: Mapping[str, str]) -> Select[int]:
+    """How many devices carry every one of ``labels``, counted in the labels index alone."""
+    (key, value), *others = sorted(labels.items())
+    query = select(func.count()).select_from(DeviceLabel)
+    query = query.where(DeviceLabel.key == key, DeviceLabel.value == value)
+    return query.where(*(DeviceLabel.device_id.in_(_labelled(k, v)) for k, v in others))
 
 
 def _cursor(device: DeviceInfo) -> str:
