@@ -12,7 +12,7 @@ import ssl
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -135,14 +135,20 @@ def run_mqttprov(
     )
 
 
-def write_config(path: Path, sections: dict[str, dict[str, str | int | Path]]) -> Path:
+def write_config(path: Path, sections: Mapping[str, Mapping[str, object]]) -> Path:
     """Write a TOML configuration file made of these sections; returns ``path``."""
     lines: list[str] = []
     for section, values in sections.items():
         lines.append(f"[{section}]")
         for key, value in values.items():
-            # A JSON string literal is a valid TOML basic string.
-            lines.append(f"{key} = {value if isinstance(value, int) else json.dumps(str(value))}")
+            # TOML booleans are lower case; a JSON string literal is a valid TOML basic string.
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, int | float):
+                text = repr(value)
+            else:
+                text = json.dumps(str(value))
+            lines.append(f"{key} = {text}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
