@@ -58,7 +58,6 @@ class FaultyProxy:
         self._flowing.set()
         if mode == "refuse":
             await self._stop_listening()
-            self.cut()
         elif self._server is None:
             await self._listen()
 
@@ -73,7 +72,6 @@ class FaultyProxy:
         self._closed = True
         self._flowing.set()  # stalled handlers see they are closed
         await self._stop_listening()
-        self.cut()
         if self._handlers:
             await asyncio.wait(self._handlers, timeout=5)
 
@@ -83,9 +81,14 @@ class FaultyProxy:
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop_listening(self) -> None:
+        """Close the listening socket and cut every open connection."""
         server, self._server = self._server, None
         if server is not None:
             server.close()
+        # Cut before waiting: since Python 3.12 wait_closed() also waits for the connections the
+        # server accepted, which would never end while held open here.
+        self.cut()
+        if server is not None:
             await server.wait_closed()
 
     async def _handle(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
