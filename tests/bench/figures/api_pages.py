@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sqlalchemy import insert
+from sqlalchemy import insert, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from provisioning.registry import DeviceFilter, DeviceRegistry
@@ -138,6 +138,11 @@ async def _measure(ctx: Context, backend: str, fleet: Fleet) -> _Measured:
             began = time.perf_counter()
             await write_fleet(engine, fleet)
             await _write_labels(engine, fleet)
+            if engine.dialect.name == "postgresql":
+                # What autovacuum does within a minute of a bulk load: measured at once, the pages
+                # would be planned without statistics (a label page: 70 ms instead of about 10).
+                async with engine.begin() as conn:
+                    await conn.execute(text("ANALYZE"))
             ctx.log(
                 f"{backend}: {len(fleet.devices):,} devices and labels in {time.perf_counter() - began:.1f} s"
             )
